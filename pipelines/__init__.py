@@ -1,0 +1,1 @@
+"""Recipes (YAML) and built-in prompt sets; ``schemas.recipe`` loads them."""

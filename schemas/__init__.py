@@ -1,0 +1,1 @@
+"""Record and config contracts: every table and the recipe are defined here once."""

@@ -1,0 +1,60 @@
+"""Column names, defined once so no step retypes a string another step depends on."""
+
+# Shared identifiers
+PROMPT_ID = "prompt_id"
+RESPONSE_ID = "response_id"
+
+# Prompts table
+MESSAGES = "messages"
+REFERENCES = "references"
+SOURCE = "source"
+SOURCE_ROW = "source_row"
+
+# Messages inside conversational columns
+ROLE = "role"
+CONTENT = "content"
+
+# Responses table
+SAMPLE_INDEX = "sample_index"
+TEXT = "text"
+FINISH_REASON = "finish_reason"
+TRUNCATED = "truncated"
+IS_EMPTY = "is_empty"
+NUM_TOKENS = "num_tokens"
+PROMPT_TOKENS = "prompt_tokens"
+POLICY_MODEL = "policy_model"
+ENGINE = "engine"
+TEMPERATURE = "temperature"
+TOP_P = "top_p"
+MAX_TOKENS = "max_tokens"
+SEED = "seed"
+
+# Labels table (long format: one row per response and signal)
+SIGNAL = "signal"
+SCORE = "score"
+REASON = "reason"
+DETAILS = "details"
+
+# Pairs table (TRL conversational preference format + provenance)
+PROMPT = "prompt"
+CHOSEN = "chosen"
+REJECTED = "rejected"
+SCORE_CHOSEN = "score_chosen"
+SCORE_REJECTED = "score_rejected"
+MARGIN = "margin"
+CHOSEN_ID = "chosen_id"
+REJECTED_ID = "rejected_id"
+PAIR_RULE = "pair_rule"
+RECIPE_HASH = "recipe_hash"
+
+
+def signal_column(signal: str, side: str) -> str:
+    """Per-signal score column of a pair, e.g. ``score_bleu_chosen``."""
+    if side not in (CHOSEN, REJECTED):
+        raise ValueError(f"side must be {CHOSEN!r} or {REJECTED!r}, got {side!r}")
+    return f"score_{signal}_{side}"
+
+
+def side_column(name: str, side: str) -> str:
+    """Per-side provenance column of a pair, e.g. ``chosen_finish_reason``."""
+    return f"{side}_{name}"

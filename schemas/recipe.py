@@ -1,0 +1,207 @@
+"""The typed recipe: everything a run depends on, validated before any model loads.
+
+A recipe is YAML read with ``yaml.safe_load`` into these pydantic models. Unknown
+keys, wrong types and values that cannot produce a preference dataset are
+rejected with a message that names the key path, so a typo costs a second,
+not a model load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+class RecipeError(ValueError):
+    """The recipe cannot be used; the message names the offending key and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BuiltinPrompts(_Strict):
+    """Prompts shipped in ``pipelines/prompts/<name>.jsonl``."""
+
+    source: Literal["builtin"] = "builtin"
+    name: str = "default"
+
+
+class FilePrompts(_Strict):
+    """JSONL or Parquet read through fsspec (local path, ``memory://``, ``s3://`` …)."""
+
+    source: Literal["file"]
+    uri: str
+    format: Literal["jsonl", "parquet"] | None = None
+    prompt_column: str = "prompt"
+    references_column: str | None = "references"
+
+
+class HFPrompts(_Strict):
+    """A dataset read with ``datasets.load_dataset`` (hub name or local path)."""
+
+    source: Literal["hf"]
+    path: str
+    config: str | None = None
+    split: str = "train"
+    prompt_column: str = "prompt"
+    references_column: str | None = None
+
+
+PromptsConfig = Annotated[BuiltinPrompts | FilePrompts | HFPrompts, Field(discriminator="source")]
+
+
+class PolicyConfig(_Strict):
+    """The model whose on-policy samples become the responses."""
+
+    model: str = "smollm2-135m-instruct"
+    engine: Literal["llama_cpp", "transformers"] = "llama_cpp"
+    n_ctx: int = Field(2048, ge=128)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    n_threads: int | None = Field(None, ge=1)
+    trust_remote_code: bool = False
+
+
+class SamplingConfig(_Strict):
+    n: int = Field(4, ge=2, description="responses per prompt; a pair needs two")
+    temperature: float = Field(0.8, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_greedy(cls, value: float) -> float:
+        if value == 0.0:
+            raise ValueError("temperature 0 makes every sample identical, so no pair can form; use > 0")
+        return value
+
+
+class BleuLabeler(_Strict):
+    """Smoothed sentence BLEU-4 against the prompt's references (DESIGN.md §2)."""
+
+    kind: Literal["bleu"] = "bleu"
+    name: str = "bleu"
+    variant: Literal["bleuberi", "sacrebleu"] = "bleuberi"
+    weight: float = Field(1.0, gt=0.0)
+
+
+LabelerConfig = Annotated[BleuLabeler, Field(discriminator="kind")]
+
+
+class PairingConfig(_Strict):
+    rule: Literal["best_vs_worst", "best_vs_random"] = "best_vs_worst"
+    min_margin: float = Field(0.0, ge=0.0, description="chosen must beat rejected by more than this")
+
+
+class OutputConfig(_Strict):
+    uri: str | None = Field(None, description="default: ./outputs/<recipe name>")
+    format: Literal["parquet", "arrow"] = "parquet"
+    rows_per_shard: int = Field(10_000, ge=1)
+    prompts_per_shard: int = Field(16, ge=1, description="work unit of every stage")
+
+
+class CardConfig(_Strict):
+    license: str = "apache-2.0"
+    pretty_name: str | None = None
+    language: list[str] = ["en"]
+    tags: list[str] = []
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    prompts: PromptsConfig = BuiltinPrompts()
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+    policy: PolicyConfig = PolicyConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    labelers: list[LabelerConfig] = Field(default_factory=lambda: [BleuLabeler()], min_length=1)
+    pairing: PairingConfig = PairingConfig()
+    output: OutputConfig = OutputConfig()
+    card: CardConfig = CardConfig()
+
+    @model_validator(mode="after")
+    def _unique_labeler_names(self) -> Recipe:
+        names = [labeler.name for labeler in self.labelers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"labelers: names must be unique, repeated: {dupes}")
+        return self
+
+    @property
+    def signals(self) -> list[str]:
+        return [labeler.name for labeler in self.labelers]
+
+    def output_uri(self) -> str:
+        return self.output.uri or str(Path("outputs") / self.name)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the data (not where it is written)."""
+        data = self.model_dump(mode="json")
+        data["output"].pop("uri", None)
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def with_overrides(self, **updates: Any) -> Recipe:
+        """Apply CLI overrides (dotted keys like ``sampling.seed``) and revalidate."""
+        data = self.model_dump(mode="python")
+        for dotted, value in updates.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return _validate(data, where=f"recipe {self.name!r} with overrides")
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see pipelines/default.yaml for valid keys)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _validate(data: Any, where: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{where} is invalid:\n{_format_errors(exc)}") from None
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe is a YAML path or the name of one shipped in ``pipelines/``."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {name_or_path!r} does not exist")
+        return path
+    shipped = PIPELINES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
+    raise RecipeError(f"no recipe named {name_or_path!r}; shipped recipes: {known}, or pass a path")
+
+
+def load_recipe(name_or_path: str = "default") -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+    return _validate(data, where=f"recipe {str(path)!r}")

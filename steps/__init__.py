@@ -1,0 +1,1 @@
+"""Everything that transforms data, model engines included; one stage per module."""

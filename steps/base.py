@@ -1,0 +1,133 @@
+"""What every stage shares: shard I/O through fsspec and statistics with drop reasons.
+
+A stage works on one shard at a time and hands the next stage a URI, never a
+table, so a shard can be computed anywhere (thread, process, another machine)
+and read back by whoever needs it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.records import conform
+
+
+@dataclass
+class StageStats:
+    """Counts a stage reports for one shard; merged across shards into run statistics.
+
+    ``drops`` maps a reason code to how many items were dropped for it, so that
+    every row that does not reach the output is accounted for by name.
+    """
+
+    stage: str
+    rows_in: int = 0
+    rows_out: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def drop(self, reason: str, count: int = 1, example: str | None = None) -> None:
+        """Count a drop; the first example per reason is kept so a person can see why."""
+        self.drops[reason] += count
+        if example is not None:
+            self.examples.setdefault(reason, example)
+
+    def merge(self, other: StageStats) -> StageStats:
+        merged = StageStats(self.stage)
+        for part in (self, other):
+            merged.rows_in += part.rows_in
+            merged.rows_out += part.rows_out
+            merged.drops.update(part.drops)
+            merged.counts.update(part.counts)
+            for reason, example in part.examples.items():
+                merged.examples.setdefault(reason, example)
+            merged.seconds += part.seconds
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "drops": dict(sorted(self.drops.items())),
+            "counts": dict(sorted(self.counts.items())),
+            "examples": dict(sorted(self.examples.items())),
+            "seconds": round(self.seconds, 3),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageStats:
+        return cls(
+            stage=data["stage"],
+            rows_in=data["rows_in"],
+            rows_out=data["rows_out"],
+            drops=Counter(data.get("drops", {})),
+            counts=Counter(data.get("counts", {})),
+            examples=dict(data.get("examples", {})),
+            seconds=data.get("seconds", 0.0),
+        )
+
+
+def merge_stats(stage: str, parts: list[StageStats]) -> StageStats:
+    total = StageStats(stage)
+    for part in parts:
+        total = total.merge(part)
+    return total
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard task returns: where its table lives and what happened to its rows."""
+
+    uri: str
+    rows: int
+    stats: StageStats
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def write_table(table: pa.Table, uri: str, schema: pa.Schema | None = None, what: str = "") -> str:
+    """Write a Parquet shard, checking it against its contract first."""
+    if schema is not None:
+        table = conform(table, schema, what or uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as handle:
+        pq.write_table(table, handle)
+    return uri
+
+
+def read_table(uri: str, schema: pa.Schema | None = None) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle)
+    if schema is not None:
+        table = conform(table, schema, uri)
+    return table
+
+
+def write_json(data: Any, uri: str) -> None:
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        handle.write("\n")
+
+
+def shard_uri(work: str, stage: str, index: int) -> str:
+    return join_uri(work, stage, f"shard-{index:05d}.parquet")

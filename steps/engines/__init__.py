@@ -1,0 +1,73 @@
+"""Model engines behind one protocol (``steps.engines.base``), loaded once per process.
+
+``load_engine`` is the only way stages get a model: it resolves the spec
+(cheap, done at validation time too) and keeps one loaded engine per
+(spec, engine, options) for the life of the process, so a stage that handles
+many shards loads its model once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Any
+
+from schemas.recipe import PolicyConfig
+from steps.engines.base import (
+    Completion,
+    Failed,
+    Generator,
+    SamplingParams,
+    Scorer,
+    TokenScores,
+    derive_seed,
+    sample_seed,
+)
+from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
+
+__all__ = [
+    "Completion",
+    "Failed",
+    "Generator",
+    "ModelSpecError",
+    "ResolvedModel",
+    "SamplingParams",
+    "Scorer",
+    "TokenScores",
+    "derive_seed",
+    "load_engine",
+    "resolve_model",
+    "sample_seed",
+]
+
+_ENGINES: dict[tuple[Any, ...], Any] = {}
+_LOCK = threading.Lock()
+
+
+def load_engine(policy: PolicyConfig) -> Any:
+    """The engine for ``policy``, loaded on first use and reused afterwards."""
+    key = (policy.model, policy.engine, policy.n_ctx, policy.device, policy.dtype, policy.n_threads)
+    with _LOCK:
+        if key not in _ENGINES:
+            resolved = resolve_model(policy.model, policy.engine)
+            if policy.engine == "llama_cpp":
+                from steps.engines.llama_cpp import LlamaCppEngine
+
+                _ENGINES[key] = LlamaCppEngine(resolved, n_ctx=policy.n_ctx, n_threads=policy.n_threads)
+            else:
+                from steps.engines.transformers_engine import TransformersEngine
+
+                _ENGINES[key] = TransformersEngine(
+                    resolved, policy.device, policy.dtype, policy.trust_remote_code
+                )
+        return _ENGINES[key]
+
+
+@atexit.register
+def close_engines() -> None:
+    with _LOCK:
+        for engine in _ENGINES.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+        _ENGINES.clear()

@@ -1,0 +1,155 @@
+"""llama.cpp backend: the CPU default for sampling (≈100 tok/s on 2 cores, DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from steps.engines.base import (
+    Completion,
+    Conversation,
+    Failed,
+    SamplingParams,
+    TokenScores,
+    continuation_span,
+    render_chat,
+    sample_seed,
+)
+from steps.engines.models import ResolvedModel
+
+
+class LlamaCppEngine:
+    """Samples with pure temperature + top-p: llama.cpp's extra samplers are switched off.
+
+    llama.cpp defaults to top_k=40 and min_p=0.05, which would make the
+    "on-policy" samples come from a different distribution than the recipe says.
+    """
+
+    engine_name = "llama_cpp"
+
+    def __init__(self, model: ResolvedModel, n_ctx: int = 2048, n_threads: int | None = None) -> None:
+        from llama_cpp import Llama
+
+        self.model_id = model.model_id
+        self._resolved = model
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads or max(1, os.cpu_count() or 1)
+        if model.kind == "hub":
+            repo, _, filename = model.location.partition(":")
+            self._llm = Llama.from_pretrained(repo, filename, n_ctx=n_ctx, verbose=False)
+        else:
+            self._llm = Llama(
+                model.location, n_ctx=n_ctx, n_threads=self._n_threads, seed=0, verbose=False
+            )
+        self._scorer: Any = None
+        meta = self._llm.metadata
+        self._template = meta.get("tokenizer.chat_template")
+        if not self._template:
+            raise ValueError(f"{self.model_id} has no chat template in its GGUF metadata")
+        self._bos = self._token_text(self._llm.token_bos())
+        self._eos = self._token_text(self._llm.token_eos())
+        self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") == "true"
+
+    def close(self) -> None:
+        """Free native memory now; llama.cpp's own finaliser fails at interpreter exit."""
+        for llm in (self._llm, self._scorer):
+            if llm is not None:
+                llm.close()
+        self._scorer = None
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def _tokenize(self, conversation: Conversation, add_generation_prompt: bool) -> list[int]:
+        text = render_chat(
+            self._template, conversation, add_generation_prompt, bos_token=self._bos, eos_token=self._eos
+        )
+        # The template already writes BOS where the model wants it.
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, seeds: Sequence[int]
+    ) -> list[list[Completion] | Failed]:
+        results: list[list[Completion] | Failed] = []
+        for conversation, base_seed in zip(conversations, seeds, strict=True):
+            prompt = self._tokenize(conversation, add_generation_prompt=True)
+            if len(prompt) + 1 > self._n_ctx:
+                results.append(
+                    Failed("prompt_too_long", f"{len(prompt)} prompt tokens ≥ context {self._n_ctx}")
+                )
+                continue
+            # A fresh cache per conversation makes each prompt's samples independent of
+            # which prompt ran before it, so reruns and resumed shards are identical.
+            self._llm.reset()
+            completions = []
+            for i in range(params.n):
+                seed = sample_seed(base_seed, i)
+                max_tokens = min(params.max_tokens, self._n_ctx - len(prompt))
+                out = self._llm.create_completion(
+                    prompt,
+                    max_tokens=max_tokens,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=0,
+                    min_p=0.0,
+                    typical_p=1.0,
+                    repeat_penalty=1.0,
+                    seed=seed,
+                )
+                choice = out["choices"][0]
+                usage = out["usage"]
+                completions.append(
+                    Completion(
+                        text=choice["text"],
+                        num_tokens=int(usage["completion_tokens"]),
+                        finish_reason="length" if choice["finish_reason"] == "length" else "stop",
+                        prompt_tokens=int(usage["prompt_tokens"]),
+                        seed=seed,
+                    )
+                )
+            results.append(completions)
+        return results
+
+    def _scoring_model(self) -> Any:
+        """A second instance that keeps logits for every position; sampling does not need them."""
+        if self._scorer is None:
+            from llama_cpp import Llama
+
+            self._scorer = Llama(
+                self._resolved.location,
+                n_ctx=self._n_ctx,
+                n_threads=self._n_threads,
+                logits_all=True,
+                verbose=False,
+            )
+        return self._scorer
+
+    def score(self, context: Conversation, continuation: str) -> TokenScores | Failed:
+        import numpy as np
+
+        prefix = self._tokenize(context, add_generation_prompt=True)
+        full = self._tokenize([*context, {"role": "assistant", "content": continuation}], False)
+        span = continuation_span(prefix, full)
+        if span is None:
+            return Failed("template_boundary", "chat template changes earlier tokens when a reply is added")
+        start, end = span
+        # Content ends at the first special token (end of turn) the template appends.
+        for pos in range(start, end):
+            if self._llm.detokenize([full[pos]], special=False) == b"" and self._token_text(full[pos]):
+                end = pos
+                break
+        if len(full) > self._n_ctx:
+            return Failed("too_long", f"{len(full)} tokens exceed context {self._n_ctx}")
+        llm = self._scoring_model()
+        llm.reset()
+        llm.eval(full[:end])
+        logits = np.asarray(llm.scores[: end], dtype=np.float64)
+        ids = full[start:end]
+        rows = logits[start - 1 : end - 1]
+        top = rows.max(axis=1, keepdims=True)
+        logz = (top[:, 0] + np.log(np.exp(rows - top).sum(axis=1)))
+        logprobs = rows[np.arange(len(ids)), ids] - logz
+        return TokenScores(list(ids), [float(x) for x in logprobs])

