@@ -119,6 +119,13 @@ def read_table(uri: str, schema: pa.Schema | None = None) -> pa.Table:
     return table
 
 
+def parquet_rows(uri: str) -> int:
+    """Row count from the Parquet footer, without reading the data."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as handle:
+        return int(pq.ParquetFile(handle).metadata.num_rows)
+
+
 def write_json(data: Any, uri: str) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     parent = path.rsplit("/", 1)[0]

@@ -126,8 +126,7 @@ class BleuScorer:
             raise TypeError("references must be a sequence of strings, not a single string")
         if not references:
             raise ValueError(
-                "BLEU needs at least one reference; handle prompts without references "
-                "before scoring"
+                "BLEU needs at least one reference; handle prompts without references before scoring"
             )
         if variant not in ("bleuberi", "sacrebleu"):
             raise ValueError(f"unknown BLEU variant {variant!r}; use 'bleuberi' or 'sacrebleu'")
@@ -165,8 +164,7 @@ class BleuScorer:
         orders = min(length, MAX_ORDER)
         hyp_counts = _count_ngrams(tokens, orders)
         matches = [
-            _clipped_matches(counts, caps)
-            for counts, caps in zip(hyp_counts, self._caps, strict=False)
+            _clipped_matches(counts, caps) for counts, caps in zip(hyp_counts, self._caps, strict=False)
         ]
         if self.variant == "sacrebleu":
             return self._sacrebleu(length, matches)

@@ -63,11 +63,13 @@ def _conversation(texts: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, messages).cast(CONVERSATION)
 
 
-def _no_pair_reasons(scored: pl.DataFrame, labels: pl.DataFrame, responses: pl.DataFrame,
-                     paired: pl.DataFrame, margin: float) -> pl.DataFrame:
+def _no_pair_reasons(
+    scored: pl.DataFrame, labels: pl.DataFrame, responses: pl.DataFrame, paired: pl.DataFrame, margin: float
+) -> pl.DataFrame:
     """One reason code per prompt that had responses but produced no pair."""
-    unpaired = responses.select(c.PROMPT_ID).unique().join(paired.select(c.PROMPT_ID), on=c.PROMPT_ID,
-                                                           how="anti")
+    unpaired = (
+        responses.select(c.PROMPT_ID).unique().join(paired.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
+    )
     per_prompt = scored.group_by(c.PROMPT_ID).agg(
         pl.len().alias("n"),
         (pl.col(AGG).max() - pl.col(AGG).min()).alias("spread"),
@@ -107,14 +109,21 @@ def make_pairs(
     assert isinstance(resp, pl.DataFrame) and isinstance(labels_df, pl.DataFrame)
     scores = aggregate_scores(labels, weights)
     joined = resp.join(scores, on=[c.PROMPT_ID, c.RESPONSE_ID], how="left").with_columns(
-        pl.col(c.TEXT).str.to_lowercase().str.split(" ").list.join(" ")
-        .str.replace_all(r"\s+", " ").str.strip_chars().alias(NORM)
+        pl.col(c.TEXT)
+        .str.to_lowercase()
+        .str.split(" ")
+        .list.join(" ")
+        .str.replace_all(r"\s+", " ")
+        .str.strip_chars()
+        .alias(NORM)
     )
     scored = joined.filter(pl.col(AGG).is_not_null())
 
-    chosen = scored.sort([c.PROMPT_ID, AGG, c.SAMPLE_INDEX], descending=[False, True, False]).group_by(
-        c.PROMPT_ID, maintain_order=True
-    ).first()
+    chosen = (
+        scored.sort([c.PROMPT_ID, AGG, c.SAMPLE_INDEX], descending=[False, True, False])
+        .group_by(c.PROMPT_ID, maintain_order=True)
+        .first()
+    )
     candidates = scored.join(chosen, on=c.PROMPT_ID, suffix="_c").filter(
         (pl.col(c.RESPONSE_ID) != pl.col(f"{c.RESPONSE_ID}_c"))
         & (pl.col(NORM) != pl.col(f"{NORM}_c"))
@@ -175,8 +184,9 @@ def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.
     return pa.Table.from_pydict({name: out[name] for name in schema.names}).cast(schema)
 
 
-def pair_shard(recipe: Recipe, prompts_uri: str, responses_uri: str, labels_uri: str,
-               out_uri: str) -> ShardResult:
+def pair_shard(
+    recipe: Recipe, prompts_uri: str, responses_uri: str, labels_uri: str, out_uri: str
+) -> ShardResult:
     start = time.perf_counter()
     table, stats = make_pairs(
         read_table(prompts_uri, PROMPTS),

@@ -89,7 +89,8 @@ def normalise_references(value: Any) -> list[str]:
         value = [value]
     if not isinstance(value, list | tuple):
         raise InvalidRow(
-            "invalid_references", f"references must be a string or a list of strings, got {type(value).__name__}"
+            "invalid_references",
+            f"references must be a string or a list of strings, got {type(value).__name__}",
         )
     refs = [_text(ref, f"reference {i}") for i, ref in enumerate(value)]
     return [ref for ref in refs if ref]
@@ -187,7 +188,9 @@ def _hf_rows(config: HFPrompts) -> Iterator[RawRow]:
     try:
         dataset = datasets.load_dataset(config.path, config.config, split=config.split)
     except (FileNotFoundError, ValueError) as exc:
-        raise PromptSourceError(f"cannot load dataset {config.path!r} split {config.split!r}: {exc}") from None
+        raise PromptSourceError(
+            f"cannot load dataset {config.path!r} split {config.split!r}: {exc}"
+        ) from None
     wanted = [config.prompt_column] + ([config.references_column] if config.references_column else [])
     missing = [col for col in wanted if col not in dataset.column_names]
     if missing:

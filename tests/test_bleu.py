@@ -44,9 +44,7 @@ def test_tokenizer_matches_sacrebleu_13a() -> None:
     rng = random.Random(13)
     fixed = ["", " ", "a.", ".5", "5.", "a..", "1.a", "a,b", "1-2", "a-b", "x-\ny", "tail-\n"]
     # Every ASCII mark squeezed between letters and between digits, where splitting shows.
-    squeezed = [
-        f"{left}{mark}{right}" for mark in string.punctuation for left, right in ("ab", "12")
-    ]
+    squeezed = [f"{left}{mark}{right}" for mark in string.punctuation for left, right in ("ab", "12")]
     texts = fixed + squeezed + [_random_text(rng) for _ in range(800)]
     for text in texts:
         assert tokenize_13a(text) == reference(text).split(), repr(text)
@@ -201,8 +199,6 @@ def test_scorer_matches_module_functions() -> None:
         bleuberi = BleuScorer(refs)
         sacre = BleuScorer(refs, "sacrebleu")
         for _ in range(8):
-            hyp = (
-                _perturb(rng, rng.choice(refs)) if rng.random() < 0.5 else _random_sentence(rng, 12)
-            )
+            hyp = _perturb(rng, rng.choice(refs)) if rng.random() < 0.5 else _random_sentence(rng, 12)
             assert bleuberi.score(hyp) == bleuberi_bleu(hyp, refs)
             assert sacre.score(hyp) == sacrebleu_bleu(hyp, refs)

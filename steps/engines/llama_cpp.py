@@ -39,9 +39,7 @@ class LlamaCppEngine:
             repo, _, filename = model.location.partition(":")
             self._llm = Llama.from_pretrained(repo, filename, n_ctx=n_ctx, verbose=False)
         else:
-            self._llm = Llama(
-                model.location, n_ctx=n_ctx, n_threads=self._n_threads, seed=0, verbose=False
-            )
+            self._llm = Llama(model.location, n_ctx=n_ctx, n_threads=self._n_threads, seed=0, verbose=False)
         self._scorer: Any = None
         meta = self._llm.metadata
         self._template = meta.get("tokenizer.chat_template")
@@ -146,10 +144,10 @@ class LlamaCppEngine:
         llm = self._scoring_model()
         llm.reset()
         llm.eval(full[:end])
-        logits = np.asarray(llm.scores[: end], dtype=np.float64)
+        logits = np.asarray(llm.scores[:end], dtype=np.float64)
         ids = full[start:end]
         rows = logits[start - 1 : end - 1]
         top = rows.max(axis=1, keepdims=True)
-        logz = (top[:, 0] + np.log(np.exp(rows - top).sum(axis=1)))
+        logz = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
         logprobs = rows[np.arange(len(ids)), ids] - logz
         return TokenScores(list(ids), [float(x) for x in logprobs])

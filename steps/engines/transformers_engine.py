@@ -95,8 +95,11 @@ class TransformersEngine:
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{self.model_id} has no chat template in its tokenizer")
         self._special = set(self.tokenizer.all_special_ids)
-        self._eos = [t for t in {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id}
-                     if t is not None]
+        self._eos = [
+            t
+            for t in {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id}
+            if t is not None
+        ]
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos[0]
         self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
@@ -136,7 +139,7 @@ class TransformersEngine:
                     eos_token_id=self._eos,
                 )
             completions = []
-            for i, row in enumerate(out[:, len(prompt):].tolist()):
+            for i, row in enumerate(out[:, len(prompt) :].tolist()):
                 ids, finish = [], "length"
                 for token in row:
                     if token in self._eos:

@@ -1,0 +1,198 @@
+"""Final shards in the Hugging Face layout, and the manifest that makes them a dataset.
+
+The manifest is written last and is the only statement that the dataset is
+complete: the first thing a write does is remove the old manifest, so a crash
+anywhere in between leaves a directory that says "incomplete", never one that
+looks finished with a mix of old and new shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any, Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import columns as c
+from schemas.recipe import Recipe
+from schemas.records import conform, pairs_schema
+from steps.base import join_uri, parquet_rows, read_table
+
+MANIFEST = "manifest.json"
+CARD = "README.md"
+DATA_DIR = "data"
+FORMAT_VERSION = 1
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("prefsmith")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: str  # relative to the output root
+    rows: int
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "rows": self.rows, "sha256": self.sha256, "bytes": self.bytes}
+
+
+def _encode(table: pa.Table, fmt: Literal["parquet", "arrow"]) -> bytes:
+    sink = io.BytesIO()
+    if fmt == "parquet":
+        pq.write_table(table, sink, compression="zstd")
+    else:
+        # The IPC *stream* format is what `datasets`' arrow loader reads.
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    return sink.getvalue()
+
+
+def _rechunk(tables: Iterator[pa.Table], rows_per_shard: int) -> Iterator[pa.Table]:
+    """Regroup a stream of tables into shards of exactly ``rows_per_shard`` (the last may be short)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        while table.num_rows:
+            take = min(rows_per_shard - held, table.num_rows)
+            pending.append(table.slice(0, take))
+            held += take
+            table = table.slice(take)
+            if held == rows_per_shard:
+                yield pa.concat_tables(pending)
+                pending, held = [], 0
+    if held:
+        yield pa.concat_tables(pending)
+
+
+def begin_publication(output: str) -> None:
+    """Mark the output incomplete before touching any file in it."""
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    manifest = f"{root.rstrip('/')}/{MANIFEST}"
+    if fs.exists(manifest):
+        fs.rm(manifest)
+
+
+def write_split(
+    output: str, split: str, shard_uris: list[str], recipe: Recipe
+) -> tuple[list[WrittenFile], pa.Table]:
+    """Write one split's shards; returns the files and a small sample table for the card."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    schema = pairs_schema(recipe.signals)
+    fmt = recipe.output.format
+    ext = "parquet" if fmt == "parquet" else "arrow"
+    data_dir = f"{root}/{DATA_DIR}"
+    # Shards of an earlier run with a different shard count would otherwise linger.
+    if fs.exists(data_dir):
+        for old in fs.glob(f"{data_dir}/{split}-*"):
+            fs.rm(old)
+    fs.makedirs(data_dir, exist_ok=True)
+
+    total = sum(parquet_rows(uri) for uri in shard_uris)
+    count = max(1, math.ceil(total / recipe.output.rows_per_shard))
+    tables = (read_table(uri, schema) for uri in shard_uris)
+    chunks = list(_rechunk(tables, recipe.output.rows_per_shard)) if total else [schema.empty_table()]
+    written = []
+    for index, chunk in enumerate(chunks):
+        name = f"{DATA_DIR}/{split}-{index:05d}-of-{count:05d}.{ext}"
+        blob = _encode(conform(chunk, schema, name), fmt)
+        with fs.open(f"{root}/{name}", "wb") as handle:
+            handle.write(blob)
+        written.append(WrittenFile(name, chunk.num_rows, hashlib.sha256(blob).hexdigest(), len(blob)))
+    if sum(f.rows for f in written) != total:
+        raise RuntimeError(f"wrote {sum(f.rows for f in written)} rows of {total}: refusing to publish")
+    sample = chunks[0].slice(0, 1) if total else schema.empty_table()
+    return written, sample
+
+
+def write_manifest(
+    output: str, files: dict[str, list[WrittenFile]], recipe: Recipe, stats: dict[str, Any]
+) -> dict[str, Any]:
+    """The last write of a run: lists every file of the dataset with its checksum."""
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "package": {"name": "prefsmith", "version": package_version()},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "recipe": {
+            "name": recipe.name,
+            "hash": recipe.fingerprint(),
+            "config": recipe.model_dump(mode="json"),
+        },
+        "splits": {split: sum(f.rows for f in entries) for split, entries in files.items()},
+        "files": [f.to_dict() for entries in files.values() for f in entries],
+        "card": CARD,
+        "stats": stats,
+    }
+    fs, root = fsspec.core.url_to_fs(output)
+    with fs.open(f"{root.rstrip('/')}/{MANIFEST}", "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        handle.write("\n")
+    return manifest
+
+
+def read_manifest(output: str) -> dict[str, Any] | None:
+    """The manifest of a complete dataset, or None when the directory is incomplete."""
+    uri = join_uri(output, MANIFEST)
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def verify(output: str) -> dict[str, Any]:
+    """Re-read every manifest-listed file and check its checksum; raise on any mismatch."""
+    manifest = read_manifest(output)
+    if manifest is None:
+        raise FileNotFoundError(f"{output} has no {MANIFEST}: the dataset is incomplete")
+    fs, root = fsspec.core.url_to_fs(output)
+    for entry in manifest["files"]:
+        with fs.open(f"{root.rstrip('/')}/{entry['path']}", "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        if digest != entry["sha256"]:
+            raise ValueError(f"{entry['path']}: checksum mismatch (file changed after publication)")
+    return manifest
+
+
+def score_summary(pair_uris: list[str], recipe: Recipe) -> dict[str, dict[str, float | int]]:
+    """Distribution of the pair scores (aggregate, margin and each signal) for the card."""
+    import polars as pl
+
+    columns = [c.SCORE_CHOSEN, c.SCORE_REJECTED, c.MARGIN]
+    for signal in recipe.signals:
+        columns += [c.signal_column(signal, c.CHOSEN), c.signal_column(signal, c.REJECTED)]
+    tables = [read_table(uri).select(columns) for uri in pair_uris]
+    if not tables or not sum(t.num_rows for t in tables):
+        return {}
+    frame = pl.from_arrow(pa.concat_tables(tables))
+    assert isinstance(frame, pl.DataFrame)
+    summary: dict[str, dict[str, float | int]] = {}
+    for name in columns:
+        col = frame.get_column(name).drop_nulls()
+        if col.len() == 0:
+            continue
+        summary[name] = {
+            "count": int(col.len()),
+            "mean": float(col.mean()),  # type: ignore[arg-type]
+            "std": float(col.std() or 0.0),
+            "min": float(col.min()),  # type: ignore[arg-type]
+            "median": float(col.median()),  # type: ignore[arg-type]
+            "max": float(col.max()),  # type: ignore[arg-type]
+        }
+    return summary
