@@ -20,14 +20,13 @@ from prefect.cache_policies import NO_CACHE
 from schemas.recipe import Recipe, RecipeError, load_recipe
 from schemas.records import PROMPTS
 from steps.base import ShardResult, StageStats, join_uri, merge_stats, shard_uri, write_table
-from steps.card import render_card, write_card
 from steps.engines import ModelSpecError, resolve_model
 from steps.hub import push_dataset
-from steps.labeling import build_labeler, label_shard
+from steps.labeling import label_shard
 from steps.pairing import pair_shard
 from steps.prompts import PromptSourceError, load_prompts, source_label
+from steps.publish import publish
 from steps.sampling import sample_shard
-from steps.writer import begin_publication, score_summary, write_manifest, write_split
 
 WORK_DIR = ".work"
 
@@ -87,19 +86,7 @@ def pair_task(
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(recipe: Recipe, output: str, pair_uris: list[str], stats: dict[str, Any]) -> dict[str, Any]:
-    """Shards, then the card, then the manifest: the manifest is always the last write."""
-    begin_publication(output)
-    files, sample = write_split(output, "train", pair_uris, recipe)
-    scores = score_summary(pair_uris, recipe)
-    stats = {**stats, "scores": scores}
-    engine = {
-        "model_id": resolve_model(recipe.policy.model, recipe.policy.engine).model_id,
-        "engine": recipe.policy.engine,
-    }
-    labelers = {cfg.name: build_labeler(cfg).settings() for cfg in recipe.labelers}
-    card = render_card(recipe, {"train": files}, stats, scores, sample, engine, labelers)
-    write_card(output, card)
-    return write_manifest(output, {"train": files}, recipe, stats)
+    return publish(recipe, output, pair_uris, stats)
 
 
 @task(name="push-to-hub", cache_policy=NO_CACHE, retries=0)

@@ -1,0 +1,70 @@
+"""Shared test fixtures: tiny recipes, a ~20-line fake engine, isolated Prefect state."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from schemas.recipe import Recipe  # noqa: E402
+from steps.engines.base import Completion, Conversation, Failed, SamplingParams, sample_seed  # noqa: E402
+
+
+class FakeEngine:
+    """Canned, seed-dependent answers; fails prompts containing TOO_LONG like a real context limit."""
+
+    model_id = "fake/model"
+    engine_name = "fake"
+
+    def __init__(self, answers: Sequence[str] = ("alpha beta", "gamma", "", "alpha beta gamma delta")):
+        self.answers = list(answers)
+        self.calls = 0
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, seeds: Sequence[int]
+    ) -> list[list[Completion] | Failed]:
+        self.calls += 1
+        out: list[list[Completion] | Failed] = []
+        for conv, base in zip(conversations, seeds, strict=True):
+            if "TOO_LONG" in conv[-1]["content"]:
+                out.append(Failed("prompt_too_long", "fake context limit"))
+                continue
+            samples = []
+            for i in range(params.n):
+                seed = sample_seed(base, i)
+                text = self.answers[(seed + i) % len(self.answers)]
+                finish = "length" if len(text.split()) >= params.max_tokens else "stop"
+                samples.append(Completion(text, len(text.split()), finish, 7, seed))
+            out.append(samples)
+        return out
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+def make_recipe(**data: object) -> Recipe:
+    base: dict[str, object] = {"name": "test"}
+    base.update(data)
+    return Recipe.model_validate(base)
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private Prefect home so tests never touch the user's database."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    return home

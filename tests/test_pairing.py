@@ -1,0 +1,136 @@
+"""Pairing rules and signal aggregation: ties never pair, chosen ≠ rejected, every no-pair has a reason."""
+
+from __future__ import annotations
+
+import random
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from schemas import columns as c
+from schemas.records import LABELS, pairs_schema
+from steps.pairing import AGG, aggregate_scores, make_pairs
+from tests.conftest import make_recipe
+from tests.test_labeling import responses
+from tests.test_sampling import prompts_table
+
+
+def labels_for(resp: pa.Table, scores: dict[str, list[float | None]]) -> pa.Table:
+    """Scores per signal, listed in response order."""
+    rows = []
+    ids = resp.select([c.PROMPT_ID, c.RESPONSE_ID]).to_pylist()
+    for signal, values in scores.items():
+        for ident, value in zip(ids, values, strict=True):
+            rows.append(
+                {
+                    **ident,
+                    c.SIGNAL: signal,
+                    c.SCORE: value,
+                    c.REASON: None if value is not None else "no_references",
+                    c.DETAILS: None,
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=LABELS)
+
+
+def run(texts: list[str], scores: list[float | None], **pairing: object) -> tuple[pa.Table, dict[str, int]]:
+    prompts = prompts_table(["p"])
+    resp = responses(prompts, texts)
+    recipe = make_recipe(pairing=pairing or {})
+    table, stats = make_pairs(prompts, resp, labels_for(resp, {"bleu": scores}), recipe)
+    assert table.schema == pairs_schema(["bleu"])
+    return table, dict(stats.drops)
+
+
+def test_best_vs_worst_conversational_rows() -> None:
+    table, drops = run(["a", "b", "c", "d"], [1.0, 5.0, 0.5, 3.0])
+    assert drops == {}
+    row = table.to_pylist()[0]
+    assert row[c.CHOSEN] == [{"role": "assistant", "content": "b"}]
+    assert row[c.REJECTED] == [{"role": "assistant", "content": "c"}]
+    assert row[c.PROMPT] == [{"role": "user", "content": "p"}]
+    assert (row[c.SCORE_CHOSEN], row[c.SCORE_REJECTED], row[c.MARGIN]) == (5.0, 0.5, 4.5)
+    assert (row[c.signal_column("bleu", c.CHOSEN)], row[c.signal_column("bleu", c.REJECTED)]) == (5.0, 0.5)
+    assert row[c.CHOSEN_ID].endswith("-1") and row[c.REJECTED_ID].endswith("-2")
+
+
+def test_ties_make_no_pair_and_tied_best_breaks_by_sample_order() -> None:
+    table, drops = run(["a", "b", "c", "d"], [2.0, 2.0, 2.0, 2.0])
+    assert table.num_rows == 0 and drops == {"all_tied": 1}
+    table, _ = run(["a", "b", "c", "d"], [3.0, 3.0, 1.0, 1.0])
+    row = table.to_pylist()[0]
+    assert row[c.CHOSEN][0]["content"] == "a" and row[c.REJECTED][0]["content"] == "c"
+
+
+def test_margin_is_strict() -> None:
+    assert run(["a", "b"], [1.0, 1.5], min_margin=0.5)[1] == {"below_margin": 1}
+    assert run(["a", "b"], [1.0, 1.6], min_margin=0.5)[0].num_rows == 1
+
+
+def test_identical_text_never_pairs_even_with_different_scores() -> None:
+    table, drops = run(["Same answer", "same   ANSWER "], [2.0, 1.0])
+    assert table.num_rows == 0 and drops == {"identical_text": 1}
+    table, _ = run(["Same answer", "same answer", "other"], [2.0, 0.0, 1.0])
+    assert table.to_pylist()[0][c.REJECTED][0]["content"] == "other"
+
+
+def test_unscored_and_single_scored_prompts_have_reasons() -> None:
+    assert run(["a", "b"], [None, None])[1] == {"unscored:no_references": 1}
+    assert run(["a", "b"], [1.0, None])[1] == {"fewer_than_two_scored": 1}
+
+
+def test_best_vs_random_is_seeded_and_spreads() -> None:
+    prompts = prompts_table([f"p{i}" for i in range(30)])
+    resp = responses(prompts, ["a", "b", "c", "d"])
+    labels = labels_for(resp, {"bleu": [4.0, 3.0, 2.0, 1.0] * 30})
+
+    def rejected(seed: int) -> list[str]:
+        recipe = make_recipe(pairing={"rule": "best_vs_random"}, sampling={"seed": seed})
+        return make_pairs(prompts, resp, labels, recipe)[0].column(c.REJECTED_ID).to_pylist()
+
+    assert rejected(1) == rejected(1)
+    assert rejected(1) != rejected(2)
+    assert {r.rsplit("-", 1)[1] for r in rejected(1)} == {"1", "2", "3"}
+
+
+@pytest.mark.parametrize("rule", ["best_vs_worst", "best_vs_random"])
+def test_chosen_and_rejected_always_differ(rule: str) -> None:
+    rng = random.Random(0)
+    prompts = prompts_table([f"p{i}" for i in range(200)])
+    texts = ["x", "x ", "y", "z"]
+    resp = responses(prompts, texts)
+    scores = [rng.choice([None, 0.0, 1.0, 1.0, 2.0]) for _ in range(resp.num_rows)]
+    table, stats = make_pairs(
+        prompts, resp, labels_for(resp, {"bleu": scores}), make_recipe(pairing={"rule": rule})
+    )
+    for row in table.to_pylist():
+        assert row[c.CHOSEN_ID] != row[c.REJECTED_ID]
+        assert row[c.CHOSEN][0]["content"].strip() != row[c.REJECTED][0]["content"].strip()
+        assert row[c.SCORE_CHOSEN] > row[c.SCORE_REJECTED]
+    assert table.num_rows + sum(stats.drops.values()) == 200  # every prompt accounted for
+
+
+def test_aggregate_is_weighted_mean_of_within_prompt_zscores() -> None:
+    prompts = prompts_table(["p"])
+    resp = responses(prompts, ["a", "b", "c"])
+    labels = labels_for(resp, {"s1": [1.0, 2.0, 3.0], "s2": [5.0, 5.0, 5.0], "s3": [3.0, None, 1.0]})
+    frame = aggregate_scores(labels, {"s1": 2.0, "s2": 1.0, "s3": 1.0})
+    z1 = [-1.224744871391589, 0.0, 1.224744871391589]  # population z of 1,2,3
+    z3 = [1.0, None, -1.0]  # population z of 3,1 (the null response has no s3)
+    expected = [
+        (2 * z1[0] + 0 + z3[0]) / 4,
+        (2 * z1[1] + 0) / 3,  # s3 missing: its weight leaves the denominator
+        (2 * z1[2] + 0 + z3[2]) / 4,
+    ]
+    got = frame.sort(c.RESPONSE_ID).get_column(AGG).to_list()
+    assert got == pytest.approx(expected)
+    assert frame.get_column("s2").to_list() == [5.0, 5.0, 5.0]  # raw scores stay
+
+
+def test_single_signal_aggregate_is_raw_score() -> None:
+    prompts = prompts_table(["p"])
+    resp = responses(prompts, ["a", "b"])
+    frame = aggregate_scores(labels_for(resp, {"bleu": [7.0, None]}), {"bleu": 1.0})
+    assert frame.sort(c.RESPONSE_ID).get_column(AGG).to_list() == [7.0, None]
+    assert isinstance(frame, pl.DataFrame)

@@ -1,0 +1,147 @@
+"""Prompt sources: built-in set, files through fsspec, HF datasets; normalisation and drops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import columns as c
+from schemas.recipe import BuiltinPrompts, FilePrompts, HFPrompts
+from schemas.records import PROMPTS
+from steps.prompts import PromptSourceError, load_prompts, normalise_messages, prompt_id
+
+
+def jsonl(path: Path, rows: list[object]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_builtin_set_is_varied_and_referenced() -> None:
+    table, stats = load_prompts(BuiltinPrompts())
+    assert table.schema == PROMPTS
+    assert table.num_rows >= 32 and stats.drops == {}
+    assert all(refs and 1 <= len(refs) <= 2 for refs in table.column(c.REFERENCES).to_pylist())
+    conversations = table.column(c.MESSAGES).to_pylist()
+    assert sum(len(conv) > 1 for conv in conversations) >= 3  # a few multi-turn
+    lines = Path("pipelines/prompts/default.jsonl").read_text(encoding="utf-8").splitlines()
+    raw = [json.loads(line) for line in lines]
+    categories = {row["category"] for row in raw}
+    assert {"advice", "coding", "math", "summarise", "rewrite", "factual", "multi_turn"} <= categories
+
+
+def test_strings_and_message_lists_both_accepted(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "  Hello there  ", "references": "Hi."},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]},
+    ]
+    table, _ = load_prompts(FilePrompts(source="file", uri=jsonl(tmp_path / "p.jsonl", rows)))
+    first, second = table.to_pylist()
+    assert first[c.MESSAGES] == [{"role": "user", "content": "Hello there"}]
+    assert first[c.REFERENCES] == ["Hi."]
+    assert [m["role"] for m in second[c.MESSAGES]] == ["system", "user"]
+    assert second[c.REFERENCES] == []
+    assert first[c.SOURCE_ROW] == 1 and second[c.SOURCE_ROW] == 2
+
+
+def test_prompt_id_is_stable_under_normalisation() -> None:
+    a = normalise_messages("Café ")
+    b = normalise_messages([{"role": "user", "content": "Cafe\u0301"}])  # decomposed é
+    assert prompt_id(a) == prompt_id(b)
+    assert prompt_id(a) != prompt_id(normalise_messages("Cafe"))
+    assert len(prompt_id(a)) == 16 and int(prompt_id(a), 16) >= 0
+
+
+def test_duplicates_dropped_and_counted_then_limit(tmp_path: Path) -> None:
+    rows = [{"prompt": "a"}, {"prompt": " a"}, {"prompt": "b"}, {"prompt": "c"}, {"prompt": "d"}]
+    uri = jsonl(tmp_path / "p.jsonl", rows)
+    table, stats = load_prompts(FilePrompts(source="file", uri=uri))
+    assert table.num_rows == 4 and stats.drops == {"duplicate_prompt": 1}
+    limited, _ = load_prompts(FilePrompts(source="file", uri=uri), limit=2)
+    assert [m[0]["content"] for m in limited.column(c.MESSAGES).to_pylist()] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ("   ", "empty_prompt"),
+        ([], "empty_prompt"),
+        ([{"role": "user", "content": 5}], "non_string_content"),
+        ([{"role": "wizard", "content": "x"}], "unknown_role"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "invalid_prompt"),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "system", "content": "y"},
+                {"role": "user", "content": "z"},
+            ],
+            "invalid_prompt",
+        ),
+        (42, "invalid_prompt"),
+    ],
+)
+def test_bad_rows_dropped_with_reason(tmp_path: Path, prompt: object, reason: str) -> None:
+    uri = jsonl(tmp_path / "p.jsonl", [{"prompt": prompt}, {"prompt": "fine"}])
+    table, stats = load_prompts(FilePrompts(source="file", uri=uri))
+    assert table.num_rows == 1
+    assert stats.drops == {reason: 1}
+    assert stats.examples[reason].startswith("row 1:")
+
+
+def test_source_errors_name_line_column_and_fix(tmp_path: Path) -> None:
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(PromptSourceError, match="line 2: invalid JSON"):
+        load_prompts(FilePrompts(source="file", uri=str(bad_json)))
+    bad_bytes = tmp_path / "latin.jsonl"
+    bad_bytes.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(PromptSourceError, match="line 2: not valid UTF-8"):
+        load_prompts(FilePrompts(source="file", uri=str(bad_bytes)))
+    with pytest.raises(PromptSourceError, match="prompt_column"):
+        load_prompts(FilePrompts(source="file", uri=jsonl(tmp_path / "q.jsonl", [{"question": "x"}])))
+    with pytest.raises(PromptSourceError, match="does not exist"):
+        load_prompts(FilePrompts(source="file", uri=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(PromptSourceError, match="set prompts.format"):
+        load_prompts(FilePrompts(source="file", uri=str(tmp_path / "prompts.txt")))
+    with pytest.raises(PromptSourceError, match="no usable prompts.*empty_prompt"):
+        load_prompts(FilePrompts(source="file", uri=jsonl(tmp_path / "e.jsonl", [{"prompt": " "}])))
+    with pytest.raises(PromptSourceError, match="built-in sets"):
+        load_prompts(BuiltinPrompts(name="nope"))
+
+
+def test_parquet_through_memory_filesystem_with_column_mapping() -> None:
+    table = pa.table({"instruction": ["Sum 2 and 2.", "Name a colour."], "gold": [["4"], ["red"]]})
+    with fsspec.open("memory://prompts/p.parquet", "wb") as handle:
+        pq.write_table(table, handle)
+    config = FilePrompts(
+        source="file", uri="memory://prompts/p.parquet", prompt_column="instruction", references_column="gold"
+    )
+    loaded, _ = load_prompts(config)
+    assert loaded.column(c.REFERENCES).to_pylist() == [["4"], ["red"]]
+    assert loaded.column(c.SOURCE).to_pylist() == ["memory://prompts/p.parquet"] * 2
+
+
+def test_jsonl_through_memory_filesystem() -> None:
+    with fsspec.open("memory://prompts/p.jsonl", "w") as handle:
+        handle.write('{"prompt": "hello", "references": ["hi"]}\n')
+    loaded, _ = load_prompts(FilePrompts(source="file", uri="memory://prompts/p.jsonl"))
+    assert loaded.num_rows == 1
+
+
+def test_hf_dataset_from_local_path_with_column_mapping(tmp_path: Path) -> None:
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    jsonl(
+        folder / "train.jsonl",
+        [{"q": "What is 3+4?", "a": ["7"]}, {"q": "Capital of France?", "a": ["Paris"]}],
+    )
+    config = HFPrompts(source="hf", path=str(folder), split="train", prompt_column="q", references_column="a")
+    loaded, stats = load_prompts(config)
+    assert loaded.num_rows == 2 and stats.rows_in == 2
+    assert loaded.column(c.REFERENCES).to_pylist() == [["7"], ["Paris"]]
+    with pytest.raises(PromptSourceError, match="no column"):
+        load_prompts(HFPrompts(source="hf", path=str(folder), prompt_column="question"))

@@ -1,0 +1,125 @@
+"""Recipe contract: everything wrong is rejected up front, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from schemas.recipe import Recipe, RecipeError, load_recipe, resolve_recipe_path
+from tests.conftest import ROOT
+
+
+def write(tmp_path: Path, data: object) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_default_recipe_loads_and_matches_design() -> None:
+    recipe = load_recipe("default")
+    assert recipe.policy.model == "smollm2-135m-instruct"
+    assert recipe.policy.engine == "llama_cpp"
+    assert recipe.sampling.n == 4
+    assert recipe.signals == ["bleu"]
+    assert recipe.pairing.rule == "best_vs_worst"
+    assert recipe.output_uri() == str(Path("outputs") / "default")
+
+
+@pytest.mark.parametrize(
+    ("patch", "key"),
+    [
+        ({"sampling": {"n": 1}}, "sampling.n"),
+        ({"sampling": {"temperature": -0.1}}, "sampling.temperature"),
+        ({"sampling": {"temperature": 0}}, "sampling.temperature"),
+        ({"sampling": {"top_p": 1.5}}, "sampling.top_p"),
+        ({"sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
+        ({"sampling": {"n": "four"}}, "sampling.n"),
+        ({"sampling": {"tempreature": 0.7}}, "sampling.tempreature"),
+        ({"pairing": {"rule": "best_vs_best"}}, "pairing.rule"),
+        ({"pairing": {"min_margin": -1}}, "pairing.min_margin"),
+        ({"labelers": []}, "labelers"),
+        ({"labelers": [{"kind": "bleu", "variant": "chrf"}]}, "labelers.0.bleu.variant"),
+        ({"labelers": [{"kind": "bleu"}, {"kind": "bleu"}]}, "labelers: names must be unique"),
+        ({"labelers": [{"kind": "magic"}]}, "labelers.0"),
+        ({"policy": {"engine": "vllm2"}}, "policy.engine"),
+        ({"output": {"rows_per_shard": 0}}, "output.rows_per_shard"),
+        ({"unknown_top": 1}, "unknown_top"),
+        ({"limit": 0}, "limit"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_key(tmp_path: Path, patch: dict, key: str) -> None:
+    data = {"name": "t", **patch}
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, data))
+    assert key in str(info.value)
+
+
+def test_unknown_key_message_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="unknown key"):
+        load_recipe(write(tmp_path, {"name": "t", "sampling": {"seeed": 1}}))
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(str(path))
+
+
+def test_non_mapping_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(write(tmp_path, [1, 2]))
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    with pytest.raises(RecipeError, match="shipped recipes"):
+        resolve_recipe_path("no-such-recipe")
+
+
+def test_overrides_revalidate_and_fingerprint_tracks_data_not_location() -> None:
+    recipe = load_recipe("default")
+    seeded = recipe.with_overrides(**{"sampling.seed": 7, "output.uri": "/tmp/elsewhere"})
+    assert seeded.sampling.seed == 7
+    assert seeded.output_uri() == "/tmp/elsewhere"
+    assert seeded.fingerprint() != recipe.fingerprint()
+    assert recipe.with_overrides(**{"output.uri": "/x"}).fingerprint() == recipe.fingerprint()
+    with pytest.raises(RecipeError, match="sampling.seed"):
+        recipe.with_overrides(**{"sampling.seed": -1})
+
+
+def test_recipe_is_immutable() -> None:
+    recipe = Recipe(name="x")
+    with pytest.raises(Exception, match="frozen"):
+        recipe.limit = 3  # type: ignore[misc]
+
+
+def test_cli_rejects_bad_config_before_prefect_or_model(tmp_path: Path) -> None:
+    """A wrong model path fails before Prefect starts, a model loads or the output is touched."""
+    path = write(tmp_path, {"name": "t", "policy": {"model": str(tmp_path / "missing.gguf")}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.build_prefs", "--recipe", path, "--output", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "missing.gguf" in proc.stderr and "does not exist" in proc.stderr
+    assert "temporary server" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_rejects_typo_in_recipe(tmp_path: Path) -> None:
+    path = write(tmp_path, {"name": "t", "sampling": {"nn": 4}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.build_prefs", "--recipe", path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "sampling.nn: unknown key" in proc.stderr

@@ -1,0 +1,68 @@
+"""Sampling step over the engine protocol, with a fake engine (the real one is in test_engines)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas import columns as c
+from schemas.records import PROMPTS, RESPONSES
+from steps.engines import Generator, SamplingParams
+from steps.prompts import normalise_messages, prompt_id
+from steps.sampling import sample_table
+from tests.conftest import FakeEngine
+
+
+def prompts_table(texts: list[str]) -> pa.Table:
+    rows = []
+    for i, text in enumerate(texts):
+        messages = normalise_messages(text)
+        rows.append(
+            {
+                c.PROMPT_ID: prompt_id(messages),
+                c.MESSAGES: messages,
+                c.REFERENCES: ["ref"],
+                c.SOURCE: "t",
+                c.SOURCE_ROW: i,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=PROMPTS)
+
+
+PARAMS = SamplingParams(n=4, temperature=0.8, top_p=0.9, max_tokens=3)
+
+
+def test_fake_engine_satisfies_protocol() -> None:
+    assert isinstance(FakeEngine(), Generator)
+
+
+def test_responses_follow_contract_and_mark_empty_and_truncated(fake_engine: FakeEngine) -> None:
+    table, stats = sample_table(prompts_table(["one", "two", "three"]), fake_engine, PARAMS, seed=3)
+    assert table.schema == RESPONSES
+    assert table.num_rows == 12 and stats.rows_out == 12
+    rows = table.to_pylist()
+    assert {r[c.SAMPLE_INDEX] for r in rows} == {0, 1, 2, 3}
+    assert len({r[c.RESPONSE_ID] for r in rows}) == 12
+    for r in rows:
+        assert r[c.IS_EMPTY] == (r[c.TEXT].strip() == "")
+        assert r[c.TRUNCATED] == (r[c.FINISH_REASON] == "length")
+        assert (r[c.POLICY_MODEL], r[c.ENGINE], r[c.MAX_TOKENS]) == ("fake/model", "fake", 3)
+    assert stats.counts["empty"] == sum(r[c.IS_EMPTY] for r in rows)
+    assert stats.counts["truncated"] == sum(r[c.TRUNCATED] for r in rows)
+
+
+def test_failed_prompt_is_dropped_with_reason_not_silently(fake_engine: FakeEngine) -> None:
+    table, stats = sample_table(prompts_table(["ok", "TOO_LONG prompt"]), fake_engine, PARAMS, seed=0)
+    assert table.num_rows == 4
+    assert stats.drops == {"prompt_too_long": 1}
+    assert "fake context limit" in stats.examples["prompt_too_long"]
+
+
+def test_seeds_depend_on_prompt_not_position(fake_engine: FakeEngine) -> None:
+    forward, _ = sample_table(prompts_table(["x", "y"]), fake_engine, PARAMS, seed=5)
+    backward, _ = sample_table(prompts_table(["y", "x"]), fake_engine, PARAMS, seed=5)
+    key = [c.RESPONSE_ID, c.TEXT, c.SEED]
+    assert sorted(forward.select(key).to_pylist(), key=str) == sorted(
+        backward.select(key).to_pylist(), key=str
+    )
+    other, _ = sample_table(prompts_table(["x", "y"]), fake_engine, PARAMS, seed=6)
+    assert other.column(c.SEED).to_pylist() != forward.column(c.SEED).to_pylist()

@@ -1,0 +1,153 @@
+"""Writer, manifest and card: HF layout, nothing lost in resharding, manifest last, card safe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pytest
+from huggingface_hub import DatasetCard
+
+from schemas import columns as c
+from schemas.recipe import Recipe
+from steps import writer
+from steps.base import write_table
+from steps.card import fence, md
+from steps.pairing import make_pairs
+from steps.publish import publish
+from tests.conftest import make_recipe
+from tests.test_labeling import responses
+from tests.test_pairing import labels_for
+from tests.test_sampling import prompts_table
+
+STATS = {
+    "prompts": {"source": "test"},
+    "stages": {
+        name: {"stage": name, "rows_in": 1, "rows_out": 1, "drops": {}, "counts": {}, "examples": {}, "seconds": 0.0}
+        for name in ("prompts", "sampling", "labeling", "pairing")
+    },
+}
+
+
+def pair_shards(tmp_path: Path, recipe: Recipe, prompt_texts: list[list[str]]) -> list[str]:
+    """One pair shard per list of prompt texts; every prompt yields exactly one pair."""
+    uris = []
+    for i, texts in enumerate(prompt_texts):
+        prompts = prompts_table(texts)
+        resp = responses(prompts, ["good answer", "bad"])
+        labels = labels_for(resp, {"bleu": [2.0, 1.0] * len(texts)})
+        table, _ = make_pairs(prompts, resp, labels, recipe)
+        uris.append(write_table(table, str(tmp_path / "work" / f"pairs-{i}.parquet")))
+    return uris
+
+
+def test_reshards_without_losing_rows_and_loads_with_datasets(tmp_path: Path) -> None:
+    recipe = make_recipe(output={"rows_per_shard": 3})
+    uris = pair_shards(tmp_path, recipe, [["a", "b"], ["c", "d", "e"], [], ["f", "g"]])
+    out = tmp_path / "out"
+    manifest = publish(recipe, str(out), uris, STATS)
+    names = sorted(p.name for p in (out / "data").iterdir())
+    assert names == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert [f["rows"] for f in manifest["files"]] == [3, 3, 1]
+    assert manifest["splits"] == {"train": 7}
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.num_rows == 7
+    assert [p[0]["content"] for p in ds["prompt"]] == list("abcdefg")
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "good answer"}]
+    assert writer.verify(str(out))["recipe"]["hash"] == recipe.fingerprint()
+    card = DatasetCard.load(out / "README.md")
+    assert card.data.configs[0]["data_files"][0]["path"] == [f["path"] for f in manifest["files"]]
+    assert card.data.license == "apache-2.0" and card.data.size_categories == ["n<1K"]
+
+
+def test_arrow_format_loads(tmp_path: Path) -> None:
+    recipe = make_recipe(output={"format": "arrow"})
+    out = tmp_path / "out"
+    publish(recipe, str(out), pair_shards(tmp_path, recipe, [["a", "b"]]), STATS)
+    assert (out / "data" / "train-00000-of-00001.arrow").is_file()
+    assert datasets.load_dataset(str(out), split="train").num_rows == 2
+
+
+def test_zero_pairs_still_publishes_a_loadable_empty_dataset(tmp_path: Path) -> None:
+    recipe = make_recipe()
+    out = tmp_path / "out"
+    manifest = publish(recipe, str(out), pair_shards(tmp_path, recipe, [[]]), STATS)
+    assert manifest["splits"] == {"train": 0}
+    assert "No pairs were produced" in (out / "README.md").read_text()
+
+
+def test_crash_mid_write_leaves_no_manifest_and_stale_shards_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = make_recipe(output={"rows_per_shard": 1})
+    out = tmp_path / "out"
+    uris = pair_shards(tmp_path, recipe, [["a", "b", "c"]])
+    publish(recipe, str(out), uris, STATS)
+    assert (out / "manifest.json").is_file()
+
+    calls = {"n": 0}
+    real = writer._encode
+
+    def explode(table: pa.Table, fmt: str) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(table, fmt)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "_encode", explode)
+    with pytest.raises(OSError, match="disk full"):
+        publish(recipe, str(out), uris, STATS)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        writer.verify(str(out))
+
+    monkeypatch.setattr(writer, "_encode", real)
+    smaller = make_recipe(output={"rows_per_shard": 2})
+    publish(smaller, str(out), uris, STATS)
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
+
+
+def test_verify_detects_changed_shard(tmp_path: Path) -> None:
+    recipe = make_recipe()
+    out = tmp_path / "out"
+    manifest = publish(recipe, str(out), pair_shards(tmp_path, recipe, [["a"]]), STATS)
+    (out / manifest["files"][0]["path"]).write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        writer.verify(str(out))
+
+
+def test_manifest_records_provenance(tmp_path: Path) -> None:
+    recipe = make_recipe()
+    out = tmp_path / "out"
+    publish(recipe, str(out), pair_shards(tmp_path, recipe, [["a"]]), STATS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["package"]["name"] == "prefsmith" and manifest["package"]["version"]
+    assert manifest["recipe"]["config"]["name"] == "test"
+    assert set(manifest["files"][0]) == {"path", "rows", "sha256", "bytes"}
+    assert manifest["stats"]["scores"][c.SCORE_CHOSEN]["count"] == 1
+
+
+def test_card_escapes_user_strings_and_template_syntax(tmp_path: Path) -> None:
+    hostile = "{{ 7*7 }} {% raw %} <script>alert(1)</script> [x](http://evil) | ``` ---"
+    recipe = make_recipe(description=hostile, card={"pretty_name": "Name ---\nlicense: mit"})
+    out = tmp_path / "out"
+    uris = pair_shards(tmp_path, recipe, [[hostile + " ```\n# heading"]])
+    publish(recipe, str(out), uris, STATS)
+    text = (out / "README.md").read_text()
+    card = DatasetCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert card.data.pretty_name == "Name ---\nlicense: mit"
+    assert "49" not in text.split("## Load it")[0]  # the template expression was not evaluated
+    assert "<script>" not in text.split("## Example row")[0]
+    assert "\\<script\\>" in text
+    example = text.split("## Example row")[1].split("## Files")[0]
+    assert example.strip().startswith("````json")  # fence longer than the ``` inside the prompt
+
+
+def test_md_and_fence_helpers() -> None:
+    assert md("a|b <i>") == "a\\|b \\<i\\>"
+    assert md("line\nbreak") == "line break"
+    assert fence("x ```` y").startswith("`````")
