@@ -59,7 +59,7 @@ def resolve_model(spec: str, engine: str) -> ResolvedModel:
         path = smollm2_gguf()
         return ResolvedModel("gguf", str(path), SMOLLM2_ID, gguf_file=path.name)
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not (":" in spec and _HUB_ID.match(spec) and not path.exists()):
         if not path.is_file():
             raise ModelSpecError(f"model file {spec!r} does not exist")
         return ResolvedModel("gguf", str(path.resolve()), path.name, gguf_file=path.name)

@@ -1,0 +1,164 @@
+"""The whole job as a user runs it: CLI → Prefect → real model → dataset that datasets and TRL load."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from huggingface_hub import DatasetCard
+
+from schemas import columns as c
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.model
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_server(prefect_env: dict[str, str]) -> Iterator[str]:
+    """A real `prefect server start` on loopback, for the PREFECT_API_URL path."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=prefect_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError("prefect server exited during start")
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("prefect server did not become healthy in 120 s")
+        yield api
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def build(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "flows.build_prefs", "--limit", "3", "--output", str(out), "--seed", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, prefect_env: dict[str, str],
+         prefect_server: str) -> dict[str, object]:
+    base = tmp_path_factory.mktemp("e2e")
+    ephemeral = build(base / "a", prefect_env)
+    served = build(base / "b", {**prefect_env, "PREFECT_API_URL": prefect_server})
+    return {"a": base / "a", "b": base / "b", "log_a": ephemeral.stdout + ephemeral.stderr,
+            "log_b": served.stdout + served.stderr, "api": prefect_server}
+
+
+def test_output_layout_and_loading(runs: dict[str, object]) -> None:
+    out = runs["a"]
+    assert isinstance(out, Path)
+    assert (out / "README.md").is_file() and (out / "manifest.json").is_file()
+    assert list((out / "data").glob("train-*.parquet"))
+    ds = datasets.load_dataset(str(out), split="train")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert ds.num_rows == manifest["splits"]["train"] >= 1
+    row = ds[0]
+    assert row["prompt"][-1]["role"] == "user"
+    assert [m["role"] for m in row["chosen"]] == ["assistant"] == [m["role"] for m in row["rejected"]]
+    assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+    assert row["score_chosen"] > row["score_rejected"]
+    assert row["policy_model"].startswith("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert DatasetCard.load(out / "README.md").data.configs
+
+
+def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, object]) -> None:
+    out = runs["a"]
+    assert isinstance(out, Path)
+    work = next((out / ".work").iterdir())
+    labels = pq.read_table(next((work / "labels").glob("*.parquet"))).to_pylist()
+    by_prompt: dict[str, set[float]] = {}
+    for label in labels:
+        if label[c.SCORE] is not None:
+            by_prompt.setdefault(label[c.PROMPT_ID], set()).add(label[c.SCORE])
+    varied = {pid for pid, scores in by_prompt.items() if len(scores) > 1}
+    paired = set(datasets.load_dataset(str(out), split="train")["prompt_id"])
+    assert varied and varied <= paired
+
+
+def test_same_command_twice_gives_identical_rows(runs: dict[str, object]) -> None:
+    a, b = runs["a"], runs["b"]
+    assert isinstance(a, Path) and isinstance(b, Path)
+    rows_a = datasets.load_dataset(str(a), split="train").to_list()
+    rows_b = datasets.load_dataset(str(b), split="train").to_list()
+    assert rows_a == rows_b
+
+
+def test_progress_is_visible_and_output_path_printed(runs: dict[str, object]) -> None:
+    log = str(runs["log_a"])
+    assert "sampling shard 1/1" in log and "ETA" in log
+    assert f"Dataset ready: {runs['a']}" in log
+    assert "temporary server" in log  # ephemeral mode out of the box
+    assert "temporary server" not in str(runs["log_b"])  # used the running server instead
+
+
+def test_run_and_artifact_recorded_on_the_running_server(runs: dict[str, object]) -> None:
+    api = str(runs["api"])
+    flow_runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+    assert any(r["state_type"] == "COMPLETED" for r in flow_runs)
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=10).json()
+    summary = [a for a in artifacts if a["key"] == "build-prefs-summary"]
+    assert summary and "pairs" in summary[0]["data"] and "| sampling |" in summary[0]["data"]
+
+
+def test_trl_dpo_trainer_consumes_rows_unchanged(runs: dict[str, object], tmp_path: Path) -> None:
+    """One DPO step on a tiny random model with the policy's tokenizer: the format is what TRL expects."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from steps.engines import resolve_model
+    from steps.engines.transformers_engine import materialise
+
+    tokenizer = AutoTokenizer.from_pretrained(materialise(resolve_model("smollm2-135m-instruct", "transformers")))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    model = LlamaForCausalLM(config)
+    ds = datasets.load_dataset(str(runs["a"]), split="train")
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, save_strategy="no", max_length=256, logging_steps=1)
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
+                         processing_class=tokenizer)
+    result = trainer.train()
+    assert result.global_step == 1 and result.training_loss == pytest.approx(0.6931, abs=0.05)

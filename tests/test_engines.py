@@ -1,0 +1,146 @@
+"""Engines: spec resolution without loading, sandboxed templates, and the real default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jinja2.exceptions import SecurityError
+
+from schemas.recipe import PolicyConfig
+from steps.engines import Failed, SamplingParams, load_engine, resolve_model
+from steps.engines.base import continuation_span, derive_seed, render_chat, sample_seed
+from steps.engines.models import SMOLLM2_ALIAS, ModelSpecError
+
+CONV = [{"role": "user", "content": "Name one fruit that is yellow."}]
+
+
+def test_alias_resolves_to_shipped_gguf() -> None:
+    model = resolve_model(SMOLLM2_ALIAS, "llama_cpp")
+    assert model.kind == "gguf" and model.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert model.path.is_file() and "SmolLM2-135M-Instruct" in model.model_id
+
+
+@pytest.mark.parametrize(
+    ("spec", "engine", "message"),
+    [
+        ("/nope/model.gguf", "llama_cpp", "does not exist"),
+        ("./missing-dir", "transformers", "does not exist"),
+        ("org/model", "llama_cpp", "org/name:file.gguf"),
+        ("not a model!", "transformers", "is not the alias"),
+    ],
+)
+def test_bad_specs_fail_without_loading(spec: str, engine: str, message: str) -> None:
+    with pytest.raises(ModelSpecError, match=message):
+        resolve_model(spec, engine)
+
+
+def test_local_dirs_and_hub_ids(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path), "transformers").kind == "hf_dir"
+    with pytest.raises(ModelSpecError, match="needs a .gguf"):
+        resolve_model(str(tmp_path), "llama_cpp")
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "transformers").kind == "hub"
+    assert resolve_model("org/name:model.Q4.gguf", "llama_cpp").kind == "hub"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        resolve_model(str(empty), "transformers")
+
+
+def test_chat_templates_render_in_a_sandbox() -> None:
+    text = render_chat("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}", CONV, False)
+    assert text == "[user]Name one fruit that is yellow."
+    with pytest.raises(SecurityError):
+        render_chat("{{ ''.__class__.__mro__[1].__subclasses__() }}", CONV, False)
+
+
+def test_seed_derivation_is_stable_and_bounded() -> None:
+    assert derive_seed(1, "abc") == derive_seed(1, "abc") != derive_seed(2, "abc")
+    assert derive_seed(0, "x") == 5043433155909824765  # same on every machine and Python version
+    assert all(0 <= sample_seed(derive_seed(s, "p"), i) < 2**31 for s in range(20) for i in range(8))
+
+
+def test_continuation_span_uses_token_ids() -> None:
+    assert continuation_span([1, 2, 3], [1, 2, 3, 4, 5]) == (3, 5)
+    assert continuation_span([1, 2, 9], [1, 2, 3, 4]) is None
+
+
+# ----------------------------------------------------------------- the real default model
+
+
+@pytest.fixture(scope="module")
+def llama() -> object:
+    return load_engine(PolicyConfig(n_ctx=512, n_threads=2))
+
+
+@pytest.mark.model
+def test_llama_cpp_same_seed_same_samples(llama: object) -> None:
+    params = SamplingParams(n=3, temperature=0.9, top_p=0.95, max_tokens=12)
+    first = llama.generate([CONV], params, [11])[0]  # type: ignore[attr-defined]
+    again = llama.generate([CONV], params, [11])[0]  # type: ignore[attr-defined]
+    other = llama.generate([CONV], params, [12])[0]  # type: ignore[attr-defined]
+    assert [c.text for c in first] == [c.text for c in again]
+    assert [c.text for c in first] != [c.text for c in other]
+    assert len({c.seed for c in first}) == 3
+    for completion in first:
+        assert 1 <= completion.num_tokens <= 12 and completion.prompt_tokens > 5
+        assert completion.finish_reason in ("stop", "length")
+    assert load_engine(PolicyConfig(n_ctx=512, n_threads=2)) is llama  # loaded once per process
+
+
+@pytest.mark.model
+def test_llama_cpp_truncation_and_context_limit(llama: object) -> None:
+    params = SamplingParams(n=2, temperature=0.8, top_p=1.0, max_tokens=2)
+    essay = [{"role": "user", "content": "Write a long essay about the history of bread."}]
+    for completion in llama.generate([essay], params, [1])[0]:  # type: ignore[attr-defined]
+        assert completion.finish_reason == "length" and completion.num_tokens == 2
+    huge = [{"role": "user", "content": "word " * 600}]
+    result = llama.generate([huge, CONV], params, [1, 2])  # type: ignore[attr-defined]
+    assert isinstance(result[0], Failed) and result[0].reason == "prompt_too_long"
+    assert not isinstance(result[1], Failed)
+
+
+@pytest.mark.model
+def test_llama_cpp_and_transformers_score_the_same_tokens(llama: object) -> None:
+    """Both engines take the continuation boundary from token ids and agree on log-probs.
+
+    Tolerance measured on this model: llama.cpp runs the Q4_1 weights with quantised
+    activations, transformers the dequantised fp32 weights; the mean per-token gap was
+    about 0.05 nats, so 0.25 leaves room without hiding a misaligned token.
+    """
+    hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
+    text = "A banana is yellow when it is ripe."
+    a, b = llama.score(CONV, text), hf.score(CONV, text)  # type: ignore[attr-defined]
+    assert not isinstance(a, Failed) and not isinstance(b, Failed)
+    assert a.token_ids == b.token_ids and len(a.token_ids) >= 8
+    gaps = [abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)]
+    assert sum(gaps) / len(gaps) < 0.25
+    assert all(lp <= 0 for lp in a.logprobs + b.logprobs)
+
+
+@pytest.mark.model
+def test_transformers_score_matches_an_independent_forward_pass() -> None:
+    import torch
+
+    hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
+    text = "Lemons are yellow."
+    scores = hf.score(CONV, text)
+    full = hf.tokenizer.apply_chat_template([*CONV, {"role": "assistant", "content": text}], tokenize=False)
+    ids = hf.tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    reply = hf.tokenizer(text, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i : i + len(reply)].tolist() == reply)
+    with torch.no_grad():
+        logits = hf.model(ids[None]).logits[0].double()
+    expected = [float(torch.log_softmax(logits[start + k - 1], -1)[reply[k]]) for k in range(len(reply))]
+    assert scores.token_ids == reply
+    assert scores.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.model
+def test_transformers_generation_is_seeded() -> None:
+    hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
+    params = SamplingParams(n=2, temperature=1.0, top_p=0.95, max_tokens=6)
+    first = hf.generate([CONV], params, [5])[0]
+    assert [c.text for c in first] == [c.text for c in hf.generate([CONV], params, [5])[0]]
+    assert all(c.num_tokens <= 6 for c in first)
