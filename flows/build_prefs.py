@@ -22,7 +22,7 @@ from schemas.records import PROMPTS
 from steps.base import ShardResult, StageStats, join_uri, merge_stats, shard_uri, write_table
 from steps.engines import ModelSpecError, resolve_model
 from steps.hub import push_dataset
-from steps.labeling import label_shard
+from steps.labeling import label_shard, preflight
 from steps.pairing import pair_shard
 from steps.prompts import PromptSourceError, load_prompts, source_label
 from steps.publish import publish
@@ -39,6 +39,7 @@ def prepare(
         **{"limit": limit, "sampling.seed": seed, "output.uri": output}
     )
     resolve_model(loaded.policy.model, loaded.policy.engine)
+    preflight(loaded)
     return loaded, loaded.output_uri()
 
 

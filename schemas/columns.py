@@ -45,6 +45,9 @@ MARGIN = "margin"
 CHOSEN_ID = "chosen_id"
 REJECTED_ID = "rejected_id"
 PAIR_RULE = "pair_rule"
+# Pairwise judge on the candidate pair: P(chosen wins) over both orders, and order agreement
+JUDGE_P_CHOSEN = "judge_p_chosen"
+JUDGE_SWAP_AGREE = "judge_swap_agree"
 RECIPE_HASH = "recipe_hash"
 
 

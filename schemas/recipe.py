@@ -58,8 +58,8 @@ class HFPrompts(_Strict):
 PromptsConfig = Annotated[BuiltinPrompts | FilePrompts | HFPrompts, Field(discriminator="source")]
 
 
-class PolicyConfig(_Strict):
-    """The model whose on-policy samples become the responses."""
+class ModelConfig(_Strict):
+    """A model and the engine that runs it (the policy, or a model a labeler reads)."""
 
     model: str = "smollm2-135m-instruct"
     engine: Literal["llama_cpp", "transformers"] = "llama_cpp"
@@ -68,6 +68,89 @@ class PolicyConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     n_threads: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
+    batch_tokens: int = Field(4096, ge=64, description="token budget of one scoring batch")
+
+
+# The policy is the model whose on-policy samples become the responses.
+PolicyConfig = ModelConfig
+
+
+def _scorer_model() -> ModelConfig:
+    """Labelers read models with transformers: on CPU its prefill is 2-4x llama.cpp's (DESIGN.md §3)."""
+    return ModelConfig(engine="transformers", device="auto", dtype="float32")
+
+
+DEFAULT_CRITERIA = (
+    "You are a careful, expert assistant. Answer the user's request directly and correctly, "
+    "stay on topic, give concrete and accurate details, follow every instruction in the request, "
+    "and keep the answer clear and well organised."
+)
+
+
+class Exemplar(_Strict):
+    """One worked example shown before the real prompt (customised CDR)."""
+
+    prompt: str = Field(min_length=1)
+    response: str = Field(min_length=1)
+
+
+class ContrastSide(_Strict):
+    """One side of a density ratio: a model plus what it is told before the prompt."""
+
+    model: ModelConfig = Field(default_factory=_scorer_model)
+    system_prompt: str | None = None
+    exemplar: Exemplar | None = None
+
+
+class DensityRatioLabeler(_Strict):
+    """log p_strong(y|x) - log p_weak(y|x) over response tokens (CDR, DESIGN.md §2)."""
+
+    kind: Literal["density_ratio"]
+    name: str = "density_ratio"
+    weight: float = Field(1.0, gt=0.0)
+    strong: ContrastSide = ContrastSide(system_prompt=DEFAULT_CRITERIA)
+    weak: ContrastSide = ContrastSide()
+    reduce: Literal["sum", "mean"] = "sum"
+
+    @model_validator(mode="after")
+    def _sides_differ(self) -> DensityRatioLabeler:
+        if self.strong == self.weak:
+            raise ValueError("strong and weak are identical, so every ratio would be 0")
+        return self
+
+
+class FollowUpLabeler(_Strict):
+    """Likelihood of positive minus negative follow-up user turns (FLR, DESIGN.md §2)."""
+
+    kind: Literal["follow_up"]
+    name: str = "follow_up"
+    weight: float = Field(1.0, gt=0.0)
+    model: ModelConfig = Field(default_factory=_scorer_model)
+    followups: str = Field("default", description="a set in pipelines/followups/ or a YAML path")
+    dimensions: list[str] | None = Field(None, description="only these dimensions (default: all)")
+    per_dimension: int | None = Field(None, ge=1, description="first k positive and k negative per dimension")
+
+
+class PointwiseJudgeLabeler(_Strict):
+    """An additive 0-5 rubric judged by a model (Self-Rewarding LMs)."""
+
+    kind: Literal["judge_pointwise"]
+    name: str = "judge"
+    weight: float = Field(1.0, gt=0.0)
+    model: ModelConfig = Field(default_factory=_scorer_model)
+    mode: Literal["expected", "sampled"] = "expected"
+    n: int = Field(3, ge=1, description="judgements sampled per response (mode: sampled)")
+    temperature: float = Field(0.7, gt=0.0)
+    max_tokens: int = Field(256, ge=8)
+
+
+class PairwiseJudgeLabeler(_Strict):
+    """Round-robin pairwise verdicts (both orders) fitted to per-response Bradley-Terry scores."""
+
+    kind: Literal["judge_pairwise"]
+    name: str = "pairwise"
+    weight: float = Field(1.0, gt=0.0)
+    model: ModelConfig = Field(default_factory=_scorer_model)
 
 
 class SamplingConfig(_Strict):
@@ -94,12 +177,22 @@ class BleuLabeler(_Strict):
     weight: float = Field(1.0, gt=0.0)
 
 
-LabelerConfig = Annotated[BleuLabeler, Field(discriminator="kind")]
+LabelerConfig = Annotated[
+    BleuLabeler | DensityRatioLabeler | FollowUpLabeler | PointwiseJudgeLabeler | PairwiseJudgeLabeler,
+    Field(discriminator="kind"),
+]
+
+
+class PairJudgeConfig(_Strict):
+    """Judge the chosen/rejected candidate pair in both orders after pairing."""
+
+    model: ModelConfig = Field(default_factory=_scorer_model)
 
 
 class PairingConfig(_Strict):
     rule: Literal["best_vs_worst", "best_vs_random"] = "best_vs_worst"
     min_margin: float = Field(0.0, ge=0.0, description="chosen must beat rejected by more than this")
+    judge: PairJudgeConfig | None = Field(None, description="pairwise verdict on each candidate pair")
 
 
 class OutputConfig(_Strict):

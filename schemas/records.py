@@ -78,6 +78,8 @@ _PAIR_TAIL = [
     pa.field(c.TEMPERATURE, pa.float64(), nullable=False),
     pa.field(c.TOP_P, pa.float64(), nullable=False),
     pa.field(c.MAX_TOKENS, pa.int32(), nullable=False),
+    pa.field(c.JUDGE_P_CHOSEN, pa.float64()),
+    pa.field(c.JUDGE_SWAP_AGREE, pa.bool_()),
     pa.field(c.PAIR_RULE, pa.string(), nullable=False),
     pa.field(c.RECIPE_HASH, pa.string(), nullable=False),
 ]

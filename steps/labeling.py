@@ -9,14 +9,23 @@ from __future__ import annotations
 import json
 import math
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas.recipe import BleuLabeler, LabelerConfig, Recipe
+from schemas.recipe import (
+    BleuLabeler,
+    DensityRatioLabeler,
+    FollowUpLabeler,
+    LabelerConfig,
+    ModelConfig,
+    PairwiseJudgeLabeler,
+    PointwiseJudgeLabeler,
+    Recipe,
+)
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, read_table, write_table
 from steps.bleu import BleuScorer
@@ -29,17 +38,30 @@ class Score:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def regroup(items: list[tuple[dict[str, Any], list[str]]], flat: list[Score]) -> list[list[Score]]:
+    """Split a flat list of scores (all responses of all prompts, in order) back per prompt."""
+    out, start = [], 0
+    for _, responses in items:
+        out.append(flat[start : start + len(responses)])
+        start += len(responses)
+    return out
+
+
 class Labeler(ABC):
-    """Scores all responses of one prompt at a time (references and models are per prompt)."""
+    """Scores the responses of a shard's prompts; subclasses say how, the base keeps the contract.
+
+    Reference-based labelers override ``score_prompt`` (one prompt at a time);
+    model-reading labelers override ``score_prompts`` to batch a whole shard
+    through their engine in one go.
+    """
 
     signal: str
 
-    @abstractmethod
-    def score_prompt(self, prompt: dict[str, Any], responses: list[str]) -> list[Score]: ...
+    def score_prompt(self, prompt: dict[str, Any], responses: list[str]) -> list[Score]:
+        raise NotImplementedError
 
-    def settings(self) -> dict[str, Any]:
-        """What the data card says about how this signal was computed."""
-        return {}
+    def score_prompts(self, items: list[tuple[dict[str, Any], list[str]]]) -> list[list[Score]]:
+        return [self.score_prompt(prompt, responses) for prompt, responses in items]
 
     def label(self, prompts: pa.Table, responses: pa.Table) -> tuple[pa.Table, StageStats]:
         stats = StageStats(f"label:{self.signal}", rows_in=responses.num_rows)
@@ -52,11 +74,9 @@ class Labeler(ABC):
         ):
             by_prompt.setdefault(pid, []).append((rid, text))
         rows: dict[str, list[Any]] = {name: [] for name in LABELS.names}
-        for prompt in prompts.to_pylist():
-            group = by_prompt.get(prompt[c.PROMPT_ID], [])
-            if not group:
-                continue
-            scores = self.score_prompt(prompt, [text for _, text in group])
+        items = [(p, by_prompt[p[c.PROMPT_ID]]) for p in prompts.to_pylist() if p[c.PROMPT_ID] in by_prompt]
+        all_scores = self.score_prompts([(p, [text for _, text in group]) for p, group in items])
+        for (prompt, group), scores in zip(items, all_scores, strict=True):
             if len(scores) != len(group):
                 raise RuntimeError(f"labeler {self.signal} returned {len(scores)} scores for {len(group)}")
             for (rid, _), score in zip(group, scores, strict=True):
@@ -85,9 +105,6 @@ class BleuLabel(Labeler):
         self.signal = config.name
         self.variant = config.variant
 
-    def settings(self) -> dict[str, Any]:
-        return {"kind": "bleu", "variant": self.variant, "max_order": 4, "scale": "0-100"}
-
     def score_prompt(self, prompt: dict[str, Any], responses: list[str]) -> list[Score]:
         references = prompt[c.REFERENCES] or []
         if not references:
@@ -97,9 +114,53 @@ class BleuLabel(Labeler):
 
 
 def build_labeler(config: LabelerConfig) -> Labeler:
+    """The labeler for a config; model-reading ones load their engine here (once per process)."""
+    from steps import density_ratio, follow_up, judges
+
     if isinstance(config, BleuLabeler):
         return BleuLabel(config)
+    if isinstance(config, DensityRatioLabeler):
+        return density_ratio.DensityRatio(config)
+    if isinstance(config, FollowUpLabeler):
+        return follow_up.FollowUp(config)
+    if isinstance(config, PointwiseJudgeLabeler):
+        return judges.PointwiseJudge(config)
+    if isinstance(config, PairwiseJudgeLabeler):
+        return judges.PairwiseJudge(config)
     raise ValueError(f"unknown labeler kind {config.kind!r}")
+
+
+def labeler_settings(config: LabelerConfig) -> dict[str, Any]:
+    """What the card says about a labeler, without loading its model."""
+    data = config.model_dump(mode="json", exclude={"name"})
+    if isinstance(config, FollowUpLabeler):
+        from steps.follow_up import load_followups
+
+        sets = load_followups(config)
+        data["followups_used"] = sum(len(d.positive) + len(d.negative) for d in sets.values())
+    return data
+
+
+def preflight(recipe: Recipe) -> None:
+    """Everything a labeler needs that can be checked without loading a model."""
+    from steps.engines import resolve_model
+    from steps.follow_up import load_followups
+
+    for config in recipe.labelers:
+        if isinstance(config, FollowUpLabeler):
+            load_followups(config)
+        for model in models_of(config):
+            resolve_model(model.model, model.engine)
+    if recipe.pairing.judge is not None:
+        resolve_model(recipe.pairing.judge.model.model, recipe.pairing.judge.model.engine)
+
+
+def models_of(config: LabelerConfig) -> list[ModelConfig]:
+    if isinstance(config, DensityRatioLabeler):
+        return [config.strong.model, config.weak.model]
+    if isinstance(config, FollowUpLabeler | PointwiseJudgeLabeler | PairwiseJudgeLabeler):
+        return [config.model]
+    return []
 
 
 def label_shard(recipe: Recipe, prompts_uri: str, responses_uri: str, out_uri: str) -> ShardResult:

@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas.recipe import Recipe
+from schemas.recipe import ModelConfig, Recipe
 from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_schema
 from steps.base import ShardResult, StageStats, read_table, write_table
 from steps.engines import derive_seed
@@ -52,6 +52,40 @@ def aggregate_scores(labels: pa.Table, weights: dict[str, float]) -> pl.DataFram
     denominator = pl.sum_horizontal(total_weight)
     agg = pl.when(denominator > 0).then(numerator / denominator).otherwise(None)
     return wide.with_columns(agg.alias(AGG))
+
+
+def zero_variance_counts(scores: pl.DataFrame, signals: list[str]) -> dict[str, int]:
+    """Per signal, how many prompts it could not rank (all its scores equal): it contributed 0 there."""
+    per_prompt = scores.group_by(c.PROMPT_ID).agg(
+        [(pl.col(s).drop_nulls().n_unique() == 1).alias(s) for s in signals]
+    )
+    return {s: int(per_prompt.get_column(s).sum()) for s in signals}
+
+
+def judge_candidates(table: pa.Table, model: ModelConfig, stats: StageStats) -> pa.Table:
+    """Fill the judge columns of each pair: both orders, P(chosen wins), agreement of the orders."""
+    from steps.judges import PairJudge, Verdict
+
+    if table.num_rows == 0:
+        return table
+    jobs = [
+        (row[c.PROMPT], row[c.CHOSEN][0][c.CONTENT], row[c.REJECTED][0][c.CONTENT])
+        for row in table.select([c.PROMPT, c.CHOSEN, c.REJECTED]).to_pylist()
+    ]
+    verdicts = PairJudge(model).judge(jobs)
+    p_chosen = [v.p_first if isinstance(v, Verdict) else None for v in verdicts]
+    agree = [v.swap_agree if isinstance(v, Verdict) else None for v in verdicts]
+    for v in verdicts:
+        if not isinstance(v, Verdict):
+            stats.counts[f"pair_judge_failed:{v.reason}"] += 1  # the pair is kept, its verdict is null
+    stats.counts["pair_judge_swap_disagree"] = sum(1 for a in agree if a is False)
+    stats.counts["pair_judge_prefers_rejected"] = sum(1 for p in p_chosen if p is not None and p < 0.5)
+    table = table.set_column(
+        table.schema.get_field_index(c.JUDGE_P_CHOSEN), c.JUDGE_P_CHOSEN, pa.array(p_chosen, pa.float64())
+    )
+    return table.set_column(
+        table.schema.get_field_index(c.JUDGE_SWAP_AGREE), c.JUDGE_SWAP_AGREE, pa.array(agree, pa.bool_())
+    )
 
 
 def _conversation(texts: pa.Array) -> pa.Array:
@@ -144,6 +178,9 @@ def make_pairs(
     for pid, reason in reasons.head(50).iter_rows():
         stats.examples.setdefault(reason, f"prompt {pid}")
     stats.counts["prompts_with_responses"] = resp.get_column(c.PROMPT_ID).n_unique()
+    if len(weights) > 1:
+        for signal, count in zero_variance_counts(scores, list(weights)).items():
+            stats.counts[f"zero_variance:{signal}"] = count
 
     table = _pairs_table(prompts, picked, recipe)
     stats.rows_out = table.num_rows
@@ -178,6 +215,8 @@ def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.
     for name in (c.POLICY_MODEL, c.ENGINE, c.TEMPERATURE, c.TOP_P, c.MAX_TOKENS):
         out[name] = ordered.get_column(name).to_arrow()
     n = ordered.height
+    out[c.JUDGE_P_CHOSEN] = pa.nulls(n, pa.float64())
+    out[c.JUDGE_SWAP_AGREE] = pa.nulls(n, pa.bool_())
     out[c.PAIR_RULE] = pa.array([recipe.pairing.rule] * n, pa.string())
     out[c.RECIPE_HASH] = pa.array([recipe.fingerprint()] * n, pa.string())
     schema = pairs_schema(signals)
@@ -194,6 +233,8 @@ def pair_shard(
         read_table(labels_uri, LABELS),
         recipe,
     )
+    if recipe.pairing.judge is not None:
+        table = judge_candidates(table, recipe.pairing.judge.model, stats)
     write_table(table, out_uri, pairs_schema(recipe.signals), what="pairs")
     stats.seconds = time.perf_counter() - start
     return ShardResult(out_uri, table.num_rows, stats)

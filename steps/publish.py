@@ -7,7 +7,7 @@ from typing import Any
 from schemas.recipe import Recipe
 from steps.card import render_card, write_card
 from steps.engines import resolve_model
-from steps.labeling import build_labeler
+from steps.labeling import labeler_settings
 from steps.writer import begin_publication, score_summary, write_manifest, write_split
 
 
@@ -21,7 +21,7 @@ def publish(recipe: Recipe, output: str, pair_uris: list[str], stats: dict[str, 
         "model_id": resolve_model(recipe.policy.model, recipe.policy.engine).model_id,
         "engine": recipe.policy.engine,
     }
-    labelers = {cfg.name: build_labeler(cfg).settings() for cfg in recipe.labelers}
+    labelers = {cfg.name: labeler_settings(cfg) for cfg in recipe.labelers}
     card = render_card(recipe, {"train": files}, stats, scores, sample, engine, labelers)
     write_card(output, card)
     return write_manifest(output, {"train": files}, recipe, stats)

@@ -76,13 +76,19 @@ def build(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, prefect_env: dict[str, str],
-         prefect_server: str) -> dict[str, object]:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, prefect_env: dict[str, str], prefect_server: str
+) -> dict[str, object]:
     base = tmp_path_factory.mktemp("e2e")
     ephemeral = build(base / "a", prefect_env)
     served = build(base / "b", {**prefect_env, "PREFECT_API_URL": prefect_server})
-    return {"a": base / "a", "b": base / "b", "log_a": ephemeral.stdout + ephemeral.stderr,
-            "log_b": served.stdout + served.stderr, "api": prefect_server}
+    return {
+        "a": base / "a",
+        "b": base / "b",
+        "log_a": ephemeral.stdout + ephemeral.stderr,
+        "log_b": served.stdout + served.stderr,
+        "api": prefect_server,
+    }
 
 
 def test_output_layout_and_loading(runs: dict[str, object]) -> None:
@@ -150,15 +156,33 @@ def test_trl_dpo_trainer_consumes_rows_unchanged(runs: dict[str, object], tmp_pa
     from steps.engines import resolve_model
     from steps.engines.transformers_engine import materialise
 
-    tokenizer = AutoTokenizer.from_pretrained(materialise(resolve_model("smollm2-135m-instruct", "transformers")))
+    tokenizer = AutoTokenizer.from_pretrained(
+        materialise(resolve_model("smollm2-135m-instruct", "transformers"))
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+    )
     model = LlamaForCausalLM(config)
     ds = datasets.load_dataset(str(runs["a"]), split="train")
-    args = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
-                     use_cpu=True, save_strategy="no", max_length=256, logging_steps=1)
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds,
-                         processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        max_length=256,
+        logging_steps=1,
+    )
+    trainer = DPOTrainer(
+        model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=ds, processing_class=tokenizer
+    )
     result = trainer.train()
     assert result.global_step == 1 and result.training_loss == pytest.approx(0.6931, abs=0.05)

@@ -61,8 +61,12 @@ def test_push_is_one_commit_of_exactly_the_manifest_files(dataset_dir: Path) -> 
     commit = client.commits[0]
     assert commit["private"] is True
     paths = sorted(f.path_in_repo for f in commit["files"])
-    assert paths == ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
-                     "manifest.json"]
+    assert paths == [
+        "README.md",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "manifest.json",
+    ]
     readme = next(f for f in commit["files"] if f.path_in_repo == "README.md")
     assert readme.data == (dataset_dir / "README.md").read_bytes()
 
@@ -88,8 +92,9 @@ def test_real_client_calls_bind_to_huggingface_hub_signatures(dataset_dir: Path)
     assert "token" not in create_repo and "token" not in create_commit
 
 
-def test_token_never_written_anywhere(dataset_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_token_never_written_anywhere(
+    dataset_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     secret = "hf_FAKEtoken1234567890abcdef"
     monkeypatch.setenv("HF_TOKEN", secret)
     client = RecordingClient()

@@ -25,7 +25,15 @@ from tests.test_sampling import prompts_table
 STATS = {
     "prompts": {"source": "test"},
     "stages": {
-        name: {"stage": name, "rows_in": 1, "rows_out": 1, "drops": {}, "counts": {}, "examples": {}, "seconds": 0.0}
+        name: {
+            "stage": name,
+            "rows_in": 1,
+            "rows_out": 1,
+            "drops": {},
+            "counts": {},
+            "examples": {},
+            "seconds": 0.0,
+        }
         for name in ("prompts", "sampling", "labeling", "pairing")
     },
 }
@@ -78,7 +86,9 @@ def test_zero_pairs_still_publishes_a_loadable_empty_dataset(tmp_path: Path) -> 
     assert "No pairs were produced" in (out / "README.md").read_text()
 
 
-def test_crash_mid_write_leaves_no_manifest_and_stale_shards_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_mid_write_leaves_no_manifest_and_stale_shards_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recipe = make_recipe(output={"rows_per_shard": 1})
     out = tmp_path / "out"
     uris = pair_shards(tmp_path, recipe, [["a", "b", "c"]])

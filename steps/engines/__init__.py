@@ -12,13 +12,16 @@ import atexit
 import threading
 from typing import Any
 
-from schemas.recipe import PolicyConfig
+from schemas.recipe import ModelConfig
 from steps.engines.base import (
+    Chooser,
     Completion,
     Failed,
     Generator,
+    OptionRequest,
     SamplingParams,
     Scorer,
+    ScoreRequest,
     TokenScores,
     derive_seed,
     sample_seed,
@@ -26,12 +29,15 @@ from steps.engines.base import (
 from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
 
 __all__ = [
+    "Chooser",
     "Completion",
     "Failed",
     "Generator",
     "ModelSpecError",
+    "OptionRequest",
     "ResolvedModel",
     "SamplingParams",
+    "ScoreRequest",
     "Scorer",
     "TokenScores",
     "derive_seed",
@@ -44,9 +50,18 @@ _ENGINES: dict[tuple[Any, ...], Any] = {}
 _LOCK = threading.Lock()
 
 
-def load_engine(policy: PolicyConfig) -> Any:
+def load_engine(policy: ModelConfig) -> Any:
     """The engine for ``policy``, loaded on first use and reused afterwards."""
-    key = (policy.model, policy.engine, policy.n_ctx, policy.device, policy.dtype, policy.n_threads)
+    key = (
+        policy.model,
+        policy.engine,
+        policy.n_ctx,
+        policy.device,
+        policy.dtype,
+        policy.n_threads,
+        policy.trust_remote_code,
+        policy.batch_tokens,
+    )
     with _LOCK:
         if key not in _ENGINES:
             resolved = resolve_model(policy.model, policy.engine)
@@ -58,7 +73,7 @@ def load_engine(policy: PolicyConfig) -> Any:
                 from steps.engines.transformers_engine import TransformersEngine
 
                 _ENGINES[key] = TransformersEngine(
-                    resolved, policy.device, policy.dtype, policy.trust_remote_code
+                    resolved, policy.device, policy.dtype, policy.trust_remote_code, policy.batch_tokens
                 )
         return _ENGINES[key]
 

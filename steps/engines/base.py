@@ -68,9 +68,36 @@ class Generator(Protocol):
     ) -> list[list[Completion] | Failed]: ...
 
 
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score ``continuation`` as the next ``role`` turn after ``context``."""
+
+    context: Conversation
+    continuation: str
+    role: Literal["assistant", "user"] = "assistant"
+
+
+@dataclass(frozen=True)
+class OptionRequest:
+    """Which of ``options`` comes next after the assistant has started with ``prefill``."""
+
+    context: Conversation
+    prefill: str
+    options: tuple[str, ...]
+
+
 @runtime_checkable
 class Scorer(Protocol):
-    def score(self, context: Conversation, continuation: str) -> TokenScores | Failed: ...
+    """Log-probs of given continuations; requests sharing a context share its computation."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]: ...
+
+
+@runtime_checkable
+class Chooser(Protocol):
+    """Log-probs of single-token options at one position: verdicts and ratings without parsing."""
+
+    def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]: ...
 
 
 def derive_seed(*parts: object) -> int:
@@ -115,6 +142,15 @@ def render_chat(
         eos_token=eos_token,
         **extra,
     )
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def continuation_span(prefix_ids: Sequence[int], full_ids: Sequence[int]) -> tuple[int, int] | None:

@@ -11,8 +11,9 @@ from steps.engines.base import (
     Conversation,
     Failed,
     SamplingParams,
+    ScoreRequest,
     TokenScores,
-    continuation_span,
+    common_prefix,
     render_chat,
     sample_seed,
 )
@@ -125,29 +126,46 @@ class LlamaCppEngine:
             )
         return self._scorer
 
-    def score(self, context: Conversation, continuation: str) -> TokenScores | Failed:
+    def _is_special(self, token: int) -> bool:
+        return self._llm.detokenize([token], special=False) == b"" and bool(self._token_text(token))
+
+    def _header(self, context: Conversation, role: str) -> list[int]:
+        a = self._tokenize([*context, {"role": role, "content": "x"}], False)
+        b = self._tokenize([*context, {"role": role, "content": "y"}], False)
+        return a[: common_prefix(a, b)]
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
+        """One request at a time; consecutive requests with the same context reuse its KV cache."""
         import numpy as np
 
-        prefix = self._tokenize(context, add_generation_prompt=True)
-        full = self._tokenize([*context, {"role": "assistant", "content": continuation}], False)
-        span = continuation_span(prefix, full)
-        if span is None:
-            return Failed("template_boundary", "chat template changes earlier tokens when a reply is added")
-        start, end = span
-        # Content ends at the first special token (end of turn) the template appends.
-        for pos in range(start, end):
-            if self._llm.detokenize([full[pos]], special=False) == b"" and self._token_text(full[pos]):
-                end = pos
-                break
-        if len(full) > self._n_ctx:
-            return Failed("too_long", f"{len(full)} tokens exceed context {self._n_ctx}")
         llm = self._scoring_model()
         llm.reset()
-        llm.eval(full[:end])
-        logits = np.asarray(llm.scores[:end], dtype=np.float64)
-        ids = full[start:end]
-        rows = logits[start - 1 : end - 1]
-        top = rows.max(axis=1, keepdims=True)
-        logz = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
-        logprobs = rows[np.arange(len(ids)), ids] - logz
-        return TokenScores(list(ids), [float(x) for x in logprobs])
+        results: list[TokenScores | Failed] = []
+        for request in requests:
+            header = self._header(request.context, request.role)
+            turn = {"role": request.role, "content": request.continuation}
+            full = self._tokenize([*request.context, turn], False)
+            if full[: len(header)] != header:
+                results.append(Failed("template_boundary", "chat template changes earlier tokens"))
+                continue
+            end = len(header)
+            while end < len(full) and not self._is_special(full[end]):
+                end += 1
+            if end > self._n_ctx:
+                results.append(Failed("too_long", f"{end} tokens exceed context {self._n_ctx}"))
+                continue
+            if end == len(header):
+                results.append(Failed("empty_continuation", "nothing to score"))
+                continue
+            # Keep whatever prefix of the cache is still valid (llama.cpp truncates the rest).
+            keep = common_prefix(list(llm.input_ids[: llm.n_tokens]), full[:end])
+            keep = min(keep, len(header))
+            llm.n_tokens = keep
+            llm.eval(full[keep:end])
+            logits = np.asarray(llm.scores[len(header) - 1 : end - 1], dtype=np.float64)
+            ids = full[len(header) : end]
+            top = logits.max(axis=1, keepdims=True)
+            logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+            logprobs = logits[np.arange(len(ids)), ids] - logz
+            results.append(TokenScores(list(ids), [float(x) for x in logprobs]))
+        return results

@@ -1,0 +1,77 @@
+"""Density ratio (CDR): how much more a "strong" reader likes a response than a "weak" one.
+
+score = Σ log p_strong(y_t | x, y_<t) − Σ log p_weak(y_t | x, y_<t) over the
+response's content tokens only (no prompt, template or end-of-turn tokens),
+optionally divided by the token count. Each side is a model plus what it is
+told first (a criteria system prompt, an exemplar). On the CPU default both
+sides are the same small model, once with criteria and once without: one model
+loaded once, two contexts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas import columns as c
+from schemas.recipe import ContrastSide, DensityRatioLabeler
+from steps.engines import Failed, ScoreRequest, load_engine
+from steps.engines.base import Message
+from steps.labeling import Labeler, Score, regroup
+
+
+def side_context(side: ContrastSide, messages: list[Message]) -> list[Message]:
+    """The prompt as one side sees it: criteria merged into (or added as) the system turn, exemplar next."""
+    messages = [dict(m) for m in messages]
+    head: list[Message] = []
+    if messages and messages[0][c.ROLE] == "system":
+        head = [messages.pop(0)]
+    if side.system_prompt:
+        if head:
+            head[0][c.CONTENT] = f"{side.system_prompt}\n\n{head[0][c.CONTENT]}"
+        else:
+            head = [{c.ROLE: "system", c.CONTENT: side.system_prompt}]
+    if side.exemplar:
+        head += [
+            {c.ROLE: "user", c.CONTENT: side.exemplar.prompt},
+            {c.ROLE: "assistant", c.CONTENT: side.exemplar.response},
+        ]
+    return head + messages
+
+
+class DensityRatio(Labeler):
+    def __init__(self, config: DensityRatioLabeler) -> None:
+        self.signal = config.name
+        self.config = config
+        self.strong = load_engine(config.strong.model)
+        self.weak = load_engine(config.weak.model)  # the same object when both sides share a model
+
+    def score_prompts(self, items: list[tuple[dict[str, Any], list[str]]]) -> list[list[Score]]:
+        strong_requests, weak_requests = [], []
+        for prompt, responses in items:
+            strong_ctx = side_context(self.config.strong, prompt[c.MESSAGES])
+            weak_ctx = side_context(self.config.weak, prompt[c.MESSAGES])
+            strong_requests += [ScoreRequest(strong_ctx, text) for text in responses]
+            weak_requests += [ScoreRequest(weak_ctx, text) for text in responses]
+        if self.strong is self.weak:
+            both = self.strong.score(strong_requests + weak_requests)
+            strong, weak = both[: len(strong_requests)], both[len(strong_requests) :]
+        else:
+            strong, weak = self.strong.score(strong_requests), self.weak.score(weak_requests)
+        flat = [self._score(s, w) for s, w in zip(strong, weak, strict=True)]
+        return regroup(items, flat)
+
+    def _score(self, strong: Any, weak: Any) -> Score:
+        for side in (strong, weak):
+            if isinstance(side, Failed):
+                reason = "empty_response" if side.reason == "empty_continuation" else side.reason
+                return Score(None, reason)
+        ratio = strong.total - weak.total
+        tokens = len(strong.logprobs)
+        value = ratio if self.config.reduce == "sum" else ratio / max(1, tokens)
+        details = {
+            "strong_logp": strong.total,
+            "weak_logp": weak.total,
+            "tokens": tokens,
+            "mean_ratio": ratio / max(1, tokens),
+        }
+        return Score(value, details=details)
