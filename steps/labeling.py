@@ -130,9 +130,24 @@ def build_labeler(config: LabelerConfig) -> Labeler:
     raise ValueError(f"unknown labeler kind {config.kind!r}")
 
 
+_CARD_SKIP = {"n_ctx", "n_threads", "batch_tokens", "trust_remote_code", "device"}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _CARD_SKIP:
+            continue
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif value is not None:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def labeler_settings(config: LabelerConfig) -> dict[str, Any]:
-    """What the card says about a labeler, without loading its model."""
-    data = config.model_dump(mode="json", exclude={"name"})
+    """What the card says about a labeler (flat ``key=value`` pairs), without loading its model."""
+    data = _flatten(config.model_dump(mode="json", exclude={"name"}))
     if isinstance(config, FollowUpLabeler):
         from steps.follow_up import load_followups
 

@@ -8,7 +8,7 @@ import pytest
 from jinja2.exceptions import SecurityError
 
 from schemas.recipe import PolicyConfig
-from steps.engines import Failed, SamplingParams, load_engine, resolve_model
+from steps.engines import Failed, SamplingParams, ScoreRequest, load_engine, resolve_model
 from steps.engines.base import continuation_span, derive_seed, render_chat, sample_seed
 from steps.engines.models import SMOLLM2_ALIAS, ModelSpecError
 
@@ -107,16 +107,22 @@ def test_llama_cpp_and_transformers_score_the_same_tokens(llama: object) -> None
 
     Tolerance measured on this model: llama.cpp runs the Q4_1 weights with quantised
     activations, transformers the dequantised fp32 weights; the mean per-token gap was
-    about 0.05 nats, so 0.25 leaves room without hiding a misaligned token.
+    about 0.05 nats (0.04-0.09 over several replies and follow-ups), so 0.25 leaves room
+    without hiding a misaligned token. Follow-up turns (role user) align the same way.
     """
     hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
     text = "A banana is yellow when it is ripe."
-    a, b = llama.score(CONV, text), hf.score(CONV, text)  # type: ignore[attr-defined]
+    [a], [b] = llama.score([ScoreRequest(CONV, text)]), hf.score([ScoreRequest(CONV, text)])  # type: ignore[attr-defined]
     assert not isinstance(a, Failed) and not isinstance(b, Failed)
     assert a.token_ids == b.token_ids and len(a.token_ids) >= 8
     gaps = [abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)]
     assert sum(gaps) / len(gaps) < 0.25
     assert all(lp <= 0 for lp in a.logprobs + b.logprobs)
+    context = [*CONV, {"role": "assistant", "content": text}]
+    followups = [ScoreRequest(context, f, "user") for f in ("Thanks, that helps.", "That is wrong.")]
+    for x, y in zip(llama.score(followups), hf.score(followups), strict=True):  # type: ignore[attr-defined]
+        assert x.token_ids == y.token_ids
+        assert sum(abs(p - q) for p, q in zip(x.logprobs, y.logprobs, strict=True)) / len(x.logprobs) < 0.25
 
 
 @pytest.mark.model
@@ -125,7 +131,7 @@ def test_transformers_score_matches_an_independent_forward_pass() -> None:
 
     hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
     text = "Lemons are yellow."
-    scores = hf.score(CONV, text)
+    [scores] = hf.score([ScoreRequest(CONV, text)])
     full = hf.tokenizer.apply_chat_template([*CONV, {"role": "assistant", "content": text}], tokenize=False)
     ids = hf.tokenizer(full, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     reply = hf.tokenizer(text, add_special_tokens=False)["input_ids"]

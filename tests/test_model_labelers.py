@@ -300,3 +300,14 @@ def test_real_judge_reads_option_probabilities(hf: Any) -> None:
     assert isinstance(bad, Failed) and bad.reason == "option_not_single_token"
     [verdict] = judges.judge_pairs(hf, [(CONV, REPLIES[0], REPLIES[2])])
     assert isinstance(verdict, judges.Verdict) and 0.0 <= verdict.p_first <= 1.0
+
+
+@pytest.mark.model
+def test_option_logprobs_batched_equals_one_at_a_time(hf: Any) -> None:
+    requests = [
+        OptionRequest(judges.pointwise_prompt(CONV, r), "Score: ", judges.SCORE_OPTIONS) for r in REPLIES
+    ]
+    together = hf.option_logprobs(requests)
+    for request, batched in zip(requests, together, strict=True):
+        [alone] = hf.option_logprobs([request])
+        assert batched == pytest.approx(alone, abs=1e-3)

@@ -270,38 +270,52 @@ class TransformersEngine:
         return [scores[i] for i, _ in group]
 
     def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
-        """Next-token log-probs of each option after the assistant's ``prefill``.
+        """Next-token log-probs of each option after the assistant's ``prefill``, batched by length.
 
         Each option must add exactly one token to the prefill; otherwise the
         request fails (a multi-token option has no single probability to read).
         """
         import torch
 
-        results: list[dict[str, float] | Failed] = []
-        for request in requests:
-            header = self._header(request.context, "assistant")
-            base = self.tokenizer(request.prefill, add_special_tokens=False)["input_ids"]
-            option_ids = {}
-            for option in request.options:
-                ids = self.tokenizer(request.prefill + option, add_special_tokens=False)["input_ids"]
-                if ids[: len(base)] != base or len(ids) != len(base) + 1:
-                    option_ids = None
-                    break
-                option_ids[option] = ids[-1]
-            if option_ids is None:
-                results.append(Failed("option_not_single_token", f"options {request.options} after prefill"))
+        results: list[dict[str, float] | Failed | None] = [None] * len(requests)
+        ready: list[tuple[int, _Tokenized]] = []
+        options: dict[int, dict[str, int]] = {}
+        for i, request in enumerate(requests):
+            prepared = self._option_ids(request)
+            if isinstance(prepared, Failed):
+                results[i] = prepared
                 continue
-            seq = list(header) + list(base)
-            if len(seq) > self.n_ctx:
-                results.append(Failed("too_long", f"{len(seq)} tokens exceed context {self.n_ctx}"))
-                continue
+            seq, options[i] = prepared
+            ready.append((i, _Tokenized(tuple(seq), [])))
+        for batch in self._batches(ready, lambda t: len(t.prefix)):
+            width = max(len(t.prefix) for _, t in batch)
+            ids = torch.full((len(batch), width), self._pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (_, t) in enumerate(batch):
+                ids[row, : len(t.prefix)] = torch.tensor(t.prefix)
+                mask[row, : len(t.prefix)] = 1
             with torch.inference_mode():
-                ids_t = torch.tensor([seq], device=self.device)
-                hidden = self._hidden(ids_t, torch.ones_like(ids_t)).last_hidden_state[:, -1]
-                logits = self.model.get_output_embeddings()(hidden).float()
-                logprobs = torch.log_softmax(logits, dim=-1)[0]
-            results.append({option: float(logprobs[tid]) for option, tid in option_ids.items()})
-        return results
+                hidden = self._hidden(ids.to(self.device), mask.to(self.device)).last_hidden_state
+                last = hidden[list(range(len(batch))), [len(t.prefix) - 1 for _, t in batch]]
+                logits = self.model.get_output_embeddings()(last).float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+            for row, (i, _) in enumerate(batch):
+                results[i] = {option: float(logprobs[row, tid]) for option, tid in options[i].items()}
+        return [r if r is not None else Failed("internal", "request not scored") for r in results]
+
+    def _option_ids(self, request: OptionRequest) -> tuple[list[int], dict[str, int]] | Failed:
+        header = self._header(request.context, "assistant")
+        base = self.tokenizer(request.prefill, add_special_tokens=False)["input_ids"]
+        option_ids = {}
+        for option in request.options:
+            ids = self.tokenizer(request.prefill + option, add_special_tokens=False)["input_ids"]
+            if ids[: len(base)] != base or len(ids) != len(base) + 1:
+                return Failed("option_not_single_token", f"option {option!r} after {request.prefill!r}")
+            option_ids[option] = ids[-1]
+        seq = list(header) + list(base)
+        if len(seq) > self.n_ctx:
+            return Failed("too_long", f"{len(seq)} tokens exceed context {self.n_ctx}")
+        return seq, option_ids
 
     # ------------------------------------------------------------ sampling
 

@@ -1,0 +1,264 @@
+"""``python -m flows.eval_labelers``: how often does each labeler agree with human preference pairs?
+
+A labeler is only worth its compute if it picks the response people pick. This
+tool feeds human-labelled pairs through the very code the pipeline uses
+(``build_labeler`` → ``Labeler.label`` → ``aggregate_scores``), so the number
+measured is the number the pipeline gets, and sets each one against the
+"longer wins" baseline that BLEUBERI reports at 65% (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from schemas import columns as c
+from schemas.recipe import Recipe, RecipeError, load_recipe
+from schemas.records import PROMPTS, RESPONSES
+from steps.engines import derive_seed
+from steps.labeling import build_labeler
+from steps.pairing import AGG, aggregate_scores
+from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
+
+N_RESAMPLES = 2000
+OUTPUT_DIR = Path("outputs") / "eval_labelers"
+
+
+class PairsFileError(ValueError):
+    """The pairs file cannot be read; the message names the line."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    pid: str
+    messages: list[dict[str, str]]
+    references: list[str]
+    chosen: str
+    rejected: str
+    line: int
+
+
+def chosen_first(pid: str, seed: int) -> bool:
+    """Seeded coin flip per pair: labelers that break ties by order must not see the human choice first.
+
+    Keyed on the pair id (not its position) so ``--limit`` leaves every flip unchanged.
+    """
+    return derive_seed("eval-flip", seed, pid) % 2 == 0
+
+
+def _parse_pair(record: Any, line: int, seen: set[str]) -> Pair:
+    if not isinstance(record, dict):
+        raise InvalidRow("not_an_object", f"line {line}: expected a JSON object")
+    for side in (c.CHOSEN, c.REJECTED):
+        if not isinstance(record.get(side), str):
+            raise InvalidRow("invalid_response", f"line {line}: {side!r} must be a string")
+    messages = normalise_messages(record.get(c.PROMPT))
+    # A pair id is unique by contract, but one prompt often has several pairs: hashing the prompt
+    # alone would merge them into one group and let z-scores mix responses of different pairs.
+    pid = str(record.get("id") or prompt_id(messages))
+    if pid in seen:
+        pid = f"{pid}@{line}"
+    references = normalise_references(record.get("reference"))
+    return Pair(pid, messages, references, record[c.CHOSEN], record[c.REJECTED], line)
+
+
+def read_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], Counter[str]]:
+    """The first ``limit`` usable pairs, plus skip counts by reason; only unparsable JSON is fatal."""
+    pairs: list[Pair] = []
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    with path.open("rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            if limit is not None and len(pairs) >= limit:
+                break
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise PairsFileError(f"{path} line {line}: not valid UTF-8 ({exc.reason})") from None
+            except json.JSONDecodeError as exc:
+                raise PairsFileError(f"{path} line {line}: invalid JSON ({exc.msg})") from None
+            try:
+                pair = _parse_pair(record, line, seen)
+            except InvalidRow as exc:
+                skipped[exc.reason] += 1
+                continue
+            seen.add(pair.pid)
+            pairs.append(pair)
+    return pairs, skipped
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def build_tables(
+    pairs: list[Pair], source: str, seed: int
+) -> tuple[pa.Table, pa.Table, list[tuple[str, str]]]:
+    """PROMPTS and RESPONSES shaped like the pipeline's, plus each pair's (chosen, rejected) response ids."""
+    prompts: dict[str, list[Any]] = {name: [] for name in PROMPTS.names}
+    responses: dict[str, list[Any]] = {name: [] for name in RESPONSES.names}
+    sides: list[tuple[str, str]] = []
+    for pair in pairs:
+        prompt = {
+            c.PROMPT_ID: pair.pid, c.MESSAGES: pair.messages, c.REFERENCES: pair.references,
+            c.SOURCE: source, c.SOURCE_ROW: pair.line,
+        }  # fmt: skip
+        for name, value in prompt.items():
+            prompts[name].append(value)
+        first = chosen_first(pair.pid, seed)
+        ids = (f"{pair.pid}:0", f"{pair.pid}:1")
+        sides.append(ids if first else (ids[1], ids[0]))
+        prompt_tokens = sum(_words(m[c.CONTENT]) for m in pair.messages)
+        for index, text in enumerate((pair.chosen, pair.rejected) if first else (pair.rejected, pair.chosen)):
+            row = {
+                c.PROMPT_ID: pair.pid, c.RESPONSE_ID: ids[index], c.SAMPLE_INDEX: index, c.TEXT: text,
+                c.FINISH_REASON: "stop", c.TRUNCATED: False, c.IS_EMPTY: not text.strip(),
+                c.NUM_TOKENS: _words(text), c.PROMPT_TOKENS: prompt_tokens, c.POLICY_MODEL: "human-pairs",
+                c.ENGINE: "none", c.TEMPERATURE: 0.0, c.TOP_P: 1.0, c.MAX_TOKENS: _words(text), c.SEED: 0,
+            }  # fmt: skip
+            for name, value in row.items():
+                responses[name].append(value)
+    return (
+        pa.Table.from_pydict(prompts, schema=PROMPTS),
+        pa.Table.from_pydict(responses, schema=RESPONSES),
+        sides,
+    )
+
+
+def outcomes(chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+    """+1 agree, -1 disagree, 0 tie; a missing score (NaN) is a tie because the labeler did not decide."""
+    return np.nan_to_num(np.sign(chosen - rejected), nan=0.0).astype(np.int8)
+
+
+def bootstrap_ci(agree: np.ndarray, seed: int) -> tuple[float, float]:
+    """Percentile 95% interval of accuracy over resampled pairs.
+
+    Every row gets a fresh Generator from the same seed, so all labelers are judged on the same
+    resamples and their intervals are comparable. Resamples go in chunks so memory stays bounded.
+    """
+    rng, n = np.random.default_rng(seed), len(agree)
+    chunk = max(1, 4_000_000 // n)
+    means = [
+        agree[rng.integers(0, n, size=(min(chunk, N_RESAMPLES - done), n))].mean(axis=1)
+        for done in range(0, N_RESAMPLES, chunk)
+    ]
+    low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarise(name: str, outcome: np.ndarray, seed: int, seconds: float | None = None) -> dict[str, Any]:
+    """Ties count against accuracy (an undecided labeler gives the pipeline no pair), hence both rates."""
+    agree, disagree = int((outcome > 0).sum()), int((outcome < 0).sum())
+    n = len(outcome)
+    low, high = bootstrap_ci((outcome > 0).astype(np.float64), seed)
+    decided = agree + disagree
+    return {
+        "labeler": name, "n": n, "agree": agree, "disagree": disagree, "tie": n - decided,
+        "accuracy": agree / n, "ci_low": low, "ci_high": high,
+        "accuracy_decided": agree / decided if decided else None,
+        "seconds": None if seconds is None else round(seconds, 3),
+    }  # fmt: skip
+
+
+def _side_scores(scores: dict[str, float | None], sides: list[tuple[str, str]]) -> np.ndarray:
+    """(chosen, rejected) score per pair; a response with no label row counts as unscored."""
+    values = [[scores.get(rid) for rid in ids] for ids in sides]
+    return np.array(values, dtype=np.float64).T  # None becomes NaN
+
+
+def evaluate(recipe: Recipe, pairs: list[Pair], source: str, seed: int) -> list[dict[str, Any]]:
+    """One row per labeler, then the aggregate, then the length baseline."""
+    prompts, responses, sides = build_tables(pairs, source, seed)
+    rows, tables = [], []
+    for config in recipe.labelers:
+        start = time.perf_counter()
+        # Model labelers batch across the whole table, so each labels everything in one call.
+        labels, _ = build_labeler(config).label(prompts, responses)
+        seconds = time.perf_counter() - start
+        tables.append(labels)
+        scores = dict(zip(labels[c.RESPONSE_ID].to_pylist(), labels[c.SCORE].to_pylist(), strict=True))
+        rows.append(summarise(config.name, outcomes(*_side_scores(scores, sides)), seed, seconds))
+    weights = {config.name: config.weight for config in recipe.labelers}
+    frame = aggregate_scores(pa.concat_tables(tables), weights)
+    aggregate = dict(zip(frame[c.RESPONSE_ID].to_list(), frame[AGG].to_list(), strict=True))
+    rows.append(summarise("aggregate", outcomes(*_side_scores(aggregate, sides)), seed))
+    lengths = np.array([[len(p.chosen), len(p.rejected)] for p in pairs], dtype=np.float64).T
+    rows.append(summarise("length (longer wins)", outcomes(*lengths), seed))
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = [
+        "labeler", "n", "agree", "disagree", "tie", "accuracy [95% CI]", "accuracy on decided", "seconds"
+    ]  # fmt: skip
+    body = [
+        [
+            r["labeler"], str(r["n"]), str(r["agree"]), str(r["disagree"]), str(r["tie"]),
+            f"{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+            _fmt(r["accuracy_decided"]), "-" if r["seconds"] is None else f"{r['seconds']:.2f}",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = [
+        " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *body]
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flows.eval_labelers", description="Labeler vs human.")
+    parser.add_argument("--pairs", required=True, type=Path, help="JSONL of {id, prompt, chosen, rejected}")
+    parser.add_argument("--recipe", default="default", help="a YAML path or a recipe name in pipelines/")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the coin flips and the bootstrap")
+    parser.add_argument("--json", type=Path, help="default: outputs/eval_labelers/<recipe name>.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe)
+        if not args.pairs.is_file():
+            raise PairsFileError(f"pairs file {str(args.pairs)!r} does not exist")
+        pairs, skipped = read_pairs(args.pairs, args.limit)
+        if not pairs:
+            raise PairsFileError(f"no usable pairs in {args.pairs} (skipped: {dict(skipped)})")
+    except (RecipeError, PairsFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(pairs)} pairs from {args.pairs}; skipped: {dict(sorted(skipped.items())) or 'none'}")
+    rows = evaluate(recipe, pairs, str(args.pairs), args.seed)
+    print(format_table(rows))
+    out = args.json or OUTPUT_DIR / f"{recipe.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "recipe": recipe.name, "pairs_file": str(args.pairs), "limit": args.limit, "seed": args.seed,
+        "n_pairs": len(pairs), "skipped": dict(sorted(skipped.items())), "resamples": N_RESAMPLES,
+        "rows": rows,
+    }  # fmt: skip
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
