@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas.recipe import Recipe, RecipeError, load_recipe
 from schemas.records import PROMPTS
 from steps.base import ShardResult, StageStats, join_uri, merge_stats, shard_uri, write_table
+from steps.consistency import consistency_stage
 from steps.engines import ModelSpecError, resolve_model
 from steps.hub import push_dataset
 from steps.labeling import label_shard, preflight
@@ -85,9 +86,24 @@ def pair_task(
     return pair_shard(recipe, prompts_uri, responses_uri, labels_uri, out_uri)
 
 
+@task(name="consistency", cache_policy=NO_CACHE)
+def consistency_task(
+    recipe: Recipe, pair_uris: list[str], work: str
+) -> tuple[list[str], list[str], StageStats, dict[str, Any]]:
+    kept, dropped = shard_uri(work, "kept", 0), shard_uri(work, "dropped", 0)
+    stats, report = consistency_stage(recipe, pair_uris, kept, dropped)
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(stats.drops.items())) or "none"
+    get_run_logger().info(
+        f"consistency: {stats.rows_in} candidate pairs → {stats.rows_out} kept (drops: {drops})"
+    )
+    return [kept], [dropped], stats, report
+
+
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_task(recipe: Recipe, output: str, pair_uris: list[str], stats: dict[str, Any]) -> dict[str, Any]:
-    return publish(recipe, output, pair_uris, stats)
+def publish_task(
+    recipe: Recipe, output: str, kept: list[str], dropped: list[str], stats: dict[str, Any]
+) -> dict[str, Any]:
+    return publish(recipe, output, kept, stats, dropped)
 
 
 @task(name="push-to-hub", cache_policy=NO_CACHE, retries=0)
@@ -112,7 +128,8 @@ def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
     lines = [
         f"# Preference dataset `{manifest['recipe']['name']}`",
         "",
-        f"Output: `{output}` — **{manifest['splits'].get('train', 0)} pairs**, recipe hash "
+        f"Output: `{output}` — **{manifest['splits'].get('train', 0)} pairs** kept, "
+        f"{manifest['splits'].get('dropped', 0)} dropped (config `dropped`), recipe hash "
         f"`{manifest['recipe']['hash']}`.",
         "",
         "| stage | in | out | drops | seconds |",
@@ -154,17 +171,20 @@ def build_prefs(
         ],
         pair_task,
     )
+    kept, dropped, consistency_stats, length = consistency_task(config, [r.uri for r in pairs], work)
     stages = {
         "prompts": prompt_stats,
         "sampling": merge_stats("sampling", [r.stats for r in responses]),
         "labeling": merge_stats("labeling", [r.stats for r in labels]),
         "pairing": merge_stats("pairing", [r.stats for r in pairs]),
+        "consistency": consistency_stats,
     }
     stats = {
         "prompts": {"source": source_label(config.prompts)},
         "stages": {name: s.to_dict() for name, s in stages.items()},
+        "length": length,
     }
-    manifest = publish_task(config, out, [r.uri for r in pairs], stats)
+    manifest = publish_task(config, out, kept, dropped, stats)
     create_markdown_artifact(
         key="build-prefs-summary", markdown=summary_markdown(out, manifest), description="Run summary"
     )

@@ -48,6 +48,13 @@ PAIR_RULE = "pair_rule"
 # Pairwise judge on the candidate pair: P(chosen wins) over both orders, and order agreement
 JUDGE_P_CHOSEN = "judge_p_chosen"
 JUDGE_SWAP_AGREE = "judge_swap_agree"
+# Consistency evidence per pair (DESIGN.md §2)
+AGREEMENT = "agreement"  # share of signals preferring chosen (k/m)
+STRENGTH_MEAN = "strength_mean"  # mean over signals of the z-scored chosen-rejected difference
+STRENGTH_STD = "strength_std"
+CONSISTENCY = "consistency"  # (Kendall tau + 1) / 2 between two signals over the prompt's responses
+P_CHOSEN = "p_chosen"  # soft label: logistic of strength_mean
+DROP_REASON = "drop_reason"
 RECIPE_HASH = "recipe_hash"
 
 

@@ -195,6 +195,32 @@ class PairingConfig(_Strict):
     judge: PairJudgeConfig | None = Field(None, description="pairwise verdict on each candidate pair")
 
 
+class LengthGuard(_Strict):
+    max_ratio: float = Field(gt=1.0, description="drop pairs whose chosen is this many times longer")
+    unless_agreement: float = Field(
+        1.0, ge=0.0, le=1.0, description="...unless at least this share of signals prefer chosen"
+    )
+
+
+class ConsistencyConfig(_Strict):
+    """Which pairs deserve to be kept (DESIGN.md §2, aggregation and consistency). Each rule is optional."""
+
+    min_agree: int | None = Field(None, ge=1, description="at least k signals prefer chosen")
+    require_swap_agreement: bool = False
+    drop_mislabeled: bool = Field(True, description="drop pairs whose mean z-scored difference is <= 0")
+    ambiguous_below: float | None = Field(None, ge=0.0, description="drop strength_mean below this")
+    ambiguous_quantile: float | None = Field(None, gt=0.0, lt=1.0, description="drop the lowest share")
+    rank_signals: tuple[str, str] | None = Field(None, description="two signals for rank consistency C")
+    min_rank_consistency: float | None = Field(None, ge=0.0, le=1.0)
+    length_guard: LengthGuard | None = None
+
+    @model_validator(mode="after")
+    def _rank_rule_has_signals(self) -> ConsistencyConfig:
+        if self.min_rank_consistency is not None and self.rank_signals is None:
+            raise ValueError("min_rank_consistency needs rank_signals: [signal_a, signal_b]")
+        return self
+
+
 class OutputConfig(_Strict):
     uri: str | None = Field(None, description="default: ./outputs/<recipe name>")
     format: Literal["parquet", "arrow"] = "parquet"
@@ -218,6 +244,7 @@ class Recipe(_Strict):
     sampling: SamplingConfig = SamplingConfig()
     labelers: list[LabelerConfig] = Field(default_factory=lambda: [BleuLabeler()], min_length=1)
     pairing: PairingConfig = PairingConfig()
+    consistency: ConsistencyConfig = ConsistencyConfig()
     output: OutputConfig = OutputConfig()
     card: CardConfig = CardConfig()
 
@@ -227,6 +254,16 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"labelers: names must be unique, repeated: {dupes}")
+        rules = self.consistency
+        if rules.min_agree is not None and rules.min_agree > len(names):
+            raise ValueError(
+                f"consistency.min_agree: {rules.min_agree} > the {len(names)} signal(s) configured"
+            )
+        if rules.require_swap_agreement and self.pairing.judge is None:
+            raise ValueError("consistency.require_swap_agreement needs pairing.judge (the verdict per pair)")
+        unknown = [s for s in (rules.rank_signals or ()) if s not in names]
+        if unknown:
+            raise ValueError(f"consistency.rank_signals: unknown signal(s) {unknown}; labelers are {names}")
         return self
 
     @property

@@ -80,6 +80,11 @@ _PAIR_TAIL = [
     pa.field(c.MAX_TOKENS, pa.int32(), nullable=False),
     pa.field(c.JUDGE_P_CHOSEN, pa.float64()),
     pa.field(c.JUDGE_SWAP_AGREE, pa.bool_()),
+    pa.field(c.AGREEMENT, pa.float64()),
+    pa.field(c.STRENGTH_MEAN, pa.float64()),
+    pa.field(c.STRENGTH_STD, pa.float64()),
+    pa.field(c.CONSISTENCY, pa.float64()),
+    pa.field(c.P_CHOSEN, pa.float64()),
     pa.field(c.PAIR_RULE, pa.string(), nullable=False),
     pa.field(c.RECIPE_HASH, pa.string(), nullable=False),
 ]
@@ -95,6 +100,11 @@ def pairs_schema(signals: list[str]) -> pa.Schema:
         for name in PAIR_SIDE_FIELDS:
             fields.append(pa.field(c.side_column(name, side), RESPONSES.field(name).type))
     return pa.schema(fields + _PAIR_TAIL)
+
+
+def dropped_schema(signals: list[str]) -> pa.Schema:
+    """Pairs the consistency stage dropped: the same columns plus why."""
+    return pairs_schema(signals).append(pa.field(c.DROP_REASON, pa.string(), nullable=False))
 
 
 class SchemaMismatch(ValueError):

@@ -66,13 +66,13 @@ def size_category(n: int) -> str:
 
 
 def front_matter(recipe: Recipe, files: dict[str, list[WrittenFile]], rows: int) -> str:
+    """``default`` is the kept pairs; ``dropped`` (if any file) is its own config, loadable by name."""
     configs = [
         {
-            "config_name": "default",
-            "data_files": [
-                {"split": split, "path": [f.path for f in entries]} for split, entries in files.items()
-            ],
+            "config_name": "default" if split == "train" else split,
+            "data_files": [{"split": "train", "path": [f.path for f in entries]}],
         }
+        for split, entries in files.items()
     ]
     header: dict[str, Any] = {
         "license": recipe.card.license,
@@ -108,6 +108,7 @@ def render_card(
     sample: pa.Table,
     engine: dict[str, str],
     labeler_settings: dict[str, dict[str, Any]],
+    images: dict[str, str] | None = None,
 ) -> str:
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -121,7 +122,7 @@ def render_card(
     env.filters["fence"] = fence
     env.filters["code"] = code
     env.filters["num"] = lambda v: f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
-    rows = sum(f.rows for entries in files.values() for f in entries)
+    rows = sum(f.rows for f in files.get("train", []))
     body = env.get_template("default.md.j2").render(
         recipe=recipe,
         recipe_hash=recipe.fingerprint(),
@@ -134,6 +135,8 @@ def render_card(
         engine=engine,
         labelers=labeler_settings,
         sampling=recipe.sampling,
+        images=images or {},
+        dropped=sum(f.rows for f in files.get("dropped", [])),
         recipe_yaml=yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
     )
     return front_matter(recipe, files, rows) + body

@@ -55,7 +55,8 @@ def collect_files(output: str) -> list[UploadFile]:
     manifest = verify(output)
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
-    paths = [entry["path"] for entry in manifest["files"]] + [CARD, MANIFEST]
+    listed = manifest["files"] + manifest.get("extras", [])
+    paths = [entry["path"] for entry in listed] + [CARD, MANIFEST]
     files = []
     for path in paths:
         with fs.open(f"{root}/{path}", "rb") as handle:

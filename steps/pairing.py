@@ -17,6 +17,7 @@ from schemas import columns as c
 from schemas.recipe import ModelConfig, Recipe
 from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_schema
 from steps.base import ShardResult, StageStats, read_table, write_table
+from steps.consistency import evidence
 from steps.engines import derive_seed
 
 AGG = "_aggregate"
@@ -98,12 +99,11 @@ def _conversation(texts: pa.Array) -> pa.Array:
 
 
 def _no_pair_reasons(
-    scored: pl.DataFrame, labels: pl.DataFrame, responses: pl.DataFrame, paired: pl.DataFrame, margin: float
+    responses: pl.DataFrame, scored: pl.DataFrame, labels: pl.DataFrame, paired: pl.DataFrame, margin: float
 ) -> pl.DataFrame:
     """One reason code per prompt that had responses but produced no pair."""
-    unpaired = (
-        responses.select(c.PROMPT_ID).unique().join(paired.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
-    )
+    texts = responses.group_by(c.PROMPT_ID).agg(pl.col(NORM).n_unique().alias("distinct_texts"))
+    unpaired = texts.join(paired.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
     per_prompt = scored.group_by(c.PROMPT_ID).agg(
         pl.len().alias("n"),
         (pl.col(AGG).max() - pl.col(AGG).min()).alias("spread"),
@@ -119,7 +119,9 @@ def _no_pair_reasons(
         label_reason, on=c.PROMPT_ID, how="left"
     )
     reason = (
-        pl.when(pl.col("n").is_null() | (pl.col("n") == 0))
+        pl.when(pl.col("distinct_texts") == 1)
+        .then(pl.lit("identical_samples"))
+        .when(pl.col("n").is_null() | (pl.col("n") == 0))
         .then(pl.concat_str(pl.lit("unscored:"), pl.col("label_reason").fill_null("unknown")))
         .when(pl.col("n") < 2)
         .then(pl.lit("fewer_than_two_scored"))
@@ -172,7 +174,10 @@ def make_pairs(
         order, descending = [c.PROMPT_ID, AGG, c.SAMPLE_INDEX], [False, False, False]
     picked = candidates.sort(order, descending=descending).group_by(c.PROMPT_ID, maintain_order=True).first()
 
-    reasons = _no_pair_reasons(scored, labels_df, resp, picked, margin)
+    picked = picked.join(
+        evidence(scores, picked, list(weights), recipe.consistency.rank_signals), on=c.PROMPT_ID, how="left"
+    )
+    reasons = _no_pair_reasons(joined, scored, labels_df, picked, margin)
     for reason, count in reasons.group_by(c.REASON).len().iter_rows():
         stats.drop(reason, count)
     for pid, reason in reasons.head(50).iter_rows():
@@ -215,6 +220,8 @@ def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.
     for name in (c.POLICY_MODEL, c.ENGINE, c.TEMPERATURE, c.TOP_P, c.MAX_TOKENS):
         out[name] = ordered.get_column(name).to_arrow()
     n = ordered.height
+    for name in (c.AGREEMENT, c.STRENGTH_MEAN, c.STRENGTH_STD, c.CONSISTENCY, c.P_CHOSEN):
+        out[name] = ordered.get_column(name).to_arrow()
     out[c.JUDGE_P_CHOSEN] = pa.nulls(n, pa.float64())
     out[c.JUDGE_SWAP_AGREE] = pa.nulls(n, pa.bool_())
     out[c.PAIR_RULE] = pa.array([recipe.pairing.rule] * n, pa.string())

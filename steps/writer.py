@@ -89,12 +89,12 @@ def begin_publication(output: str) -> None:
 
 
 def write_split(
-    output: str, split: str, shard_uris: list[str], recipe: Recipe
+    output: str, split: str, shard_uris: list[str], recipe: Recipe, schema: pa.Schema | None = None
 ) -> tuple[list[WrittenFile], pa.Table]:
     """Write one split's shards; returns the files and a small sample table for the card."""
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
-    schema = pairs_schema(recipe.signals)
+    schema = schema or pairs_schema(recipe.signals)
     fmt = recipe.output.format
     ext = "parquet" if fmt == "parquet" else "arrow"
     data_dir = f"{root}/{DATA_DIR}"
@@ -121,8 +121,23 @@ def write_split(
     return written, sample
 
 
+def write_extra(output: str, relative: str, data: bytes) -> WrittenFile:
+    """A file that belongs to the dataset but is not data (plots, stats.json), checksummed too."""
+    fs, root = fsspec.core.url_to_fs(output)
+    path = f"{root.rstrip('/')}/{relative}"
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as handle:
+        handle.write(data)
+    return WrittenFile(relative, 0, hashlib.sha256(data).hexdigest(), len(data))
+
+
 def write_manifest(
-    output: str, files: dict[str, list[WrittenFile]], recipe: Recipe, stats: dict[str, Any]
+    output: str,
+    files: dict[str, list[WrittenFile]],
+    recipe: Recipe,
+    stats: dict[str, Any],
+    extras: list[WrittenFile] | None = None,
 ) -> dict[str, Any]:
     """The last write of a run: lists every file of the dataset with its checksum."""
     manifest = {
@@ -136,6 +151,7 @@ def write_manifest(
         },
         "splits": {split: sum(f.rows for f in entries) for split, entries in files.items()},
         "files": [f.to_dict() for entries in files.values() for f in entries],
+        "extras": [f.to_dict() for f in extras or []],
         "card": CARD,
         "stats": stats,
     }
@@ -162,7 +178,7 @@ def verify(output: str) -> dict[str, Any]:
     if manifest is None:
         raise FileNotFoundError(f"{output} has no {MANIFEST}: the dataset is incomplete")
     fs, root = fsspec.core.url_to_fs(output)
-    for entry in manifest["files"]:
+    for entry in manifest["files"] + manifest.get("extras", []):
         with fs.open(f"{root.rstrip('/')}/{entry['path']}", "rb") as handle:
             digest = hashlib.sha256(handle.read()).hexdigest()
         if digest != entry["sha256"]:

@@ -105,7 +105,18 @@ def test_output_layout_and_loading(runs: dict[str, object]) -> None:
     assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
     assert row["score_chosen"] > row["score_rejected"]
     assert row["policy_model"].startswith("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert DatasetCard.load(out / "README.md").data.configs
+    card = DatasetCard.load(out / "README.md")
+    assert [cfg["config_name"] for cfg in card.data.configs] == ["default", "dropped"]
+    dropped = datasets.load_dataset(str(out), "dropped", split="train")
+    assert dropped.num_rows == manifest["splits"]["dropped"]
+    assert all(reason for reason in dropped["drop_reason"])
+    assert ds.num_rows + dropped.num_rows == manifest["stats"]["stages"]["pairing"]["rows_out"]
+    for name in ("funnel", "signals", "agreement", "margins", "length_vs_score"):
+        assert (out / "images" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+        assert f"images/{name}.png" in card.text
+    for column in ("agreement", "strength_mean", "strength_std", "consistency", "p_chosen", "judge_swap_agree"):
+        assert column in ds.column_names
+    assert (out / "stats.json").is_file()
 
 
 def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, object]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,19 @@ def test_push_is_one_commit_of_exactly_the_manifest_files(dataset_dir: Path) -> 
     commit = client.commits[0]
     assert commit["private"] is True
     paths = sorted(f.path_in_repo for f in commit["files"])
-    assert paths == [
-        "README.md",
-        "data/train-00000-of-00002.parquet",
-        "data/train-00001-of-00002.parquet",
-        "manifest.json",
-    ]
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    extras = sorted(e["path"] for e in manifest["extras"])
+    assert "stats.json" in extras and "images/funnel.png" in extras
+    assert paths == sorted(
+        [
+            "README.md",
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "manifest.json",
+            *extras,
+        ]
+    )
+    assert "data/stray.parquet" not in paths and not any(p.startswith(".work") for p in paths)
     readme = next(f for f in commit["files"] if f.path_in_repo == "README.md")
     assert readme.data == (dataset_dir / "README.md").read_bytes()
 
@@ -88,7 +96,8 @@ def test_real_client_calls_bind_to_huggingface_hub_signatures(dataset_dir: Path)
     assert create_commit["repo_type"] == "dataset"
     operations = list(create_commit["operations"])
     assert all(isinstance(op, CommitOperationAdd) for op in operations)
-    assert len(operations) == 4
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    assert len(operations) == len(manifest["files"]) + len(manifest["extras"]) + 2
     assert "token" not in create_repo and "token" not in create_commit
 
 

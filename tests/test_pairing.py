@@ -70,7 +70,7 @@ def test_margin_is_strict() -> None:
 
 def test_identical_text_never_pairs_even_with_different_scores() -> None:
     table, drops = run(["Same answer", "same   ANSWER "], [2.0, 1.0])
-    assert table.num_rows == 0 and drops == {"identical_text": 1}
+    assert table.num_rows == 0 and drops == {"identical_samples": 1}
     table, _ = run(["Same answer", "same answer", "other"], [2.0, 0.0, 1.0])
     assert table.to_pylist()[0][c.REJECTED][0]["content"] == "other"
 

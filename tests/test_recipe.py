@@ -24,7 +24,8 @@ def test_default_recipe_loads_and_matches_design() -> None:
     assert recipe.policy.model == "smollm2-135m-instruct"
     assert recipe.policy.engine == "llama_cpp"
     assert recipe.sampling.n == 4
-    assert recipe.signals == ["bleu"]
+    assert recipe.signals == ["bleu", "density_ratio", "follow_up", "judge"]
+    assert recipe.pairing.judge is not None
     assert recipe.pairing.rule == "best_vs_worst"
     assert recipe.output_uri() == str(Path("outputs") / "default")
 
@@ -49,6 +50,14 @@ def test_default_recipe_loads_and_matches_design() -> None:
         ({"output": {"rows_per_shard": 0}}, "output.rows_per_shard"),
         ({"unknown_top": 1}, "unknown_top"),
         ({"limit": 0}, "limit"),
+        ({"consistency": {"min_agree": 2}}, "consistency.min_agree"),
+        ({"consistency": {"require_swap_agreement": True}}, "needs pairing.judge"),
+        ({"consistency": {"rank_signals": ["bleu", "nope"]}}, "consistency.rank_signals"),
+        ({"consistency": {"min_rank_consistency": 0.5}}, "needs rank_signals"),
+        ({"consistency": {"ambiguous_quantile": 1.5}}, "consistency.ambiguous_quantile"),
+        ({"consistency": {"length_guard": {"max_ratio": 0.5}}}, "consistency.length_guard.max_ratio"),
+        ({"labelers": [{"kind": "density_ratio", "strong": {}, "weak": {}}]}, "identical"),
+        ({"labelers": [{"kind": "follow_up", "per_dimension": 0}]}, "per_dimension"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_key(tmp_path: Path, patch: dict, key: str) -> None:

@@ -1,0 +1,179 @@
+"""Consistency: the evidence that a pair deserves to be kept, and the rules that decide.
+
+Evidence is computed per shard while pairing (it is per prompt): for each pair,
+the share of signals that prefer chosen (``agreement``), the mean and spread of
+the within-prompt z-scored differences (``strength_mean``/``strength_std``,
+Secrets of RLHF II), the rank consistency C = (Kendall τ-b + 1)/2 of two named
+signals over the prompt's responses (CREAM), and a soft label. Rules run once
+over all pairs (a quantile band needs the whole distribution) and every pair
+that is not kept leaves with exactly one reason code, the first rule it fails.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from schemas import columns as c
+from schemas.recipe import ConsistencyConfig, Recipe
+from schemas.records import dropped_schema, pairs_schema
+from steps.base import StageStats, read_table, write_table
+
+
+def zscores(scores: pl.DataFrame, signals: list[str]) -> pl.DataFrame:
+    """Within-prompt z-score of each signal (0 where a signal does not vary), as ``z:<signal>``."""
+    exprs = []
+    for signal in signals:
+        col = pl.col(signal)
+        std = col.std(ddof=0).over(c.PROMPT_ID)
+        z = pl.when(std > 0).then((col - col.mean().over(c.PROMPT_ID)) / std).otherwise(0.0)
+        exprs.append(pl.when(col.is_null()).then(None).otherwise(z).alias(f"z:{signal}"))
+    return scores.with_columns(exprs)
+
+
+def kendall_consistency(scores: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
+    """C = (τ_b + 1) / 2 per prompt between signals ``a`` and ``b``; null where τ is undefined."""
+    both = scores.filter(pl.col(a).is_not_null() & pl.col(b).is_not_null()).select(
+        c.PROMPT_ID, c.RESPONSE_ID, pl.col(a).alias("_a"), pl.col(b).alias("_b")
+    )
+    pairs = both.join(both, on=c.PROMPT_ID, suffix="_2").filter(
+        pl.col(c.RESPONSE_ID) < pl.col(f"{c.RESPONSE_ID}_2")
+    )
+    dx = (pl.col("_a") - pl.col("_a_2")).sign()
+    dy = (pl.col("_b") - pl.col("_b_2")).sign()
+    per_prompt = pairs.group_by(c.PROMPT_ID).agg(
+        pl.len().alias("n0"),
+        (dx == 0).sum().alias("n1"),
+        (dy == 0).sum().alias("n2"),
+        (dx * dy).sum().alias("s"),
+    )
+    denominator = ((pl.col("n0") - pl.col("n1")) * (pl.col("n0") - pl.col("n2"))).cast(pl.Float64).sqrt()
+    tau = pl.when(denominator > 0).then(pl.col("s") / denominator).otherwise(None)
+    return per_prompt.select(c.PROMPT_ID, ((tau + 1) / 2).alias(c.CONSISTENCY))
+
+
+def evidence(
+    scores: pl.DataFrame, picked: pl.DataFrame, signals: list[str], rank_signals: tuple[str, str] | None
+) -> pl.DataFrame:
+    """Per picked pair (one per prompt): agreement, strength mean/std, consistency, soft label."""
+    z = zscores(scores, signals).select(c.RESPONSE_ID, *signals, *[f"z:{s}" for s in signals])
+    chosen = z.rename({name: f"{name}|c" for name in z.columns})
+    rejected = z.rename({name: f"{name}|r" for name in z.columns})
+    frame = (
+        picked.select(
+            c.PROMPT_ID, pl.col(f"{c.RESPONSE_ID}_c").alias("cid"), pl.col(c.RESPONSE_ID).alias("rid")
+        )
+        .join(chosen, left_on="cid", right_on=f"{c.RESPONSE_ID}|c")
+        .join(rejected, left_on="rid", right_on=f"{c.RESPONSE_ID}|r")
+    )
+    diffs = [pl.col(f"z:{s}|c") - pl.col(f"z:{s}|r") for s in signals]
+    prefers = [(pl.col(f"{s}|c") > pl.col(f"{s}|r")).cast(pl.Float64) for s in signals]
+    frame = frame.with_columns(
+        pl.concat_list(diffs).list.drop_nulls().alias("_d"),
+        pl.concat_list(prefers).list.drop_nulls().alias("_p"),
+    ).with_columns(
+        pl.col("_p").list.mean().alias(c.AGREEMENT),
+        pl.col("_d").list.mean().alias(c.STRENGTH_MEAN),
+        pl.col("_d").list.std(ddof=0).alias(c.STRENGTH_STD),
+    )
+    frame = frame.with_columns((1 / (1 + (-pl.col(c.STRENGTH_MEAN)).exp())).alias(c.P_CHOSEN))
+    if rank_signals is not None:
+        frame = frame.join(kendall_consistency(scores, *rank_signals), on=c.PROMPT_ID, how="left")
+    else:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(c.CONSISTENCY))
+    columns = [c.AGREEMENT, c.STRENGTH_MEAN, c.STRENGTH_STD, c.CONSISTENCY, c.P_CHOSEN]
+    return frame.select(c.PROMPT_ID, *[pl.col(name).cast(pl.Float64) for name in columns])
+
+
+def _normalised(column: str) -> pl.Expr:
+    text = pl.col(column).list.first().struct.field(c.CONTENT)
+    return text.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+def rule_reasons(frame: pl.DataFrame, config: ConsistencyConfig, signals: list[str]) -> pl.Expr:
+    """The first failed rule's code for each pair, null when the pair is kept."""
+    m = len(signals)
+    checks: list[tuple[pl.Expr, str]] = [(_normalised(c.CHOSEN) == _normalised(c.REJECTED), "identical_pair")]
+    if config.min_agree is not None:
+        agreeing = (pl.col(c.AGREEMENT) * m).round(0)
+        checks.append((agreeing.is_null() | (agreeing < config.min_agree), "sign_disagreement"))
+    if config.require_swap_agreement:
+        checks.append((pl.col(c.JUDGE_SWAP_AGREE).fill_null(False).not_(), "judge_swap_disagreement"))
+    if config.drop_mislabeled:
+        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) <= 0, "likely_mislabeled"))
+    threshold = config.ambiguous_below
+    if config.ambiguous_quantile is not None and frame.height:
+        quantile = frame.get_column(c.STRENGTH_MEAN).drop_nulls().quantile(config.ambiguous_quantile)
+        threshold = max(threshold or -math.inf, quantile if quantile is not None else -math.inf)
+    if threshold is not None and math.isfinite(threshold):
+        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) < threshold, "ambiguous"))
+    if config.min_rank_consistency is not None:
+        low = pl.col(c.CONSISTENCY).is_null() | (pl.col(c.CONSISTENCY) < config.min_rank_consistency)
+        checks.append((low, "rank_inconsistent"))
+    if config.length_guard is not None:
+        guard = config.length_guard
+        ratio = _length(c.CHOSEN) / pl.max_horizontal(_length(c.REJECTED), pl.lit(1))
+        checks.append(
+            ((ratio >= guard.max_ratio) & (pl.col(c.AGREEMENT) < guard.unless_agreement), "length_only")
+        )
+    reason = pl.lit(None, dtype=pl.String)
+    for condition, code in reversed(checks):
+        reason = pl.when(condition).then(pl.lit(code)).otherwise(reason)
+    return reason
+
+
+def _length(column: str) -> pl.Expr:
+    return pl.col(column).list.first().struct.field(c.CONTENT).str.len_chars()
+
+
+def length_report(frame: pl.DataFrame) -> dict[str, Any]:
+    """How much of the preference is length: correlation of length difference and margin."""
+    if frame.height < 2:
+        return {"pairs": frame.height, "chosen_longer_share": None, "corr_length_diff_margin": None}
+    diff = (_length(c.CHOSEN) - _length(c.REJECTED)).cast(pl.Float64)
+    out = frame.select(
+        (diff > 0).mean().alias("share"), pl.corr(diff, pl.col(c.MARGIN), method="spearman").alias("corr")
+    ).row(0)
+    corr = out[1]
+    return {
+        "pairs": frame.height,
+        "chosen_longer_share": float(out[0]),
+        "corr_length_diff_margin": None if corr is None or math.isnan(corr) else float(corr),
+    }
+
+
+def apply_rules(
+    pairs: pa.Table, config: ConsistencyConfig, signals: list[str]
+) -> tuple[pa.Table, pa.Table, StageStats, dict[str, Any]]:
+    """Split all candidate pairs into kept and dropped (with ``drop_reason``)."""
+    stats = StageStats("consistency", rows_in=pairs.num_rows)
+    frame = pl.from_arrow(pairs)
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.with_columns(rule_reasons(frame, config, signals).alias(c.DROP_REASON))
+    kept = frame.filter(pl.col(c.DROP_REASON).is_null()).drop(c.DROP_REASON)
+    dropped = frame.filter(pl.col(c.DROP_REASON).is_not_null())
+    for reason, count in dropped.group_by(c.DROP_REASON).len().sort(c.DROP_REASON).iter_rows():
+        stats.drop(reason, count)
+    stats.rows_out = kept.height
+    report = {"before": length_report(frame), "kept": length_report(kept)}
+    return kept.to_arrow(), dropped.to_arrow(), stats, report
+
+
+def consistency_stage(
+    recipe: Recipe, pair_uris: list[str], kept_uri: str, dropped_uri: str
+) -> tuple[StageStats, dict[str, Any]]:
+    """All candidate pairs in, kept and dropped shards out (pairs are one row per prompt: small)."""
+    import time
+
+    start = time.perf_counter()
+    schema = pairs_schema(recipe.signals)
+    tables = [read_table(uri, schema) for uri in pair_uris]
+    pairs = pa.concat_tables(tables) if tables else schema.empty_table()
+    kept, dropped, stats, report = apply_rules(pairs, recipe.consistency, recipe.signals)
+    write_table(kept, kept_uri, schema, what="kept pairs")
+    write_table(dropped, dropped_uri, dropped_schema(recipe.signals), what="dropped pairs")
+    stats.seconds = time.perf_counter() - start
+    return stats, report

@@ -1,0 +1,253 @@
+"""Consistency evidence and rules on synthetic scores: each rule's edges, τ against scipy."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import datasets
+import polars as pl
+import pyarrow as pa
+import pytest
+from scipy.stats import kendalltau
+
+from schemas import columns as c
+from schemas.recipe import ConsistencyConfig
+from schemas.records import dropped_schema, pairs_schema
+from steps.base import write_table
+from steps.consistency import apply_rules, evidence, kendall_consistency
+from steps.pairing import make_pairs
+from steps.publish import publish
+from tests.conftest import make_recipe
+from tests.test_labeling import responses
+from tests.test_pairing import labels_for
+from tests.test_sampling import prompts_table
+
+SIGNALS3 = [{"kind": "bleu", "name": n} for n in ("s1", "s2", "s3")]
+
+
+def scores_frame(values: dict[str, list[float | None]], prompt: str = "p") -> pl.DataFrame:
+    n = len(next(iter(values.values())))
+    return pl.DataFrame(
+        {c.PROMPT_ID: [prompt] * n, c.RESPONSE_ID: [f"{prompt}-{i}" for i in range(n)], **values},
+        schema_overrides={k: pl.Float64 for k in values},
+    )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rank_consistency_matches_scipy_kendall_tau_b(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(2, 8)
+    a = [float(rng.randint(0, 3)) for _ in range(n)]  # small range: plenty of ties
+    b = [float(rng.randint(0, 3)) for _ in range(n)]
+    got = kendall_consistency(scores_frame({"a": a, "b": b}), "a", "b").get_column(c.CONSISTENCY).to_list()
+    tau = kendalltau(a, b).statistic
+    if math.isnan(tau):
+        assert got == [None]
+    else:
+        assert got == [pytest.approx((tau + 1) / 2)]
+
+
+def test_rank_consistency_ignores_missing_scores_and_edges() -> None:
+    frame = scores_frame({"a": [1.0, 2.0, 3.0, None], "b": [3.0, 2.0, 1.0, 5.0]})
+    assert kendall_consistency(frame, "a", "b").get_column(c.CONSISTENCY).to_list() == [
+        0.0
+    ]  # perfectly reversed
+    same = scores_frame({"a": [1.0, 2.0], "b": [1.0, 2.0]})
+    assert kendall_consistency(same, "a", "b").get_column(c.CONSISTENCY).to_list() == [1.0]
+    single = scores_frame({"a": [1.0, None], "b": [1.0, 2.0]})
+    assert kendall_consistency(single, "a", "b").height == 0  # fewer than two jointly scored: no value
+
+
+def picked_frame(chosen: str, rejected: str) -> pl.DataFrame:
+    return pl.DataFrame({c.PROMPT_ID: ["p"], f"{c.RESPONSE_ID}_c": [chosen], c.RESPONSE_ID: [rejected]})
+
+
+def test_evidence_agreement_strength_and_soft_label() -> None:
+    values = {"s1": [3.0, 1.0, 2.0], "s2": [1.0, 3.0, 2.0], "s3": [5.0, 5.0, 5.0]}
+    ev = evidence(scores_frame(values), picked_frame("p-0", "p-1"), list(values), ("s1", "s2")).row(
+        0, named=True
+    )
+    z1 = 1.224744871391589 * 2  # z(3) - z(1) for 1,2,3
+    assert ev[c.AGREEMENT] == pytest.approx(1 / 3)  # s1 prefers chosen, s2 rejects, s3 ties
+    assert ev[c.STRENGTH_MEAN] == pytest.approx((z1 - z1 + 0) / 3)
+    assert ev[c.STRENGTH_STD] == pytest.approx(math.sqrt((z1**2 + z1**2) / 3))
+    assert ev[c.CONSISTENCY] == pytest.approx(0.0)
+    assert ev[c.P_CHOSEN] == pytest.approx(0.5)
+
+
+def test_evidence_with_a_single_or_missing_signal() -> None:
+    ev = evidence(scores_frame({"s1": [2.0, 1.0]}), picked_frame("p-0", "p-1"), ["s1"], None).row(
+        0, named=True
+    )
+    assert ev[c.AGREEMENT] == 1.0 and ev[c.STRENGTH_STD] == 0.0 and ev[c.CONSISTENCY] is None
+    assert ev[c.P_CHOSEN] == pytest.approx(1 / (1 + math.exp(-2.0)))
+    missing = scores_frame({"s1": [2.0, 1.0], "s2": [None, None]})
+    ev = evidence(missing, picked_frame("p-0", "p-1"), ["s1", "s2"], None).row(0, named=True)
+    assert ev[c.AGREEMENT] == 1.0 and ev[c.STRENGTH_MEAN] == pytest.approx(
+        2.0
+    )  # s2 is left out, not counted as 0
+
+
+def candidate_pairs(
+    score_rows: list[dict[str, list[float | None]]], texts: list[str] | None = None, **recipe: object
+):
+    """One prompt per entry; each entry maps signal -> scores of 4 responses."""
+    prompts = prompts_table([f"p{i}" for i in range(len(score_rows))])
+    resp = responses(prompts, texts or ["short", "a bit longer answer", "mid one", "x" * 60])
+    signals = list(score_rows[0])
+    merged = {s: [v for row in score_rows for v in row[s]] for s in signals}
+    config = make_recipe(labelers=[{"kind": "bleu", "name": s} for s in signals], **recipe)
+    pairs, _ = make_pairs(prompts, resp, labels_for(resp, merged), config)
+    return pairs, config
+
+
+def rules(config: object, **update: object) -> ConsistencyConfig:
+    return ConsistencyConfig.model_validate({**config.consistency.model_dump(), **update})  # type: ignore[attr-defined]
+
+
+def with_column(table: pa.Table, name: str, values: list[object]) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.float64()))
+
+
+def test_rules_each_drop_with_their_own_reason() -> None:
+    rows = [{"s1": [4.0, 1.0, 2.0, 3.0], "s2": [4.0, 1.0, 2.0, 3.0], "s3": [4.0, 1.0, 2.0, 3.0]}] * 3
+    pairs, config = candidate_pairs(rows)
+    assert pairs.column(c.AGREEMENT).to_pylist() == [1.0, 1.0, 1.0]
+    # With equal weights the aggregate margin and strength_mean coincide; set the evidence directly.
+    pairs = with_column(
+        with_column(pairs, c.AGREEMENT, [1.0, 2 / 3, 1 / 3]), c.STRENGTH_MEAN, [1.0, 0.0, -0.5]
+    )
+    kept, dropped, stats, _ = apply_rules(
+        pairs, config.consistency, config.signals
+    )  # default: mislabeled only
+    assert dict(stats.drops) == {"likely_mislabeled": 2} and kept.num_rows == 1  # 0.0 is on the dropped side
+    kept, dropped, stats, _ = apply_rules(pairs, rules(config, min_agree=3), config.signals)
+    assert dropped.column(c.DROP_REASON).to_pylist() == [
+        "sign_disagreement",
+        "sign_disagreement",
+    ]  # first rule wins
+    assert set(dropped.column_names) == set(dropped_schema(config.signals).names)
+    edge = rules(config, min_agree=2, drop_mislabeled=False)
+    assert apply_rules(pairs, edge, config.signals)[0].num_rows == 2  # k = 2 of 3 is kept at the edge
+
+
+def test_pairing_computes_agreement_from_raw_directions() -> None:
+    rows = [{"s1": [4.0, 1.0, 2.0, 3.0], "s2": [1.0, 4.0, 2.0, 3.0], "s3": [4.0, 1.0, 2.0, 3.0]}]
+    pairs, _ = candidate_pairs(rows)
+    assert pairs.column(c.AGREEMENT).to_pylist() == [pytest.approx(2 / 3)]
+    assert pairs.column(c.STRENGTH_MEAN).to_pylist()[0] == pytest.approx(
+        pairs.column(c.MARGIN).to_pylist()[0]
+    )
+
+
+def test_ambiguous_threshold_and_quantile() -> None:
+    rows = [{"s1": [float(k), 0.0, 0.0, 0.0]} for k in (1, 2, 3, 4)]
+    pairs, config = candidate_pairs(rows)
+    strengths = pairs.column(c.STRENGTH_MEAN).to_pylist()
+    assert len(set(strengths)) == 1  # z-scores: one winner of four always scores the same
+    below = rules(config, ambiguous_below=strengths[0] + 1e-9)
+    assert dict(apply_rules(pairs, below, config.signals)[2].drops) == {"ambiguous": 4}
+    at = rules(config, ambiguous_below=strengths[0])
+    assert apply_rules(pairs, at, config.signals)[0].num_rows == 4  # strictly below is ambiguous
+    rows = [{"s1": [4.0, 1.0, 2.0, 3.0], "s2": [float(k), 1.0, 2.0, 3.0]} for k in (4, 3.5, 2.5, 0.5)]
+    pairs, config = candidate_pairs(rows)
+    quantile = rules(config, ambiguous_quantile=0.5)
+    kept, dropped, _, _ = apply_rules(pairs, quantile, config.signals)
+    assert kept.num_rows == 2 and set(dropped.column(c.DROP_REASON).to_pylist()) <= {
+        "ambiguous",
+        "likely_mislabeled",
+    }
+    assert min(kept.column(c.STRENGTH_MEAN).to_pylist()) >= max(dropped.column(c.STRENGTH_MEAN).to_pylist())
+
+
+def test_rank_consistency_rule_and_swap_rule() -> None:
+    rows = [
+        {"a": [4.0, 1.0, 2.0, 3.0], "b": [4.0, 1.0, 2.0, 3.0]},
+        {"a": [4.0, 1.0, 2.0, 3.0], "b": [4.0, 3.0, 2.0, 1.0]},
+    ]
+    pairs, config = candidate_pairs(
+        rows, consistency={"rank_signals": ["a", "b"], "min_rank_consistency": 0.6}
+    )
+    assert pairs.column(c.CONSISTENCY).to_pylist() == pytest.approx([1.0, 0.5])
+    kept, dropped, _, _ = apply_rules(pairs, config.consistency, config.signals)
+    assert kept.num_rows == 1 and dropped.column(c.DROP_REASON).to_pylist() == ["rank_inconsistent"]
+    judged = pairs.set_column(
+        pairs.schema.get_field_index(c.JUDGE_SWAP_AGREE),
+        c.JUDGE_SWAP_AGREE,
+        pa.array([True, None], pa.bool_()),
+    )
+    swap = config.consistency.model_copy(
+        update={"require_swap_agreement": True, "min_rank_consistency": None}
+    )
+    kept, dropped, _, _ = apply_rules(judged, swap, config.signals)
+    assert kept.num_rows == 1 and dropped.column(c.DROP_REASON).to_pylist() == ["judge_swap_disagreement"]
+
+
+def test_length_guard_and_report() -> None:
+    rows = [{"s1": [4.0, 1.0, 2.0, 3.0]}] * 3
+    texts = ["a much much longer answer " * 5, "short", "mid", "other"]
+    pairs, config = candidate_pairs(rows, texts)  # chosen: the long text (5x+ longer than "short")
+    pairs = with_column(pairs, c.AGREEMENT, [0.5, 1.0, 0.99])
+    guard = rules(config, length_guard={"max_ratio": 2.0, "unless_agreement": 1.0})
+    kept, dropped, _, report = apply_rules(pairs, guard, config.signals)
+    # only unanimous signals may keep a pair whose chosen is much longer
+    assert dropped.column(c.DROP_REASON).to_pylist() == ["length_only", "length_only"]
+    assert kept.column(c.AGREEMENT).to_pylist() == [1.0]
+    assert (
+        apply_rules(pairs, rules(config, length_guard={"max_ratio": 100.0}), config.signals)[0].num_rows == 3
+    )
+    assert report["before"]["pairs"] == 3 and report["before"]["chosen_longer_share"] == 1.0
+
+
+def test_identical_pairs_are_dropped_even_if_pairing_let_one_through() -> None:
+    pairs, config = candidate_pairs([{"s1": [2.0, 1.0, 0.0, 0.0]}])
+    same = pairs.set_column(pairs.schema.get_field_index(c.REJECTED), c.REJECTED, pairs.column(c.CHOSEN))
+    _, dropped, _, _ = apply_rules(same, config.consistency, config.signals)
+    assert dropped.column(c.DROP_REASON).to_pylist() == ["identical_pair"]
+
+
+def test_dropped_config_loads_and_card_has_pictures(tmp_path: Path) -> None:
+    rows = [
+        {"s1": [4.0, 1.0, 2.0, 3.0], "s2": [4.0, 1.0, 2.0, 3.0], "s3": [4.0, 1.0, 2.0, 3.0]},
+        {"s1": [4.0, 1.0, 2.0, 3.0], "s2": [1.0, 4.0, 2.0, 3.0], "s3": [4.0, 1.0, 2.0, 3.0]},
+    ]
+    pairs, config = candidate_pairs(rows, consistency={"min_agree": 3})
+    kept, dropped, stats, report = apply_rules(pairs, config.consistency, config.signals)
+    kept_uri = write_table(kept, str(tmp_path / "w" / "kept.parquet"), pairs_schema(config.signals))
+    dropped_uri = write_table(
+        dropped, str(tmp_path / "w" / "dropped.parquet"), dropped_schema(config.signals)
+    )
+    stage = {
+        "stage": "x",
+        "rows_in": 2,
+        "rows_out": 2,
+        "drops": {},
+        "counts": {},
+        "examples": {},
+        "seconds": 0.0,
+    }
+    run_stats = {
+        "prompts": {"source": "t"},
+        "length": report,
+        "stages": {
+            "prompts": stage,
+            "sampling": stage,
+            "labeling": stage,
+            "pairing": stage,
+            "consistency": stats.to_dict(),
+        },
+    }
+    out = tmp_path / "out"
+    manifest = publish(config, str(out), [kept_uri], run_stats, [dropped_uri])
+    assert manifest["splits"] == {"train": 1, "dropped": 1}
+    assert datasets.load_dataset(str(out), split="train").num_rows == 1
+    dropped_ds = datasets.load_dataset(str(out), "dropped", split="train")
+    assert dropped_ds[0][c.DROP_REASON] == "sign_disagreement"
+    card = (out / "README.md").read_text()
+    for name in ("funnel", "signals", "agreement", "margins", "length_vs_score"):
+        png = out / "images" / f"{name}.png"
+        assert png.read_bytes().startswith(b"\x89PNG") and f"images/{name}.png" in card
+    assert "consistency: sign\\_disagreement" in card or "sign\\_disagreement" in card
+    assert (out / "stats.json").is_file() and "agreement_matrix" in (out / "stats.json").read_text()
