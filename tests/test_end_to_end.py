@@ -69,7 +69,7 @@ def prefect_server(prefect_env: dict[str, str]) -> Iterator[str]:
 
 
 def build(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "flows.build_prefs", "--limit", "3", "--output", str(out), "--seed", "1"]
+    cmd = [sys.executable, "-m", "flows.build_prefs", "--limit", "4", "--output", str(out), "--seed", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -114,7 +114,14 @@ def test_output_layout_and_loading(runs: dict[str, object]) -> None:
     for name in ("funnel", "signals", "agreement", "margins", "length_vs_score"):
         assert (out / "images" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
         assert f"images/{name}.png" in card.text
-    for column in ("agreement", "strength_mean", "strength_std", "consistency", "p_chosen", "judge_swap_agree"):
+    for column in (
+        "agreement",
+        "strength_mean",
+        "strength_std",
+        "consistency",
+        "p_chosen",
+        "judge_swap_agree",
+    ):
         assert column in ds.column_names
     assert (out / "stats.json").is_file()
 
@@ -129,8 +136,10 @@ def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, ob
         if label[c.SCORE] is not None:
             by_prompt.setdefault(label[c.PROMPT_ID], set()).add(label[c.SCORE])
     varied = {pid for pid, scores in by_prompt.items() if len(scores) > 1}
-    paired = set(datasets.load_dataset(str(out), split="train")["prompt_id"])
-    assert varied and varied <= paired
+    kept = set(datasets.load_dataset(str(out), split="train")["prompt_id"])
+    dropped = set(datasets.load_dataset(str(out), "dropped", split="train")["prompt_id"])
+    assert not kept & dropped  # one candidate pair per prompt, in exactly one config
+    assert varied and varied <= kept | dropped
 
 
 def test_same_command_twice_gives_identical_rows(runs: dict[str, object]) -> None:

@@ -311,3 +311,23 @@ def test_option_logprobs_batched_equals_one_at_a_time(hf: Any) -> None:
     for request, batched in zip(requests, together, strict=True):
         [alone] = hf.option_logprobs([request])
         assert batched == pytest.approx(alone, abs=1e-3)
+
+
+def test_density_ratio_with_two_different_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strong and weak as different models: each side goes to its own engine, loaded once."""
+    strong, weak = FakeScorer(), FakeScorer()
+    loads: list[str] = []
+
+    def load(config: ModelConfig) -> FakeScorer:
+        loads.append(config.model)
+        return strong if config.model == "big.gguf" else weak
+
+    monkeypatch.setattr(density_ratio, "load_engine", load)
+    config = DensityRatioLabeler(
+        kind="density_ratio", strong={"model": {"model": "big.gguf"}}, weak={"model": {"model": "small.gguf"}}
+    )
+    labeler = density_ratio.DensityRatio(config)
+    [[score]] = labeler.score_prompts([(PROMPT, ["two words"])])
+    assert loads == ["big.gguf", "small.gguf"]
+    assert len(strong.requests) == 1 and len(weak.requests) == 1
+    assert score.value == pytest.approx(0.0)  # same fake on both sides, no criteria: ratio 0
