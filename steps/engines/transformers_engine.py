@@ -348,7 +348,7 @@ class TransformersEngine:
                 )
             self.tokens_processed += len(prompt) * params.n + int(out.shape[1] - len(prompt)) * params.n
             completions: list[Completion] = []
-            for i, row in enumerate(out[:, len(prompt) :].tolist()):
+            for row in out[:, len(prompt) :].tolist():
                 ids, finish = [], "length"
                 for token in row:
                     if token in self._eos:
@@ -356,6 +356,7 @@ class TransformersEngine:
                         break
                     ids.append(token)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                completions.append(Completion(text, len(ids), finish, len(prompt), sample_seed(seed, i)))
+                # All n share one torch generator seeded once: record the seed actually used.
+                completions.append(Completion(text, len(ids), finish, len(prompt), seed))
             results.append(completions)
         return results
