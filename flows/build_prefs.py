@@ -26,7 +26,7 @@ from steps.hub import push_dataset
 from steps.labeling import label_shard, preflight
 from steps.pairing import pair_shard
 from steps.prompts import PromptSourceError, load_prompts, source_label
-from steps.publish import publish
+from steps.publish import funnel_steps, publish
 from steps.sampling import sample_shard
 
 WORK_DIR = ".work"
@@ -124,7 +124,9 @@ def _run_stage(name: str, shards: list[tuple[Any, ...]], fn: Any) -> list[ShardR
 
 
 def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
+    """The card's headline numbers for the Prefect UI: funnel, drops per stage, length bias."""
     stages = manifest["stats"]["stages"]
+    kept = manifest["splits"].get("train", 0)
     lines = [
         f"# Preference dataset `{manifest['recipe']['name']}`",
         "",
@@ -132,12 +134,21 @@ def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
         f"{manifest['splits'].get('dropped', 0)} dropped (config `dropped`), recipe hash "
         f"`{manifest['recipe']['hash']}`.",
         "",
+        "Funnel: " + " → ".join(f"{n} {label}" for label, n in funnel_steps(manifest["stats"], kept)),
+        "",
         "| stage | in | out | drops | seconds |",
         "|---|---|---|---|---|",
     ]
     for name, s in stages.items():
         drops = ", ".join(f"{k}: {v}" for k, v in s["drops"].items()) or "none"
         lines.append(f"| {name} | {s['rows_in']} | {s['rows_out']} | {drops} | {s['seconds']:.1f} |")
+    length = manifest["stats"].get("length", {}).get("before", {})
+    if length.get("corr_length_diff_margin") is not None:
+        lines += [
+            "",
+            f"Chosen is longer in {100 * length['chosen_longer_share']:.0f}% of candidate pairs; "
+            f"Spearman(length difference, margin) = {length['corr_length_diff_margin']:.3f}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -165,6 +165,7 @@ def test_run_and_artifact_recorded_on_the_running_server(runs: dict[str, object]
     artifacts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=10).json()
     summary = [a for a in artifacts if a["key"] == "build-prefs-summary"]
     assert summary and "pairs" in summary[0]["data"] and "| sampling |" in summary[0]["data"]
+    assert "Funnel:" in summary[0]["data"] and "| consistency |" in summary[0]["data"]
 
 
 def test_trl_dpo_trainer_consumes_rows_unchanged(runs: dict[str, object], tmp_path: Path) -> None:
