@@ -73,6 +73,7 @@ def front_matter(recipe: Recipe, files: dict[str, list[WrittenFile]], rows: int)
             "data_files": [{"split": "train", "path": [f.path for f in entries]}],
         }
         for split, entries in files.items()
+        if entries
     ]
     header: dict[str, Any] = {
         "license": recipe.card.license,

@@ -107,7 +107,10 @@ def write_split(
     total = sum(parquet_rows(uri) for uri in shard_uris)
     count = max(1, math.ceil(total / recipe.output.rows_per_shard))
     tables = (read_table(uri, schema) for uri in shard_uris)
-    chunks = list(_rechunk(tables, recipe.output.rows_per_shard)) if total else [schema.empty_table()]
+    if not total:
+        # `datasets` cannot read a 0-row Parquet/Arrow file, so an empty split has no file and no config.
+        return [], schema.empty_table()
+    chunks = list(_rechunk(tables, recipe.output.rows_per_shard))
     written = []
     for index, chunk in enumerate(chunks):
         name = f"{DATA_DIR}/{split}-{index:05d}-of-{count:05d}.{ext}"
@@ -117,8 +120,7 @@ def write_split(
         written.append(WrittenFile(name, chunk.num_rows, hashlib.sha256(blob).hexdigest(), len(blob)))
     if sum(f.rows for f in written) != total:
         raise RuntimeError(f"wrote {sum(f.rows for f in written)} rows of {total}: refusing to publish")
-    sample = chunks[0].slice(0, 1) if total else schema.empty_table()
-    return written, sample
+    return written, chunks[0].slice(0, 1)
 
 
 def write_extra(output: str, relative: str, data: bytes) -> WrittenFile:
@@ -149,7 +151,7 @@ def write_manifest(
             "hash": recipe.fingerprint(),
             "config": recipe.model_dump(mode="json"),
         },
-        "splits": {split: sum(f.rows for f in entries) for split, entries in files.items()},
+        "splits": {split: sum(f.rows for f in entries) for split, entries in files.items()},  # 0: no files
         "files": [f.to_dict() for entries in files.values() for f in entries],
         "extras": [f.to_dict() for f in extras or []],
         "card": CARD,

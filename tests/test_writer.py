@@ -78,11 +78,12 @@ def test_arrow_format_loads(tmp_path: Path) -> None:
     assert datasets.load_dataset(str(out), split="train").num_rows == 2
 
 
-def test_zero_pairs_still_publishes_a_loadable_empty_dataset(tmp_path: Path) -> None:
+def test_zero_pairs_publish_card_and_manifest_without_unreadable_files(tmp_path: Path) -> None:
     recipe = make_recipe()
     out = tmp_path / "out"
     manifest = publish(recipe, str(out), pair_shards(tmp_path, recipe, [[]]), STATS)
-    assert manifest["splits"] == {"train": 0}
+    assert manifest["splits"] == {"train": 0} and manifest["files"] == []
+    assert not list((out / "data").glob("train-*"))  # no unreadable 0-row file
     assert "No pairs were produced" in (out / "README.md").read_text()
 
 
