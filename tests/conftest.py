@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `datasets` keys its cache of a local folder by the folder's name, not its content: a stale entry
+# from an earlier run with the same folder name would be served instead of the files. Tests get
+# a private cache (set before `datasets` is imported anywhere).
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="prefsmith-hf-datasets-")
 
 from schemas.recipe import Recipe  # noqa: E402
 from steps.engines.base import Completion, Conversation, Failed, SamplingParams, sample_seed  # noqa: E402
