@@ -126,15 +126,5 @@ def parquet_rows(uri: str) -> int:
         return int(pq.ParquetFile(handle).metadata.num_rows)
 
 
-def write_json(data: Any, uri: str) -> None:
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, ensure_ascii=False)
-        handle.write("\n")
-
-
 def shard_uri(work: str, stage: str, index: int) -> str:
     return join_uri(work, stage, f"shard-{index:05d}.parquet")
