@@ -7,7 +7,6 @@ and read back by whoever needs it.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
