@@ -7,6 +7,8 @@ and read back by whoever needs it.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from schemas.records import conform
 
@@ -85,11 +88,17 @@ def merge_stats(stage: str, parts: list[StageStats]) -> StageStats:
 
 @dataclass(frozen=True)
 class ShardResult:
-    """What a shard task returns: where its table lives and what happened to its rows."""
+    """What a shard task returns: where its table lives and what happened to its rows.
+
+    ``sha256`` is the file's checksum (the next stage's keys are built from it);
+    ``resumed`` says the shard was found finished from an earlier run, not computed now.
+    """
 
     uri: str
     rows: int
     stats: StageStats
+    sha256: str = ""
+    resumed: bool = False
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -106,6 +115,33 @@ def write_table(table: pa.Table, uri: str, schema: pa.Schema | None = None, what
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as handle:
         pq.write_table(table, handle)
+    return uri
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> str:
+    """Replace a file so that a reader sees the old bytes or the new ones, never a partial write.
+
+    Local files go through a temporary sibling and an atomic rename; on object stores a single
+    PUT already is all-or-nothing (and there is no rename), so the object is written directly.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+        return uri
+    temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return uri
 
 

@@ -225,7 +225,9 @@ def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.
     out[c.JUDGE_P_CHOSEN] = pa.nulls(n, pa.float64())
     out[c.JUDGE_SWAP_AGREE] = pa.nulls(n, pa.bool_())
     out[c.PAIR_RULE] = pa.array([recipe.pairing.rule] * n, pa.string())
-    out[c.RECIPE_HASH] = pa.array([recipe.fingerprint()] * n, pa.string())
+    # Stamped at publication (steps.writer): a shard's pairs must not depend on, say, the filter settings,
+    # or changing the filter would redo the pairing (and its judge) on resume.
+    out[c.RECIPE_HASH] = pa.array([""] * n, pa.string())
     schema = pairs_schema(signals)
     return pa.Table.from_pydict({name: out[name] for name in schema.names}).cast(schema)
 

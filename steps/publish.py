@@ -1,18 +1,31 @@
-"""Publication order in one place: mark incomplete, shards, pictures, card, manifest last."""
+"""Publication order in one place: run-prefixed shards, pictures and stats, then card, manifest last."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from schemas.recipe import Recipe
 from schemas.records import dropped_schema, pairs_schema
-from steps import plots
+from steps import faults, plots
 from steps.base import read_table
-from steps.card import render_card, write_card
+from steps.card import render_card
 from steps.engines import resolve_model
 from steps.labeling import labeler_settings
-from steps.writer import begin_publication, score_summary, write_extra, write_manifest, write_split
+from steps.resume import CODE_VERSIONS, sha256_of
+from steps.writer import (
+    FORMAT_VERSION,
+    RUNS_DIR,
+    read_manifest,
+    remove_old_runs,
+    score_summary,
+    verify,
+    write_card_atomic,
+    write_extra,
+    write_manifest,
+    write_split,
+)
 
 IMAGES_DIR = "images"
 STATS_FILE = "stats.json"
@@ -41,6 +54,14 @@ def all_drops(stats: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def content_id(recipe: Recipe, uris: list[str]) -> str:
+    """The run id: what is published (recipe and input checksums), never when or by whom."""
+    digest = hashlib.sha256(f"{FORMAT_VERSION}:{CODE_VERSIONS['publish']}:{recipe.fingerprint()}".encode())
+    for uri in uris:
+        digest.update(f":{sha256_of(uri)}".encode())
+    return digest.hexdigest()[:16]
+
+
 def publish(
     recipe: Recipe,
     output: str,
@@ -48,35 +69,52 @@ def publish(
     stats: dict[str, Any],
     dropped_uris: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the dataset (kept pairs + dropped config), its pictures, card and finally its manifest."""
-    begin_publication(output)
+    """Publish one dataset version under ``runs/<run id>/``: data, pictures, stats, then card, manifest.
+
+    The run id names the content: publishing the same content again finds it already
+    there and writes nothing; a crashed attempt is redone into the same prefix,
+    overwriting its own partial files.
+    """
+    run_id = content_id(recipe, kept_uris + (dropped_uris or []))
+    previous = read_manifest(output)
+    if previous is not None and previous.get("run_id") == run_id:
+        try:
+            return verify(output)
+        except (OSError, ValueError):
+            pass  # a listed file changed since: publish again
+    prefix = f"{RUNS_DIR}/{run_id}"
     files = {}
-    files["train"], sample = write_split(output, "train", kept_uris, recipe, pairs_schema(recipe.signals))
+    pairs = pairs_schema(recipe.signals)
+    files["train"], sample = write_split(output, "train", kept_uris, recipe, pairs, prefix)
     dropped_schema_ = dropped_schema(recipe.signals)
     if dropped_uris:
-        files["dropped"], _ = write_split(output, "dropped", dropped_uris, recipe, dropped_schema_)
+        files["dropped"], _ = write_split(output, "dropped", dropped_uris, recipe, dropped_schema_, prefix)
     scores = score_summary(kept_uris, recipe)
     kept_rows = sum(f.rows for f in files["train"])
-    kept = _concat(
-        [read_table(u, pairs_schema(recipe.signals)) for u in kept_uris], pairs_schema(recipe.signals)
-    )
+    kept = _concat([read_table(u, pairs) for u in kept_uris], pairs)
     dropped = _concat([read_table(u, dropped_schema_) for u in dropped_uris or []], dropped_schema_)
     images, figures = plots.render_all(
         kept, dropped, recipe.signals, funnel_steps(stats, kept_rows), all_drops(stats)
     )
     stats = {**stats, "scores": scores, **figures}
-    extras = [write_extra(output, f"{IMAGES_DIR}/{name}", data) for name, data in images.items()]
+    extras = [write_extra(output, f"{prefix}/{IMAGES_DIR}/{name}", data) for name, data in images.items()]
     blob = json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-    extras.append(write_extra(output, STATS_FILE, blob))
+    extras.append(write_extra(output, f"{prefix}/{STATS_FILE}", blob))
+    faults.checkpoint("publish:data")
     engine = {
         "model_id": resolve_model(recipe.policy.model, recipe.policy.engine).model_id,
         "engine": recipe.policy.engine,
     }
     labelers = {cfg.name: labeler_settings(cfg) for cfg in recipe.labelers}
-    image_paths = {name: f"{IMAGES_DIR}/{name}" for name in images}
+    image_paths = {name: f"{prefix}/{IMAGES_DIR}/{name}" for name in images}
     card = render_card(recipe, files, stats, scores, sample, engine, labelers, image_paths)
-    write_card(output, card)
-    return write_manifest(output, files, recipe, stats, extras)
+    write_card_atomic(output, card)
+    faults.checkpoint("publish:card")
+    manifest = write_manifest(output, files, recipe, stats, extras, run_id)
+    faults.checkpoint("publish:manifest")
+    keep = {run_id} | ({previous["run_id"]} if previous and previous.get("run_id") else set())
+    remove_old_runs(output, keep)
+    return manifest
 
 
 def _concat(tables: list[Any], schema: Any) -> Any:

@@ -1,9 +1,15 @@
-"""Final shards in the Hugging Face layout, and the manifest that makes them a dataset.
+"""Final shards in the Hugging Face layout, published so that readers never see a mix.
 
-The manifest is written last and is the only statement that the dataset is
-complete: the first thing a write does is remove the old manifest, so a crash
-anywhere in between leaves a directory that says "incomplete", never one that
-looks finished with a mix of old and new shards.
+Every file of a dataset version goes under its own run prefix
+(``runs/<run id>/data/…``, ``runs/<run id>/images/…``); nothing at the root is
+touched until all of them are written. Then the card (``README.md``, whose
+``configs`` point at that prefix, so ``datasets`` reads exactly those files) and
+finally ``manifest.json`` replace the previous ones, each in one atomic write.
+A reader therefore sees the previous complete dataset or the new complete one:
+a crash before the card leaves the old card and files in place, untouched. The
+manifest is the statement of what the dataset is: only the files it lists belong
+to it (on object stores there is no rename, so leftovers of a crashed attempt may
+exist under an unlisted prefix; they are ignored and removed by the next publish).
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import pyarrow.parquet as pq
 from schemas import columns as c
 from schemas.recipe import Recipe
 from schemas.records import conform, pairs_schema
-from steps.base import join_uri, parquet_rows, read_table
+from steps.base import join_uri, parquet_rows, read_table, write_bytes_atomic
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
 DATA_DIR = "data"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+RUNS_DIR = "runs"
 
 
 def package_version() -> str:
@@ -79,30 +86,26 @@ def _rechunk(tables: Iterator[pa.Table], rows_per_shard: int) -> Iterator[pa.Tab
         yield pa.concat_tables(pending)
 
 
-def begin_publication(output: str) -> None:
-    """Mark the output incomplete before touching any file in it."""
-    fs, root = fsspec.core.url_to_fs(output)
-    fs.makedirs(root, exist_ok=True)
-    manifest = f"{root.rstrip('/')}/{MANIFEST}"
-    if fs.exists(manifest):
-        fs.rm(manifest)
-
-
 def write_split(
-    output: str, split: str, shard_uris: list[str], recipe: Recipe, schema: pa.Schema | None = None
+    output: str,
+    split: str,
+    shard_uris: list[str],
+    recipe: Recipe,
+    schema: pa.Schema | None = None,
+    prefix: str = "",
 ) -> tuple[list[WrittenFile], pa.Table]:
-    """Write one split's shards; returns the files and a small sample table for the card."""
+    """Write one split's shards under ``prefix``; returns the files and a one-row sample for the card.
+
+    The recipe hash is stamped here, at publication, so that no earlier stage's output
+    depends on settings that come after it.
+    """
     fs, root = fsspec.core.url_to_fs(output)
     root = root.rstrip("/")
     schema = schema or pairs_schema(recipe.signals)
     fmt = recipe.output.format
     ext = "parquet" if fmt == "parquet" else "arrow"
-    data_dir = f"{root}/{DATA_DIR}"
-    # Shards of an earlier run with a different shard count would otherwise linger.
-    if fs.exists(data_dir):
-        for old in fs.glob(f"{data_dir}/{split}-*"):
-            fs.rm(old)
-    fs.makedirs(data_dir, exist_ok=True)
+    data_dir = "/".join(p for p in (prefix.strip("/"), DATA_DIR) if p)
+    fs.makedirs(f"{root}/{data_dir}", exist_ok=True)
 
     total = sum(parquet_rows(uri) for uri in shard_uris)
     count = max(1, math.ceil(total / recipe.output.rows_per_shard))
@@ -110,17 +113,22 @@ def write_split(
     if not total:
         # `datasets` cannot read a 0-row Parquet/Arrow file, so an empty split has no file and no config.
         return [], schema.empty_table()
-    chunks = list(_rechunk(tables, recipe.output.rows_per_shard))
-    written = []
-    for index, chunk in enumerate(chunks):
-        name = f"{DATA_DIR}/{split}-{index:05d}-of-{count:05d}.{ext}"
+    stamp = recipe.fingerprint()
+    written, first = [], None
+    for index, chunk in enumerate(_rechunk(tables, recipe.output.rows_per_shard)):
+        name = f"{data_dir}/{split}-{index:05d}-of-{count:05d}.{ext}"
+        column = chunk.schema.get_field_index(c.RECIPE_HASH)
+        if column >= 0:
+            chunk = chunk.set_column(column, c.RECIPE_HASH, pa.array([stamp] * chunk.num_rows, pa.string()))
         blob = _encode(conform(chunk, schema, name), fmt)
         with fs.open(f"{root}/{name}", "wb") as handle:
             handle.write(blob)
         written.append(WrittenFile(name, chunk.num_rows, hashlib.sha256(blob).hexdigest(), len(blob)))
+        first = first if first is not None else chunk.slice(0, 1)
     if sum(f.rows for f in written) != total:
         raise RuntimeError(f"wrote {sum(f.rows for f in written)} rows of {total}: refusing to publish")
-    return written, chunks[0].slice(0, 1)
+    assert first is not None
+    return written, first
 
 
 def write_extra(output: str, relative: str, data: bytes) -> WrittenFile:
@@ -140,12 +148,14 @@ def write_manifest(
     recipe: Recipe,
     stats: dict[str, Any],
     extras: list[WrittenFile] | None = None,
+    run_id: str = "",
 ) -> dict[str, Any]:
-    """The last write of a run: lists every file of the dataset with its checksum."""
+    """The last write of a publication (atomic): lists every file of the dataset with its checksum."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "package": {"name": "prefsmith", "version": package_version()},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run_id": run_id,
         "recipe": {
             "name": recipe.name,
             "hash": recipe.fingerprint(),
@@ -157,11 +167,29 @@ def write_manifest(
         "card": CARD,
         "stats": stats,
     }
-    fs, root = fsspec.core.url_to_fs(output)
-    with fs.open(f"{root.rstrip('/')}/{MANIFEST}", "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True, ensure_ascii=False)
-        handle.write("\n")
+    blob = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+    write_bytes_atomic(join_uri(output, MANIFEST), blob)
     return manifest
+
+
+def write_card_atomic(output: str, text: str) -> None:
+    """Replace the card in one step: it names the files ``datasets`` reads, so it must never be partial."""
+    write_bytes_atomic(join_uri(output, CARD), text.encode("utf-8"))
+
+
+def remove_old_runs(output: str, keep: set[str]) -> list[str]:
+    """Delete run prefixes no manifest points at any more (the previous one is kept for readers mid-read)."""
+    fs, root = fsspec.core.url_to_fs(output)
+    runs = f"{root.rstrip('/')}/{RUNS_DIR}"
+    if not fs.exists(runs):
+        return []
+    removed = []
+    for entry in fs.ls(runs, detail=False):
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if name not in keep:
+            fs.rm(str(entry), recursive=True)
+            removed.append(name)
+    return removed
 
 
 def read_manifest(output: str) -> dict[str, Any] | None:

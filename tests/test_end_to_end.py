@@ -35,6 +35,7 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     return env
 
 
@@ -95,9 +96,10 @@ def test_output_layout_and_loading(runs: dict[str, object]) -> None:
     out = runs["a"]
     assert isinstance(out, Path)
     assert (out / "README.md").is_file() and (out / "manifest.json").is_file()
-    assert list((out / "data").glob("train-*.parquet"))
-    ds = datasets.load_dataset(str(out), split="train")
     manifest = json.loads((out / "manifest.json").read_text())
+    run = out / "runs" / manifest["run_id"]
+    assert list((run / "data").glob("train-*.parquet"))
+    ds = datasets.load_dataset(str(out), split="train")
     assert ds.num_rows == manifest["splits"]["train"] >= 1
     row = ds[0]
     assert row["prompt"][-1]["role"] == "user"
@@ -114,8 +116,8 @@ def test_output_layout_and_loading(runs: dict[str, object]) -> None:
         assert dropped.num_rows == n_dropped and all(dropped["drop_reason"])
     assert ds.num_rows + n_dropped == manifest["stats"]["stages"]["pairing"]["rows_out"]
     for name in ("funnel", "signals", "agreement", "margins", "length_vs_score"):
-        assert (out / "images" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
-        assert f"images/{name}.png" in card.text
+        assert (run / "images" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+        assert f"runs/{manifest['run_id']}/images/{name}.png" in card.text
     for column in (
         "agreement",
         "strength_mean",
@@ -125,14 +127,17 @@ def test_output_layout_and_loading(runs: dict[str, object]) -> None:
         "judge_swap_agree",
     ):
         assert column in ds.column_names
-    assert (out / "stats.json").is_file()
+    assert (run / "stats.json").is_file()
 
 
 def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, object]) -> None:
     out = runs["a"]
     assert isinstance(out, Path)
-    work = next((out / ".work").iterdir())
-    labels = pq.read_table(next((work / "labels").glob("*.parquet"))).to_pylist()
+    labels = [
+        row
+        for shard in sorted((out / ".work" / "labels").glob("*.data.parquet"))
+        for row in pq.read_table(shard).to_pylist()
+    ]
     by_prompt: dict[str, set[float]] = {}
     for label in labels:
         if label[c.SCORE] is not None:

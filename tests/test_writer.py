@@ -56,7 +56,8 @@ def test_reshards_without_losing_rows_and_loads_with_datasets(tmp_path: Path) ->
     uris = pair_shards(tmp_path, recipe, [["a", "b"], ["c", "d", "e"], [], ["f", "g"]])
     out = tmp_path / "out"
     manifest = publish(recipe, str(out), uris, STATS)
-    names = sorted(p.name for p in (out / "data").iterdir())
+    data = out / "runs" / manifest["run_id"] / "data"
+    names = sorted(p.name for p in data.iterdir())
     assert names == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
     assert [f["rows"] for f in manifest["files"]] == [3, 3, 1]
     assert manifest["splits"] == {"train": 7}
@@ -73,8 +74,8 @@ def test_reshards_without_losing_rows_and_loads_with_datasets(tmp_path: Path) ->
 def test_arrow_format_loads(tmp_path: Path) -> None:
     recipe = make_recipe(output={"format": "arrow"})
     out = tmp_path / "out"
-    publish(recipe, str(out), pair_shards(tmp_path, recipe, [["a", "b"]]), STATS)
-    assert (out / "data" / "train-00000-of-00001.arrow").is_file()
+    manifest = publish(recipe, str(out), pair_shards(tmp_path, recipe, [["a", "b"]]), STATS)
+    assert (out / "runs" / manifest["run_id"] / "data" / "train-00000-of-00001.arrow").is_file()
     assert datasets.load_dataset(str(out), split="train").num_rows == 2
 
 
@@ -83,18 +84,18 @@ def test_zero_pairs_publish_card_and_manifest_without_unreadable_files(tmp_path:
     out = tmp_path / "out"
     manifest = publish(recipe, str(out), pair_shards(tmp_path, recipe, [[]]), STATS)
     assert manifest["splits"] == {"train": 0} and manifest["files"] == []
-    assert not list((out / "data").glob("train-*"))  # no unreadable 0-row file
+    assert not list(out.rglob("train-*"))  # no unreadable 0-row file
     assert "No pairs were produced" in (out / "README.md").read_text()
 
 
-def test_crash_mid_write_leaves_no_manifest_and_stale_shards_go(
+def test_crash_mid_write_keeps_the_previous_dataset_and_old_runs_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipe = make_recipe(output={"rows_per_shard": 1})
     out = tmp_path / "out"
     uris = pair_shards(tmp_path, recipe, [["a", "b", "c"]])
-    publish(recipe, str(out), uris, STATS)
-    assert (out / "manifest.json").is_file()
+    first = publish(recipe, str(out), uris, STATS)
+    card = (out / "README.md").read_bytes()
 
     calls = {"n": 0}
     real = writer._encode
@@ -106,19 +107,31 @@ def test_crash_mid_write_leaves_no_manifest_and_stale_shards_go(
         return real(table, fmt)  # type: ignore[arg-type]
 
     monkeypatch.setattr(writer, "_encode", explode)
+    smaller = make_recipe(output={"rows_per_shard": 2})
     with pytest.raises(OSError, match="disk full"):
-        publish(recipe, str(out), uris, STATS)
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(FileNotFoundError, match="incomplete"):
-        writer.verify(str(out))
+        publish(smaller, str(out), uris, STATS)
+    assert writer.verify(str(out)) == first and (out / "README.md").read_bytes() == card
+    assert datasets.load_dataset(str(out), split="train", download_mode="force_redownload").num_rows == 3
 
     monkeypatch.setattr(writer, "_encode", real)
-    smaller = make_recipe(output={"rows_per_shard": 2})
-    publish(smaller, str(out), uris, STATS)
-    assert sorted(p.name for p in (out / "data").iterdir()) == [
+    second = publish(smaller, str(out), uris, STATS)
+    assert [f["path"].rsplit("/", 1)[-1] for f in second["files"]] == [
         "train-00000-of-00002.parquet",
         "train-00001-of-00002.parquet",
     ]
+    third = publish(make_recipe(output={"rows_per_shard": 3}), str(out), uris, STATS)
+    assert {p.name for p in (out / "runs").iterdir()} == {second["run_id"], third["run_id"]}
+    assert (out / "runs" / first["run_id"]).exists() is False
+
+
+def test_publishing_the_same_content_twice_writes_nothing(tmp_path: Path) -> None:
+    recipe = make_recipe()
+    out = tmp_path / "out"
+    uris = pair_shards(tmp_path, recipe, [["a", "b"]])
+    first = publish(recipe, str(out), uris, STATS)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert publish(recipe, str(out), uris, STATS) == first
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
 
 
 def test_verify_detects_changed_shard(tmp_path: Path) -> None:

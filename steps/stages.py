@@ -1,0 +1,136 @@
+"""Each stage of the data path as a resumable shard job: what its key is made of, and how it runs.
+
+The steps themselves (``steps.sampling``, ``steps.labeling``, ``steps.pairing``,
+``steps.consistency``) know nothing about resuming; this module says, per stage,
+which settings shape its output (they go into the shard key, see
+``steps.resume``) and hands the step the URIs to write. Labels are kept per
+labeler, so adding or changing one signal recomputes that signal only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.recipe import Recipe
+from schemas.records import LABELS, PROMPTS, RESPONSES
+from steps.base import ShardResult, StageStats, parquet_rows, read_table, write_table
+from steps.consistency import consistency_stage
+from steps.engines import resolve_model
+from steps.labeling import build_labeler
+from steps.pairing import pair_shard
+from steps.prompts import load_prompts
+from steps.resume import Done, WorkArea, shaping_settings
+from steps.sampling import sample_shard
+
+
+def _dump(model: Any) -> Any:
+    return shaping_settings(model.model_dump(mode="json"))
+
+
+def prompt_shards(recipe: Recipe, area: WorkArea) -> tuple[list[ShardResult], StageStats]:
+    """Read and split the prompts (cheap, redone every run); a shard's key is its content."""
+    table, stats = load_prompts(recipe.prompts, recipe.limit)
+    size = recipe.output.prompts_per_shard
+    shards = []
+    for start in range(0, table.num_rows, size):
+        shard = table.slice(start, size)
+        content = json.dumps(shard.to_pylist(), sort_keys=True, ensure_ascii=False, default=str)
+        key = area.key("prompts", {}, [hashlib.sha256(content.encode()).hexdigest()])
+
+        def compute(files: dict[str, str], shard: pa.Table = shard) -> Any:
+            write_table(shard, files["data"], PROMPTS, what="prompts")
+            part = StageStats("prompts", rows_in=shard.num_rows, rows_out=shard.num_rows)
+            return part, {"data": shard.num_rows}, {}
+
+        shards.append(area.run("prompts", key, compute).result())
+    return shards, stats
+
+
+def sampling_settings(recipe: Recipe) -> dict[str, Any]:
+    model = resolve_model(recipe.policy.model, recipe.policy.engine)
+    return {"policy": _dump(recipe.policy), "model_id": model.model_id, "sampling": _dump(recipe.sampling)}
+
+
+def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
+    key = area.key("sampling", sampling_settings(recipe), [prompts.sha256])
+
+    def compute(files: dict[str, str]) -> Any:
+        result = sample_shard(recipe, prompts.uri, files["data"])
+        return result.stats, {"data": result.rows}, {}
+
+    return area.run("sampling", key, compute).result()
+
+
+def label(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> ShardResult:
+    """Every labeler's scores for one shard, each labeler its own resumable part, merged into one table."""
+    parts: list[tuple[str, Done]] = []
+    for config in recipe.labelers:
+        stage = f"label:{config.kind}"
+        key = area.key(stage, _dump(config), [prompts.sha256, responses.sha256])
+
+        def compute(files: dict[str, str], config: Any = config) -> Any:
+            table, stats = build_labeler(config).label(
+                read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES)
+            )
+            write_table(table, files["data"], LABELS, what=f"labels of {config.name}")
+            return stats, {"data": table.num_rows}, {}
+
+        parts.append((config.name, area.run(stage, key, compute)))
+
+    total = StageStats("labeling", rows_in=responses.rows)
+    for name, part in parts:
+        total.drops.update({f"{name}:{k}": v for k, v in part.stats.drops.items()})
+        total.examples.update({f"{name}:{k}": v for k, v in part.stats.examples.items()})
+        total.counts[f"{name}:scored"] += part.stats.rows_out
+        total.seconds += part.stats.seconds
+    key = area.key("labels", [name for name, _ in parts], [part.checksums["data"] for _, part in parts])
+
+    def merge(files: dict[str, str]) -> Any:
+        tables = [read_table(part.files["data"], LABELS) for _, part in parts]
+        merged = pa.concat_tables(tables) if tables else LABELS.empty_table()
+        write_table(merged, files["data"], LABELS, what="labels")
+        total.rows_out = merged.num_rows
+        return total, {"data": merged.num_rows}, {}
+
+    return area.run("labels", key, merge).result()
+
+
+def pairing_settings(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "pairing": _dump(recipe.pairing),
+        "weights": {labeler.name: labeler.weight for labeler in recipe.labelers},
+        "seed": recipe.sampling.seed,
+        "rank_signals": recipe.consistency.rank_signals,
+    }
+
+
+def pair(
+    recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult, labels: ShardResult
+) -> ShardResult:
+    key = area.key("pairing", pairing_settings(recipe), [prompts.sha256, responses.sha256, labels.sha256])
+
+    def compute(files: dict[str, str]) -> Any:
+        result = pair_shard(recipe, prompts.uri, responses.uri, labels.uri, files["data"])
+        return result.stats, {"data": result.rows}, {}
+
+    return area.run("pairing", key, compute).result()
+
+
+def filter_pairs(
+    recipe: Recipe, area: WorkArea, pairs: list[ShardResult]
+) -> tuple[ShardResult, ShardResult, dict[str, Any]]:
+    """The consistency rules over all candidate pairs: kept and dropped shards plus the length report."""
+    settings = {"consistency": _dump(recipe.consistency), "signals": recipe.signals}
+    key = area.key("consistency", settings, [p.sha256 for p in pairs])
+
+    def compute(files: dict[str, str]) -> Any:
+        stats, report = consistency_stage(recipe, [p.uri for p in pairs], files["kept"], files["dropped"])
+        rows = {role: parquet_rows(uri) for role, uri in files.items()}
+        return stats, rows, {"length": report}
+
+    done = area.run("consistency", key, compute, roles=("kept", "dropped"))
+    return done.result("kept"), done.result("dropped"), done.extra["length"]
