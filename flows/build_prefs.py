@@ -24,7 +24,7 @@ from schemas.recipe import Recipe, RecipeError, load_recipe
 from steps import stages
 from steps.base import ShardResult, StageStats, join_uri, merge_stats
 from steps.engines import ModelSpecError, resolve_model
-from steps.hub import push_dataset
+from steps.hub import HubError, push_dataset
 from steps.labeling import preflight
 from steps.prompts import PromptSourceError, source_label
 from steps.publish import funnel_steps, publish
@@ -273,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ModelSpecError, PromptSourceError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except HubError as exc:
+        print(
+            f"error: {exc}\nThe dataset itself is complete; rerun the same command to push again "
+            "(finished work is reused, nothing is recomputed).",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as exc:
         print(f"error: {write_failure_message(exc)}", file=sys.stderr)
         return 1

@@ -304,3 +304,32 @@ def test_unwritable_output_fails_before_any_model_loads(
     assert "is not writable" in err and str(blocker / "out") in err
     assert bp.main(["--recipe", write_recipe(tmp_path), "--work", str(blocker / "work")]) == 2
     assert "work location" in capsys.readouterr().err
+
+
+def test_token_never_reaches_outputs_logs_or_prefect(
+    tmp_path: Path,
+    engine: FakeEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    prefect_home: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A planted token must not appear in the dataset, the work files, the logs or Prefect's database."""
+    from steps import hub
+    from tests.test_hub import SignatureCheckedApi
+
+    secret = "hf_PLANTEDfaketoken0123456789abcdefXYZ"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    api = SignatureCheckedApi()
+    real_client = hub.HfHubClient
+    monkeypatch.setattr(hub, "HfHubClient", lambda: real_client(api))
+    out = tmp_path / "out"
+    assert bp.main(["--recipe", write_recipe(tmp_path), "--output", str(out), "--push-to-hub", "org/prefs"]) == 0
+    assert "README.md" in api.files and "manifest.json" in api.files
+    captured = capsys.readouterr()
+    places = {"stdout": captured.out.encode(), "stderr": captured.err.encode()}
+    places.update({f"hub:{path}": data for path, data in api.files.items()})
+    for root in (out, prefect_home):
+        places.update({str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()})
+    assert any("prefect.db" in name for name in places), "Prefect's database must be among the scanned files"
+    leaks = [name for name, data in places.items() if secret.encode() in data]
+    assert not leaks, f"token found in {leaks}"
