@@ -175,3 +175,14 @@ def test_md_and_fence_helpers() -> None:
     assert md("a|b <i>") == "a\\|b \\<i\\>"
     assert md("line\nbreak") == "line break"
     assert fence("x ```` y").startswith("`````")
+
+
+def test_rebuilt_dataset_in_the_same_folder_is_not_served_from_the_datasets_cache(tmp_path: Path) -> None:
+    """`datasets` caches a local folder by name; new run prefixes give a rebuilt dataset new file paths."""
+    recipe = make_recipe()
+    out = tmp_path / "same-name"
+    publish(recipe, str(out), pair_shards(tmp_path / "v1", recipe, [["a", "b", "c"]]), STATS)
+    assert datasets.load_dataset(str(out), split="train").num_rows == 3
+    publish(recipe, str(out), pair_shards(tmp_path / "v2", recipe, [["d", "e"]]), STATS)
+    again = datasets.load_dataset(str(out), split="train")
+    assert [p[0]["content"] for p in again["prompt"]] == ["d", "e"]
