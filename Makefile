@@ -29,5 +29,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Side-by-side benchmarks (issue 7): one table + outputs/bench/*.json; ~25 min on 2 cores.
+bench: $(STAMP)
+	$(VPY) -m bench
+
 clean:
 	rm -rf $(VENV) outputs

@@ -1,0 +1,256 @@
+"""Scaling and memory: 10k → 50k → 200k prompts × 4 responses through the real stages.
+
+The policy is the null engine (instant canned answers), so what is measured is the
+pipeline's own cost: prompt loading, sampling bookkeeping, BLEU labels, pairing,
+consistency and publication. Every stage of every size runs in a fresh process that
+reports its own peak RSS, so one size or stage cannot inflate another's number. A stage
+that streams shard by shard keeps a flat peak as prompts grow; one that gathers
+everything grows with them, and the table names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import DEFAULT_OUT, Row, finish, log, parser, peak_rss_mib, ratio, run_measured
+
+NAME = "scaling"
+STAGES = ("prompts", "sampling", "labeling", "pairing", "consistency", "publish")
+FULL_SIZES = (10_000, 50_000, 200_000)
+QUICK_SIZES = (100, 400)
+GROWTH_TARGET = 1.5  # peak RSS at the largest size over the smallest; "flat" below this
+
+
+def _recipe(quick: bool) -> Any:
+    from schemas.recipe import OutputConfig, Recipe
+
+    # 1000 prompts per shard: the default 16 is sized for model-bound stages, and 12,500 shards of
+    # canned answers would measure file-system overhead instead of the pipeline.
+    per_shard = 50 if quick else 1_000
+    return Recipe(name="bench-scaling", output=OutputConfig(prompts_per_shard=per_shard))
+
+
+# ------------------------------------------------------------------ worker (one stage, one process)
+
+
+def _shards(work: Path, stage: str) -> list[str]:
+    return sorted(str(p) for p in (work / stage).glob("shard-*.parquet"))
+
+
+def _save_stats(work: Path, stage: str, stats: Any) -> None:
+    (work / "stats").mkdir(exist_ok=True)
+    (work / "stats" / f"{stage}.json").write_text(json.dumps(stats.to_dict()))
+
+
+def _run_stage(stage: str, work: Path, quick: bool) -> int:
+    """Run one stage over every shard with the pipeline's own functions; returns rows produced."""
+    from schemas.recipe import FilePrompts
+    from schemas.records import PROMPTS
+    from steps.base import merge_stats, shard_uri, write_table
+
+    recipe = _recipe(quick)
+    if stage == "prompts":
+        from steps.prompts import load_prompts
+
+        table, stats = load_prompts(FilePrompts(source="file", uri=str(work / "source.jsonl")))
+        size = recipe.output.prompts_per_shard
+        for i, start in enumerate(range(0, table.num_rows, size)):
+            write_table(table.slice(start, size), shard_uri(str(work), "prompts", i), PROMPTS, what="prompts")
+        _save_stats(work, stage, stats)
+        return table.num_rows
+    prompts = _shards(work, "prompts")
+    if stage == "sampling":
+        import steps.sampling as sampling
+        from bench.data import NullEngine
+
+        engine = NullEngine()
+        # The engine is the boundary being replaced: sample_shard itself runs unchanged.
+        sampling.load_engine = lambda policy: engine  # type: ignore[assignment]
+        results = [
+            sampling.sample_shard(recipe, p, shard_uri(str(work), "responses", i))
+            for i, p in enumerate(prompts)
+        ]
+    elif stage == "labeling":
+        from steps.labeling import label_shard
+
+        responses = _shards(work, "responses")
+        results = [
+            label_shard(recipe, p, r, shard_uri(str(work), "labels", i))
+            for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
+        ]
+    elif stage == "pairing":
+        from steps.pairing import pair_shard
+
+        triples = zip(prompts, _shards(work, "responses"), _shards(work, "labels"), strict=True)
+        results = [
+            pair_shard(recipe, p, r, lab, shard_uri(str(work), "pairs", i))
+            for i, (p, r, lab) in enumerate(triples)
+        ]
+    elif stage == "consistency":
+        from steps.consistency import consistency_stage
+
+        kept, dropped = shard_uri(str(work), "kept", 0), shard_uri(str(work), "dropped", 0)
+        stats, report = consistency_stage(recipe, _shards(work, "pairs"), kept, dropped)
+        (work / "length.json").write_text(json.dumps(report))
+        _save_stats(work, stage, stats)
+        return stats.rows_out
+    elif stage == "publish":
+        from steps.publish import publish
+
+        stages = {s: json.loads((work / "stats" / f"{s}.json").read_text()) for s in STAGES[:-1]}
+        stats = {
+            "prompts": {"source": "bench:scaling"},
+            "stages": stages,
+            "length": json.loads((work / "length.json").read_text()),
+        }
+        manifest = publish(
+            recipe, str(work / "dataset"), _shards(work, "kept"), stats, _shards(work, "dropped")
+        )
+        return int(manifest["splits"].get("train", 0))
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    _save_stats(work, stage, merge_stats(stage, [r.stats for r in results]))
+    return sum(r.rows for r in results)
+
+
+def worker(stage: str, work: Path, quick: bool) -> None:
+    base = peak_rss_mib()  # interpreter + pipeline imports, before any data
+    start = time.perf_counter()
+    rows = _run_stage(stage, work, quick)
+    result = {
+        "stage": stage,
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+        "import_rss_mib": base,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    (work / f"result-{stage}.json").write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _write_source(path: Path, size: int) -> None:
+    from bench.data import prompts_table
+    from schemas import columns as c
+
+    table = prompts_table(size)
+    with path.open("w", encoding="utf-8") as handle:
+        for messages, refs in zip(
+            table.column(c.MESSAGES).to_pylist(), table.column(c.REFERENCES).to_pylist(), strict=True
+        ):
+            handle.write(json.dumps({"prompt": messages, "references": refs}, ensure_ascii=False) + "\n")
+
+
+def measure_size(size: int, scratch: Path, quick: bool) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"scaling-{size}-", dir=scratch))
+    try:
+        _write_source(work / "source.jsonl", size)
+        stages: dict[str, Any] = {}
+        wall = time.perf_counter()
+        for stage in STAGES:
+            cmd = [sys.executable, "-m", "bench.scaling", "--worker", stage, "--work", str(work)]
+            outcome = run_measured([*cmd, *(["--quick"] if quick else [])])
+            if outcome["returncode"] != 0:
+                raise RuntimeError(
+                    f"scaling stage {stage} at {size} prompts failed:\n{outcome['stderr'][-3000:]}"
+                )
+            result = json.loads((work / f"result-{stage}.json").read_text())
+            result["process_seconds"] = outcome["seconds"]
+            stages[stage] = result
+            log(
+                f"scaling {size:>7,}: {stage:<11} {result['seconds']:7.1f}s  "
+                f"peak {result['peak_rss_mib']:6.0f} MiB  rows {result['rows']:,}"
+            )
+        wall = time.perf_counter() - wall
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    peak_stage = max(stages, key=lambda s: stages[s]["peak_rss_mib"])
+    return {
+        "prompts": size,
+        "stage_seconds": sum(s["seconds"] for s in stages.values()),
+        "wall_seconds": wall,  # including one interpreter start and import per stage
+        "peak_rss_mib": stages[peak_stage]["peak_rss_mib"],
+        "peak_stage": peak_stage,
+        "stages": stages,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    sizes = tuple(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
+    scratch = Path(args.out or DEFAULT_OUT) / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    results = [measure_size(size, scratch, args.quick) for size in sizes]
+    small, large = results[0], results[-1]
+    growth = {
+        stage: ratio(large["stages"][stage]["peak_rss_mib"], small["stages"][stage]["peak_rss_mib"])
+        for stage in STAGES
+    }
+    growing = [s for s, g in growth.items() if g is not None and g > GROWTH_TARGET]
+    recipe = _recipe(args.quick)
+    rows = [
+        Row(
+            NAME,
+            "wall time, all stages (null engine)",
+            f"{r['prompts']:,} prompts × 4",
+            r["stage_seconds"],
+            None,
+            "s",
+            None,
+            note=f"peak RSS {r['peak_rss_mib']:.0f} MiB in {r['peak_stage']}; "
+            f"{r['prompts'] / r['stage_seconds']:,.0f} prompts/s",
+        )
+        for r in results
+    ]
+    rows.append(
+        Row(
+            NAME,
+            "peak RSS growth, largest / smallest size",
+            f"{small['prompts']:,} → {large['prompts']:,} prompts",
+            large["peak_rss_mib"],
+            small["peak_rss_mib"],
+            "MiB",
+            ratio(large["peak_rss_mib"], small["peak_rss_mib"]),
+            target=GROWTH_TARGET,
+            direction="<=",
+            note="grows in: " + (", ".join(f"{s} {growth[s]:.1f}×" for s in growing) if growing else "none"),
+        )
+    )
+    details = {
+        "sizes": list(sizes),
+        "responses_per_prompt": recipe.sampling.n,
+        "prompts_per_shard": recipe.output.prompts_per_shard,
+        "rows_per_file": recipe.output.rows_per_shard,
+        "labelers": recipe.signals,
+        "results": results,
+        "peak_growth_by_stage": growth,
+        "stages_not_flat": growing,
+    }
+    return finish(NAME, args, rows, details, started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(NAME, __doc__ or "")
+    p.add_argument(
+        "--sizes", type=int, nargs="+", help="prompt counts (default 10k 50k 200k; --quick 100 400)"
+    )
+    p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.work, args.quick)
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
