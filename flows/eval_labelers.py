@@ -124,7 +124,8 @@ def build_tables(
             row = {
                 c.PROMPT_ID: pair.pid, c.RESPONSE_ID: ids[index], c.SAMPLE_INDEX: index, c.TEXT: text,
                 c.FINISH_REASON: "stop", c.TRUNCATED: False, c.IS_EMPTY: not text.strip(),
-                c.NUM_TOKENS: _words(text), c.PROMPT_TOKENS: prompt_tokens, c.POLICY_MODEL: "human-pairs",
+                c.NUM_TOKENS: _words(text), c.PROMPT_TOKENS: prompt_tokens, c.PROMPT_TURNS_DROPPED: 0,
+                c.POLICY_MODEL: "human-pairs",
                 c.ENGINE: "none", c.TEMPERATURE: 0.0, c.TOP_P: 1.0, c.MAX_TOKENS: _words(text), c.SEED: 0,
             }  # fmt: skip
             for name, value in row.items():

@@ -22,6 +22,8 @@ TRUNCATED = "truncated"
 IS_EMPTY = "is_empty"
 NUM_TOKENS = "num_tokens"
 PROMPT_TOKENS = "prompt_tokens"
+# Oldest non-system messages left out so the prompt fit the context (sampling.too_long: truncate_left)
+PROMPT_TURNS_DROPPED = "prompt_turns_dropped"
 POLICY_MODEL = "policy_model"
 ENGINE = "engine"
 TEMPERATURE = "temperature"

@@ -159,6 +159,18 @@ class SamplingConfig(_Strict):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
+    too_long: Literal["drop", "truncate_left"] = Field(
+        "drop",
+        description="a prompt longer than the policy's context: drop it (reason prompt_too_long), or leave "
+        "out its oldest turns until the last user turn and max_tokens fit (counted, and marked per row)",
+    )
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _two_or_more(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+            raise ValueError(f"{value} response(s) per prompt cannot make a pair; use n >= 2 (default 4)")
+        return value
 
     @field_validator("temperature")
     @classmethod

@@ -35,6 +35,7 @@ RESPONSES = pa.schema(
         pa.field(c.IS_EMPTY, pa.bool_(), nullable=False),
         pa.field(c.NUM_TOKENS, pa.int32(), nullable=False),
         pa.field(c.PROMPT_TOKENS, pa.int32(), nullable=False),
+        pa.field(c.PROMPT_TURNS_DROPPED, pa.int32(), nullable=False),
         pa.field(c.POLICY_MODEL, pa.string(), nullable=False),
         pa.field(c.ENGINE, pa.string(), nullable=False),
         pa.field(c.TEMPERATURE, pa.float64(), nullable=False),
@@ -78,6 +79,8 @@ _PAIR_TAIL = [
     pa.field(c.TEMPERATURE, pa.float64(), nullable=False),
     pa.field(c.TOP_P, pa.float64(), nullable=False),
     pa.field(c.MAX_TOKENS, pa.int32(), nullable=False),
+    # >0: the prompt above is the conversation the policy saw, its oldest turns left out
+    pa.field(c.PROMPT_TURNS_DROPPED, pa.int32(), nullable=False),
     pa.field(c.JUDGE_P_CHOSEN, pa.float64()),
     pa.field(c.JUDGE_SWAP_AGREE, pa.bool_()),
     pa.field(c.AGREEMENT, pa.float64()),

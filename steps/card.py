@@ -17,7 +17,8 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import yaml
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from jinja2 import FileSystemLoader, StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from schemas import columns as c
 from schemas.recipe import Recipe
@@ -111,7 +112,9 @@ def render_card(
     labeler_settings: dict[str, dict[str, Any]],
     images: dict[str, str] | None = None,
 ) -> str:
-    env = Environment(
+    # A sandbox, although only our own template is ever compiled: user strings reach it as data
+    # (never as template source), and the sandbox keeps even a bad template from calling into Python.
+    env = ImmutableSandboxedEnvironment(
         loader=FileSystemLoader(TEMPLATES),
         undefined=StrictUndefined,
         autoescape=False,  # Markdown, not HTML: escaping is explicit through md/fence

@@ -162,10 +162,12 @@ class PointwiseJudge(Labeler):
             ratings = [parse_score(j.text) for j in result]
             parsed = [r for r in ratings if r is not None]
             details = {"ratings": ratings, "parsed": len(parsed), "judged": len(ratings)}
+            missed = len(ratings) - len(parsed)
+            unparsed = {"judgement_unparseable": missed} if missed else {}
             if not parsed:
-                scores.append(Score(None, "judge_unparseable", details))
-            else:
-                scores.append(Score(fmean(parsed), details=details))
+                scores.append(Score(None, "judge_unparseable", details, unparsed))
+            else:  # the unparsed verdicts are left out of the mean, never read as a rating
+                scores.append(Score(fmean(parsed), details=details, counts=unparsed))
         return scores
 
 
@@ -197,6 +199,9 @@ def judge_pairs(engine: Any, jobs: Sequence[tuple[Sequence[Message], str, str]])
             continue
         p_ab = normalised(ab)[" A"]
         p_ba = normalised(ba)[" B"]
+        if not (math.isfinite(p_ab) and math.isfinite(p_ba)):  # NaN/inf log-probs: no verdict, not 0.5
+            verdicts.append(Failed("non_finite_verdict", f"option log-probs {ab} / {ba}"))
+            continue
         verdicts.append(Verdict((p_ab + p_ba) / 2, (p_ab > 0.5) == (p_ba > 0.5), p_ab, p_ba))
     return verdicts
 

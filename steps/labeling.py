@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import yaml
 
 from schemas import columns as c
 from schemas.recipe import (
@@ -25,17 +26,26 @@ from schemas.recipe import (
     PairwiseJudgeLabeler,
     PointwiseJudgeLabeler,
     Recipe,
+    RecipeError,
 )
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, read_table, write_table
 from steps.bleu import BleuScorer
+from steps.engines.context import truncated
 
 
 @dataclass(frozen=True)
 class Score:
+    """A response's score, or None with the reason; ``counts`` are events worth a line in the stats.
+
+    (A judge that parsed 2 of 3 sampled verdicts still scores, but the third
+    verdict is dropped, never defaulted: ``counts={"judgement_unparseable": 1}``.)
+    """
+
     value: float | None
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def regroup(items: list[tuple[dict[str, Any], list[str]]], flat: list[Score]) -> list[list[Score]]:
@@ -66,20 +76,28 @@ class Labeler(ABC):
     def label(self, prompts: pa.Table, responses: pa.Table) -> tuple[pa.Table, StageStats]:
         stats = StageStats(f"label:{self.signal}", rows_in=responses.num_rows)
         by_prompt: dict[str, list[tuple[str, str]]] = {}
-        for pid, rid, text in zip(
+        turns_dropped: dict[str, int] = {}
+        for pid, rid, text, dropped in zip(
             responses.column(c.PROMPT_ID).to_pylist(),
             responses.column(c.RESPONSE_ID).to_pylist(),
             responses.column(c.TEXT).to_pylist(),
+            responses.column(c.PROMPT_TURNS_DROPPED).to_pylist(),
             strict=True,
         ):
             by_prompt.setdefault(pid, []).append((rid, text))
+            turns_dropped[pid] = dropped
         rows: dict[str, list[Any]] = {name: [] for name in LABELS.names}
-        items = [(p, by_prompt[p[c.PROMPT_ID]]) for p in prompts.to_pylist() if p[c.PROMPT_ID] in by_prompt]
+        items = [
+            (as_seen(p, turns_dropped[p[c.PROMPT_ID]]), by_prompt[p[c.PROMPT_ID]])
+            for p in prompts.to_pylist()
+            if p[c.PROMPT_ID] in by_prompt
+        ]
         all_scores = self.score_prompts([(p, [text for _, text in group]) for p, group in items])
         for (prompt, group), scores in zip(items, all_scores, strict=True):
             if len(scores) != len(group):
                 raise RuntimeError(f"labeler {self.signal} returned {len(scores)} scores for {len(group)}")
             for (rid, _), score in zip(group, scores, strict=True):
+                stats.counts.update(score.counts)
                 value, reason = score.value, score.reason
                 if value is not None and not math.isfinite(value):
                     value, reason = None, "non_finite_score"
@@ -96,6 +114,13 @@ class Labeler(ABC):
         stats.rows_out = table.num_rows - table.column(c.SCORE).null_count
         stats.counts["scored"] = stats.rows_out
         return table, stats
+
+
+def as_seen(prompt: dict[str, Any], turns_dropped: int) -> dict[str, Any]:
+    """The prompt row with the conversation the policy answered (its oldest turns left out, if any)."""
+    if not turns_dropped:
+        return prompt
+    return {**prompt, c.MESSAGES: truncated(prompt[c.MESSAGES], turns_dropped)}
 
 
 class BleuLabel(Labeler):
@@ -157,25 +182,45 @@ def labeler_settings(config: LabelerConfig) -> dict[str, Any]:
 
 
 def preflight(recipe: Recipe) -> None:
-    """Everything a labeler needs that can be checked without loading a model."""
-    from steps.engines import resolve_model
+    """Everything the run needs that can be checked without loading a model; errors name the recipe key.
+
+    Covers every model of the recipe (policy, labelers, pair judge) and the
+    follow-up sets, so a typo in the fourth labeler fails in milliseconds, not
+    after the policy has sampled every prompt.
+    """
+    from steps.engines import ModelSpecError, resolve_model
     from steps.follow_up import load_followups
 
-    for config in recipe.labelers:
-        if isinstance(config, FollowUpLabeler):
-            load_followups(config)
-        for model in models_of(config):
+    for key, model in recipe_models(recipe):
+        try:
             resolve_model(model.model, model.engine)
+        except ModelSpecError as exc:
+            raise ModelSpecError(f"{key}: {exc}") from None
+    for i, config in enumerate(recipe.labelers):
+        if isinstance(config, FollowUpLabeler):
+            try:
+                load_followups(config)
+            except yaml.YAMLError as exc:
+                raise RecipeError(
+                    f"labelers.{i}.followups: {config.followups!r} is not valid YAML "
+                    f"(only plain YAML is read, no Python tags): {exc}"
+                ) from None
+
+
+def recipe_models(recipe: Recipe) -> list[tuple[str, ModelConfig]]:
+    """Every model the recipe would load, with the key path that names it."""
+    found = [("policy.model", recipe.policy)]
+    for i, config in enumerate(recipe.labelers):
+        if isinstance(config, DensityRatioLabeler):
+            found += [
+                (f"labelers.{i}.strong.model.model ({config.name})", config.strong.model),
+                (f"labelers.{i}.weak.model.model ({config.name})", config.weak.model),
+            ]
+        elif isinstance(config, FollowUpLabeler | PointwiseJudgeLabeler | PairwiseJudgeLabeler):
+            found.append((f"labelers.{i}.model.model ({config.name})", config.model))
     if recipe.pairing.judge is not None:
-        resolve_model(recipe.pairing.judge.model.model, recipe.pairing.judge.model.engine)
-
-
-def models_of(config: LabelerConfig) -> list[ModelConfig]:
-    if isinstance(config, DensityRatioLabeler):
-        return [config.strong.model, config.weak.model]
-    if isinstance(config, FollowUpLabeler | PointwiseJudgeLabeler | PairwiseJudgeLabeler):
-        return [config.model]
-    return []
+        found.append(("pairing.judge.model.model", recipe.pairing.judge.model))
+    return found
 
 
 def label_shard(recipe: Recipe, prompts_uri: str, responses_uri: str, out_uri: str) -> ShardResult:
@@ -190,6 +235,7 @@ def label_shard(recipe: Recipe, prompts_uri: str, responses_uri: str, out_uri: s
         total.drops.update({f"{config.name}:{k}": v for k, v in stats.drops.items()})
         total.examples.update({f"{config.name}:{k}": v for k, v in stats.examples.items()})
         total.counts[f"{config.name}:scored"] += stats.rows_out
+        total.counts.update({f"{config.name}:{k}": v for k, v in stats.counts.items() if k != "scored"})
     labels = pa.concat_tables(tables) if tables else LABELS.empty_table()
     write_table(labels, out_uri, LABELS, what="labels")
     total.rows_out = labels.num_rows

@@ -8,6 +8,7 @@ text. A prompt that yields no pair gets exactly one reason code.
 
 from __future__ import annotations
 
+import math
 import time
 
 import polars as pl
@@ -19,6 +20,7 @@ from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_sche
 from steps.base import ShardResult, StageStats, read_table, write_table
 from steps.consistency import evidence
 from steps.engines import derive_seed
+from steps.engines.context import truncated
 
 AGG = "_aggregate"
 NORM = "_norm_text"
@@ -65,6 +67,7 @@ def zero_variance_counts(scores: pl.DataFrame, signals: list[str]) -> dict[str, 
 
 def judge_candidates(table: pa.Table, model: ModelConfig, stats: StageStats) -> pa.Table:
     """Fill the judge columns of each pair: both orders, P(chosen wins), agreement of the orders."""
+    from steps.engines import Failed
     from steps.judges import PairJudge, Verdict
 
     if table.num_rows == 0:
@@ -73,7 +76,10 @@ def judge_candidates(table: pa.Table, model: ModelConfig, stats: StageStats) -> 
         (row[c.PROMPT], row[c.CHOSEN][0][c.CONTENT], row[c.REJECTED][0][c.CONTENT])
         for row in table.select([c.PROMPT, c.CHOSEN, c.REJECTED]).to_pylist()
     ]
-    verdicts = PairJudge(model).judge(jobs)
+    verdicts = [
+        v if not isinstance(v, Verdict) or math.isfinite(v.p_first) else Failed("non_finite_verdict", "")
+        for v in PairJudge(model).judge(jobs)
+    ]
     p_chosen = [v.p_first if isinstance(v, Verdict) else None for v in verdicts]
     agree = [v.swap_agree if isinstance(v, Verdict) else None for v in verdicts]
     for v in verdicts:
@@ -192,6 +198,15 @@ def make_pairs(
     return table, stats
 
 
+def _prompts_as_seen(messages: pa.ChunkedArray, ordered: pl.DataFrame) -> pa.Array:
+    """The pair's prompt is the conversation the policy answered: truncated ones lose their oldest turns."""
+    dropped = ordered.get_column(c.PROMPT_TURNS_DROPPED).to_list()
+    if not any(dropped):
+        return messages.combine_chunks()
+    seen = [truncated(m, k) for m, k in zip(messages.to_pylist(), dropped, strict=True)]
+    return pa.array(seen, CONVERSATION)
+
+
 def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.Table:
     signals = recipe.signals
     prompt_frame = pl.from_arrow(prompts.select([c.PROMPT_ID]))
@@ -202,7 +217,7 @@ def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.
     take = pa.array([index[pid] for pid in ordered.get_column(c.PROMPT_ID).to_list()], pa.int64())
     out: dict[str, pa.Array] = {
         c.PROMPT_ID: ordered.get_column(c.PROMPT_ID).to_arrow(),
-        c.PROMPT: prompts.column(c.MESSAGES).take(take).combine_chunks(),
+        c.PROMPT: _prompts_as_seen(prompts.column(c.MESSAGES).take(take), ordered),
         c.CHOSEN: _conversation(ordered.get_column(f"{c.TEXT}_c").to_arrow()),
         c.REJECTED: _conversation(ordered.get_column(c.TEXT).to_arrow()),
         c.SCORE_CHOSEN: ordered.get_column(f"{AGG}_c").to_arrow(),
@@ -217,7 +232,7 @@ def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.
     for name in (c.FINISH_REASON, c.NUM_TOKENS, c.SEED):
         out[c.side_column(name, c.CHOSEN)] = ordered.get_column(f"{name}_c").to_arrow()
         out[c.side_column(name, c.REJECTED)] = ordered.get_column(name).to_arrow()
-    for name in (c.POLICY_MODEL, c.ENGINE, c.TEMPERATURE, c.TOP_P, c.MAX_TOKENS):
+    for name in (c.POLICY_MODEL, c.ENGINE, c.TEMPERATURE, c.TOP_P, c.MAX_TOKENS, c.PROMPT_TURNS_DROPPED):
         out[name] = ordered.get_column(name).to_arrow()
     n = ordered.height
     for name in (c.AGREEMENT, c.STRENGTH_MEAN, c.STRENGTH_STD, c.CONSISTENCY, c.P_CHOSEN):

@@ -39,6 +39,7 @@ class RawRow:
     index: int
     prompt: Any
     references: Any
+    has_references: bool = True  # the row had the references field at all (JSONL rows may lack it)
 
 
 class InvalidRow(ValueError):
@@ -52,6 +53,13 @@ class InvalidRow(ValueError):
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidRow("non_string_content", f"{where} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a JSON escape such as "\ud800" decodes to a lone surrogate
+        raise InvalidRow(
+            "invalid_unicode",
+            f"{where} is not valid Unicode (unpaired surrogate at character {exc.start}); fix the text",
+        ) from None
     return unicodedata.normalize("NFC", value).strip()
 
 
@@ -108,7 +116,8 @@ def prompt_id(messages: list[dict[str, str]]) -> str:
 def _jsonl_rows(handle: Any, label: str, prompt_col: str, refs_col: str | None) -> Iterator[RawRow]:
     for line_no, raw in enumerate(handle, start=1):
         try:
-            line = raw.decode("utf-8")
+            # A byte-order mark (files saved by some Windows editors) is not part of the JSON.
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
         except UnicodeDecodeError as exc:
             raise PromptSourceError(
                 f"{label} line {line_no}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
@@ -128,17 +137,60 @@ def _jsonl_rows(handle: Any, label: str, prompt_col: str, refs_col: str | None) 
                 "set prompts.prompt_column in the recipe"
             )
         refs = record.get(refs_col) if refs_col else None
-        yield RawRow(line_no, record[prompt_col], refs)
+        yield RawRow(line_no, record[prompt_col], refs, has_references=bool(refs_col) and refs_col in record)
 
 
-def _table_rows(table: pa.Table, label: str, prompt_col: str, refs_col: str | None) -> Iterator[RawRow]:
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):  # e.g. a pandas categorical column
+        return _is_text(kind.value_type)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _is_list_of(kind: pa.DataType, item: Any) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and item(kind.value_type)
+
+
+def _is_message(kind: pa.DataType) -> bool:
+    if not pa.types.is_struct(kind):
+        return False
+    fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+    return all(name in fields and _is_text(fields[name]) for name in (c.ROLE, c.CONTENT))
+
+
+def _check_column_types(table: pa.Table, label: str, prompt_col: str, refs_col: str | None) -> None:
+    """A wrongly typed column fails every row the same way, so it is one error naming it, not N drops."""
+    kind = table.schema.field(prompt_col).type
+    if not (_is_text(kind) or _is_list_of(kind, _is_message)):
+        raise PromptSourceError(
+            f"{label}: column {prompt_col!r} has type {kind}; expected text (string), or a list of "
+            "{role, content} messages with string fields (bytes must be decoded to UTF-8 text first); "
+            "convert the column or point prompts.prompt_column at another one"
+        )
+    if refs_col:
+        kind = table.schema.field(refs_col).type
+        if not (_is_text(kind) or _is_list_of(kind, _is_text) or pa.types.is_null(kind)):
+            raise PromptSourceError(
+                f"{label}: column {refs_col!r} has type {kind}; expected text or a list of text; "
+                "convert it, or set prompts.references_column to another column (or null for none)"
+            )
+
+
+def _table_rows(
+    table: pa.Table, label: str, prompt_col: str, refs_col: str | None, refs_required: bool = False
+) -> Iterator[RawRow]:
     if prompt_col not in table.column_names:
         raise PromptSourceError(
             f"{label}: no column {prompt_col!r} (columns: {table.column_names}); "
             "set prompts.prompt_column in the recipe"
         )
     if refs_col and refs_col not in table.column_names:
+        if refs_required:
+            raise PromptSourceError(
+                f"{label}: no column {refs_col!r} (columns: {table.column_names}) as named by "
+                "prompts.references_column; fix the name, or remove the key if there are no references"
+            )
         refs_col = None
+    _check_column_types(table, label, prompt_col, refs_col)
     prompts = table.column(prompt_col).to_pylist()
     refs = table.column(refs_col).to_pylist() if refs_col else [None] * len(prompts)
     for i, (prompt, ref) in enumerate(zip(prompts, refs, strict=True)):
@@ -160,8 +212,20 @@ def _file_rows(config: FilePrompts) -> Iterator[RawRow]:
         opened = fsspec.open(config.uri, "rb", compression="infer")
         with opened as handle:
             if fmt == "parquet":
-                table = pq.read_table(handle)
-                yield from _table_rows(table, config.uri, config.prompt_column, config.references_column)
+                try:
+                    table = pq.read_table(handle)
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise PromptSourceError(
+                        f"{config.uri!r} is not a readable Parquet file ({exc}); check the file, "
+                        "or set prompts.format: jsonl if it is JSON lines"
+                    ) from None
+                yield from _table_rows(
+                    table,
+                    config.uri,
+                    config.prompt_column,
+                    config.references_column,
+                    refs_required=references_named(config),
+                )
             else:
                 yield from _jsonl_rows(handle, config.uri, config.prompt_column, config.references_column)
     except FileNotFoundError:
@@ -171,6 +235,13 @@ def _file_rows(config: FilePrompts) -> Iterator[RawRow]:
             f"cannot open {config.uri!r}: {exc}; install the fsspec backend for this protocol "
             "(for s3:// use `pip install 'prefsmith[s3]'`)"
         ) from None
+
+
+def references_named(config: PromptsConfig) -> bool:
+    """The recipe named a references column itself: then it must exist (the default may be absent)."""
+    return isinstance(config, FilePrompts) and "references_column" in config.model_fields_set and bool(
+        config.references_column
+    )
 
 
 def _builtin_rows(config: BuiltinPrompts) -> Iterator[RawRow]:
@@ -229,12 +300,14 @@ def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Ta
     """
     stats = StageStats("prompts")
     label = source_label(config)
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # prompt id -> the source row that first had it
+    any_references = False
     rows: dict[str, list[Any]] = {name: [] for name in PROMPTS.names}
     for raw in raw_rows(config):
         if limit is not None and len(seen) >= limit:
             break
         stats.rows_in += 1
+        any_references = any_references or raw.has_references
         try:
             messages = normalise_messages(raw.prompt)
             references = normalise_references(raw.references)
@@ -243,14 +316,19 @@ def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Ta
             continue
         pid = prompt_id(messages)
         if pid in seen:
-            stats.drop("duplicate_prompt")
+            stats.drop("duplicate_prompt", example=f"row {raw.index}: same conversation as row {seen[pid]}")
             continue
-        seen.add(pid)
+        seen[pid] = raw.index
         rows[c.PROMPT_ID].append(pid)
         rows[c.MESSAGES].append(messages)
         rows[c.REFERENCES].append(references)
         rows[c.SOURCE].append(label)
         rows[c.SOURCE_ROW].append(raw.index)
+    if isinstance(config, FilePrompts) and references_named(config) and stats.rows_in and not any_references:
+        raise PromptSourceError(
+            f"{label}: no row has the field {config.references_column!r} named by "
+            "prompts.references_column; fix the name, or remove the key if there are no references"
+        )
     stats.rows_out = len(seen)
     stats.counts["with_references"] = sum(1 for refs in rows[c.REFERENCES] if refs)
     if not seen:

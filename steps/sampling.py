@@ -3,7 +3,10 @@
 Seeds are derived from (recipe seed, prompt id), never from a prompt's position,
 so a prompt gets the same samples whichever shard or order it runs in. Empty and
 truncated responses are kept and marked; a prompt the engine cannot take
-(longer than the context) is dropped with a reason.
+(longer than the context) is dropped with a reason, or with
+``sampling.too_long: truncate_left`` run without its oldest turns, which every
+response records (``prompt_turns_dropped``) so labelers and pairs use the
+conversation the policy actually saw.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from steps.engines import Failed, Generator, SamplingParams, derive_seed, load_e
 
 def sampling_params(recipe: Recipe) -> SamplingParams:
     s = recipe.sampling
-    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+    return SamplingParams(
+        n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, too_long=s.too_long
+    )
 
 
 def sample_table(
@@ -38,6 +43,8 @@ def sample_table(
         if isinstance(result, Failed):
             stats.drop(result.reason, example=f"prompt {pid}: {result.message}")
             continue
+        if result and result[0].prompt_turns_dropped:
+            stats.counts["prompts_truncated"] += 1
         for index, completion in enumerate(result):
             text = completion.text
             rows[c.PROMPT_ID].append(pid)
@@ -49,6 +56,7 @@ def sample_table(
             rows[c.IS_EMPTY].append(not text.strip())
             rows[c.NUM_TOKENS].append(completion.num_tokens)
             rows[c.PROMPT_TOKENS].append(completion.prompt_tokens)
+            rows[c.PROMPT_TURNS_DROPPED].append(completion.prompt_turns_dropped)
             rows[c.POLICY_MODEL].append(engine.model_id)
             rows[c.ENGINE].append(engine.engine_name)
             rows[c.TEMPERATURE].append(params.temperature)

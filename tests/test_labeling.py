@@ -30,6 +30,7 @@ def responses(prompts: pa.Table, texts: list[str]) -> pa.Table:
                     c.IS_EMPTY: not text.strip(),
                     c.NUM_TOKENS: 1,
                     c.PROMPT_TOKENS: 1,
+                    c.PROMPT_TURNS_DROPPED: 0,
                     c.POLICY_MODEL: "m",
                     c.ENGINE: "e",
                     c.TEMPERATURE: 1.0,

@@ -27,6 +27,8 @@ class SamplingParams:
     temperature: float
     top_p: float
     max_tokens: int
+    # A prompt longer than the context: "drop" it, or "truncate_left" (steps.engines.context)
+    too_long: Literal["drop", "truncate_left"] = "drop"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     seed: int
+    # Oldest non-system messages of the conversation the engine left out to fit its context
+    prompt_turns_dropped: int = 0
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from steps.engines.base import (
     render_chat,
     sample_seed,
 )
+from steps.engines.context import fit_prompt
 from steps.engines.models import ResolvedModel
 
 
@@ -74,12 +75,17 @@ class LlamaCppEngine:
     ) -> list[list[Completion] | Failed]:
         results: list[list[Completion] | Failed] = []
         for conversation, base_seed in zip(conversations, seeds, strict=True):
-            prompt = self._tokenize(conversation, add_generation_prompt=True)
-            if len(prompt) + 1 > self._n_ctx:
-                results.append(
-                    Failed("prompt_too_long", f"{len(prompt)} prompt tokens ≥ context {self._n_ctx}")
-                )
+            fitted = fit_prompt(
+                conversation,
+                lambda conv: self._tokenize(conv, add_generation_prompt=True),
+                self._n_ctx,
+                params.max_tokens,
+                params.too_long,
+            )
+            if isinstance(fitted, Failed):
+                results.append(fitted)
                 continue
+            prompt = fitted.prompt_ids
             # A fresh cache per conversation makes each prompt's samples independent of
             # which prompt ran before it, so reruns and resumed shards are identical.
             self._llm.reset()
@@ -107,6 +113,7 @@ class LlamaCppEngine:
                         finish_reason="length" if choice["finish_reason"] == "length" else "stop",
                         prompt_tokens=int(usage["prompt_tokens"]),
                         seed=seed,
+                        prompt_turns_dropped=fitted.turns_dropped,
                     )
                 )
             results.append(completions)

@@ -33,6 +33,7 @@ from steps.engines.base import (
     common_prefix,
     sample_seed,
 )
+from steps.engines.context import fit_prompt
 from steps.engines.models import ResolvedModel
 
 
@@ -326,10 +327,17 @@ class TransformersEngine:
 
         results: list[list[Completion] | Failed] = []
         for conversation, base_seed in zip(conversations, seeds, strict=True):
-            prompt = self._ids(conversation, add_generation_prompt=True)
-            if len(prompt) + 1 > self.n_ctx:
-                results.append(Failed("prompt_too_long", f"{len(prompt)} tokens ≥ context {self.n_ctx}"))
+            fitted = fit_prompt(
+                conversation,
+                lambda conv: self._ids(conv, add_generation_prompt=True),
+                self.n_ctx,
+                params.max_tokens,
+                params.too_long,
+            )
+            if isinstance(fitted, Failed):
+                results.append(fitted)
                 continue
+            prompt = fitted.prompt_ids
             seed = sample_seed(base_seed, 0)
             torch.manual_seed(seed)
             input_ids = torch.tensor([prompt], device=self.device)
@@ -357,6 +365,7 @@ class TransformersEngine:
                     ids.append(token)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 # All n share one torch generator seeded once: record the seed actually used.
-                completions.append(Completion(text, len(ids), finish, len(prompt), seed))
+                dropped = fitted.turns_dropped
+                completions.append(Completion(text, len(ids), finish, len(prompt), seed, dropped))
             results.append(completions)
         return results
