@@ -3,6 +3,13 @@
 Each stage runs as one Prefect task per shard and hands the next stage a URI.
 The recipe, the model spec and the output location are validated before
 Prefect starts or any model loads, so a typo costs a second.
+
+Placement (README "Run on a schedule and on GPU pools"): with a model
+deployment, sampling and the model-reading labelers run as one run of the
+``model-stage`` deployment per batch of shards, on whichever work pool it is
+bound to; they write into the shared work location and this flow then finds
+those shards finished. With ``dask``, the CPU stages (BLEU labeling, pairing)
+run concurrently on a Dask cluster through ``prefect_dask.DaskTaskRunner``.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner
 
+from flows.model_stage import shard_ref
 from schemas.recipe import Recipe, RecipeError, load_recipe
 from steps import stages
 from steps.base import ShardResult, StageStats, join_uri, merge_stats
@@ -73,6 +82,61 @@ def prepare(
     return loaded, out, work_uri
 
 
+class PlacementError(ValueError):
+    """``--model-deployment``/``--dask`` cannot work as given; raised before any model loads."""
+
+
+class ModelPoolError(RuntimeError):
+    """A model-stage batch did not complete on its work pool; its finished shards are kept."""
+
+
+MODEL_FLOW = "model-stage"
+DEFAULT_BATCH_SHARDS = 8
+
+
+def deployment_name(model_deployment: str) -> str:
+    """``flow/deployment`` as Prefect wants it; a bare name means a deployment of ``model-stage``."""
+    return model_deployment if "/" in model_deployment else f"{MODEL_FLOW}/{model_deployment}"
+
+
+def check_placement(
+    model_deployment: str | None, batch_shards: int, dask: str | None, work_uri: str
+) -> str:
+    """Validate where stages run; returns the work location as every worker must name it.
+
+    A model pool's workers run in their own processes (other machines, usually), so a relative
+    local path would point somewhere else for them: it is made absolute here, and the work
+    location must be storage they share (an object store URI or a shared mount).
+    """
+    if batch_shards < 1:
+        raise PlacementError(f"--batch-shards must be at least 1, got {batch_shards}")
+    if dask is not None and dask != "local" and not dask.strip():
+        raise PlacementError("--dask takes 'local' or a scheduler address such as tcp://10.0.0.5:8786")
+    if model_deployment is None:
+        return work_uri
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise PlacementError(
+            f"--model-deployment {model_deployment} needs a Prefect server that the work pool's workers "
+            "poll: start one (prefect server start) and set PREFECT_API_URL, see README "
+            "'Run on a schedule and on GPU pools'"
+        )
+    if "://" not in work_uri or work_uri.startswith("file://"):
+        return str(Path(work_uri.removeprefix("file://")).resolve())
+    return work_uri
+
+
+def dask_runner(dask: str) -> TaskRunner[Any]:
+    """A LocalCluster (one thread per worker process, so models and BLEU never share a GIL) or a scheduler."""
+    from prefect_dask import DaskTaskRunner
+
+    if dask == "local":
+        workers = max(1, min(4, os.cpu_count() or 1))
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
+    return DaskTaskRunner(address=dask)
+
+
 def _log_progress(stage: str, done: int, total: int, result: ShardResult, started: float) -> None:
     elapsed = time.perf_counter() - started
     eta = elapsed / done * (total - done)
@@ -100,8 +164,14 @@ def sample_task(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardRe
 
 
 @task(name="label", cache_policy=NO_CACHE)
-def label_task(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> ShardResult:
-    return stages.label(recipe, area, prompts, responses)
+def label_task(
+    recipe: Recipe,
+    area: WorkArea,
+    prompts: ShardResult,
+    responses: ShardResult,
+    model_area: WorkArea | None = None,
+) -> ShardResult:
+    return stages.label(recipe, area, prompts, responses, model_area)
 
 
 @task(name="pair", cache_policy=NO_CACHE)
@@ -154,6 +224,116 @@ def _run_stage(name: str, shards: list[tuple[Any, ...]], fn: Any) -> list[ShardR
     return results
 
 
+def run_model_batches(
+    deployment: str,
+    config: Recipe,
+    work_uri: str,
+    stage: str,
+    prompts: list[ShardResult],
+    batch_shards: int,
+    fresh: bool,
+    job_variables: dict[str, Any] | None,
+) -> None:
+    """One ``model-stage`` deployment run per batch of shards: submit them all, then wait for all.
+
+    The runs write into the shared work location; nothing comes back but their states. A batch
+    that failed fails this flow with a message naming it; its finished shards stay for the rerun.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    name = deployment_name(deployment)
+    recipe = config.model_dump(mode="json")
+    batches = [prompts[i : i + batch_shards] for i in range(0, len(prompts), batch_shards)]
+    submitted = []
+    for i, batch in enumerate(batches, start=1):
+        run = run_deployment(
+            name,
+            parameters={
+                "recipe": recipe,
+                "work": work_uri,
+                "stage": stage,
+                "prompt_shards": [shard_ref(shard) for shard in batch],
+                "fresh": fresh,
+            },
+            flow_run_name=f"{config.name}-{stage}-batch-{i}-of-{len(batches)}",
+            timeout=0,
+            job_variables=job_variables,
+        )
+        submitted.append(run)
+    logger.info(
+        f"{stage}: {len(batches)} batch(es) of up to {batch_shards} shard(s) submitted to deployment "
+        f"{name!r}; waiting for its work pool's workers"
+    )
+    started = time.monotonic()
+    pending = {run.id: i for i, run in enumerate(submitted, start=1)}
+    failures, warned = [], False
+    with get_client(sync_client=True) as client:
+        while pending:
+            for run_id, i in list(pending.items()):
+                run = client.read_flow_run(run_id)
+                if run.state is None or not run.state.is_final():
+                    continue
+                del pending[run_id]
+                first = (i - 1) * batch_shards + 1
+                what = f"batch {i}/{len(batches)} (shards {first}-{first + len(batches[i - 1]) - 1})"
+                if run.state.is_completed():
+                    logger.info(f"{stage} {what} finished on the pool (flow run {run.name})")
+                else:
+                    failures.append(
+                        f"{what}: flow run {run.name} ({run.id}) ended {run.state.name}: "
+                        f"{run.state.message or 'no message'}"
+                    )
+            if pending and not warned and time.monotonic() - started > 120:
+                logger.warning(
+                    f"{stage}: {len(pending)} batch(es) still waiting after 120 s; if their runs stay "
+                    "Scheduled, no worker polls the deployment's work pool (prefect worker start --pool …)"
+                )
+                warned = True
+            if pending:
+                time.sleep(1.0)
+    if failures:
+        raise ModelPoolError(
+            f"{stage} on deployment {name!r}: {len(failures)} of {len(batches)} batch(es) failed:\n  "
+            + "\n  ".join(failures)
+            + "\nShards those batches finished are kept; rerun the same command to do the rest."
+        )
+
+
+@flow(name="cpu-stages")
+def cpu_stages(
+    config: Recipe,
+    area: WorkArea,
+    model_area: WorkArea,
+    prompts: list[ShardResult],
+    responses: list[ShardResult],
+    labels: list[ShardResult] | None,
+) -> tuple[list[ShardResult], list[ShardResult]]:
+    """Labeling (when ``labels`` is None) and pairing, every shard submitted at once to the task runner.
+
+    Run with a ``DaskTaskRunner``: the shards of a stage spread over the cluster, and each shard's
+    pairing starts as soon as its labels exist.
+    """
+    if labels is None:
+        label_futures: Any = label_task.map(
+            unmapped(config), unmapped(area), prompts, responses, unmapped(model_area)
+        )
+    else:
+        label_futures = labels
+    pair_futures = pair_task.map(unmapped(config), unmapped(area), prompts, responses, label_futures)
+    started = time.perf_counter()
+    done_labels = labels if labels is not None else [f.result() for f in label_futures]
+    if labels is None:
+        for i, result in enumerate(done_labels, start=1):
+            _log_progress("labeling", i, len(done_labels), result, started)
+    done_pairs = []
+    for i, future in enumerate(pair_futures, start=1):
+        done_pairs.append(future.result())
+        _log_progress("pairing", i, len(pair_futures), done_pairs[-1], started)
+    return done_labels, done_pairs
+
+
 def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
     """The card's headline numbers for the Prefect UI: funnel, drops per stage, length bias."""
     stages = manifest["stats"]["stages"]
@@ -193,24 +373,57 @@ def build_prefs(
     private: bool = False,
     work: str | None = None,
     fresh: bool = False,
+    model_deployment: str | None = None,
+    batch_shards: int = DEFAULT_BATCH_SHARDS,
+    model_job_variables: dict[str, Any] | None = None,
+    dask: str | None = None,
 ) -> str:
     """Build a preference dataset from a recipe name or path; returns the output URI.
 
     Finished shards under the work location are reused (a rerun after a crash redoes
     only what was not finished); ``fresh`` recomputes everything.
+    ``model_deployment`` (e.g. ``model-stage``) sends sampling and the model-reading labelers
+    to that deployment's work pool, ``batch_shards`` shards per run (``model_job_variables``
+    are passed to those runs, e.g. ``{"env": {...}}``); the work location must then be storage
+    the pool's workers share. ``dask`` (``local`` or a scheduler address) runs the CPU stages on Dask.
     """
     config, out, work_uri = prepare(recipe, output, limit, seed, work)
+    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri)
     area = WorkArea(work_uri, fresh=fresh)
+    # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.
+    model_area = WorkArea(work_uri) if model_deployment else area
     prompts, prompt_stats = prompts_task(config, area)
-    responses = _run_stage("sampling", [(config, area, p) for p in prompts], sample_task)
-    labels = _run_stage(
-        "labeling", [(config, area, p, r) for p, r in zip(prompts, responses, strict=True)], label_task
-    )
-    pairs = _run_stage(
-        "pairing",
-        [(config, area, p, r, lab) for p, r, lab in zip(prompts, responses, labels, strict=True)],
-        pair_task,
-    )
+    if model_deployment:
+        run_model_batches(
+            model_deployment, config, work_uri, "sampling", prompts, batch_shards, fresh, model_job_variables
+        )
+    responses = _run_stage("sampling", [(config, model_area, p) for p in prompts], sample_task)
+    model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
+    if model_deployment and model_labelers:
+        run_model_batches(
+            model_deployment, config, work_uri, "labeling", prompts, batch_shards, fresh, model_job_variables
+        )
+    labels_on_dask = dask is not None and (model_deployment is not None or not model_labelers)
+    pairs_on_dask = dask is not None and config.pairing.judge is None
+    labels: list[ShardResult] | None = None
+    if not labels_on_dask:
+        labels = _run_stage(
+            "labeling",
+            [(config, area, p, r, model_area) for p, r in zip(prompts, responses, strict=True)],
+            label_task,
+        )
+    if pairs_on_dask:
+        assert dask is not None
+        labels, pairs = cpu_stages.with_options(task_runner=dask_runner(dask))(
+            config, area, model_area, prompts, responses, labels
+        )
+    else:
+        assert labels is not None  # labels go to Dask only together with pairing
+        pairs = _run_stage(
+            "pairing",
+            [(config, area, p, r, lab) for p, r, lab in zip(prompts, responses, labels, strict=True)],
+            pair_task,
+        )
     kept, dropped, length = consistency_task(config, area, pairs)
     stages_ = {
         "prompts": prompt_stats,
@@ -247,6 +460,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fresh", action="store_true", help="recompute every shard instead of reusing finished ones"
     )
+    parser.add_argument(
+        "--model-deployment",
+        metavar="NAME",
+        help="run sampling and model labelers as runs of this deployment (e.g. model-stage, bound to a "
+        "GPU work pool); needs PREFECT_API_URL and a work location the pool's workers share",
+    )
+    parser.add_argument(
+        "--batch-shards",
+        type=int,
+        default=DEFAULT_BATCH_SHARDS,
+        help=f"shards per model-stage run (default {DEFAULT_BATCH_SHARDS})",
+    )
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS|local",
+        help="run the CPU stages (BLEU labeling, pairing) on Dask: a new LocalCluster or a scheduler address",
+    )
     return parser.parse_args(argv)
 
 
@@ -255,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise RecipeError("--limit must be at least 1")
-        prepare(args.recipe, args.output, args.limit, args.seed, args.work)
-    except (RecipeError, ModelSpecError, PromptSourceError, OutputError) as exc:
+        _, _, work_uri = prepare(args.recipe, args.output, args.limit, args.seed, args.work)
+        check_placement(args.model_deployment, args.batch_shards, args.dask, work_uri)
+    except (RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -269,10 +500,16 @@ def main(argv: list[str] | None = None) -> int:
             private=args.private,
             work=args.work,
             fresh=args.fresh,
+            model_deployment=args.model_deployment,
+            batch_shards=args.batch_shards,
+            dask=args.dask,
         )
-    except (RecipeError, ModelSpecError, PromptSourceError, OutputError) as exc:
+    except (RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModelPoolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except HubError as exc:
         print(
             f"error: {exc}\nThe dataset itself is complete; rerun the same command to push again "

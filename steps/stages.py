@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.recipe import Recipe
+from schemas.recipe import BleuLabeler, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, parquet_rows, read_table, write_table
 from steps.consistency import consistency_stage
@@ -65,21 +65,56 @@ def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
     return area.run("sampling", key, compute).result()
 
 
-def label(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> ShardResult:
-    """Every labeler's scores for one shard, each labeler its own resumable part, merged into one table."""
-    parts: list[tuple[str, Done]] = []
-    for config in recipe.labelers:
-        stage = f"label:{config.kind}"
-        key = area.key(stage, _dump(config), [prompts.sha256, responses.sha256])
+def reads_a_model(config: Any) -> bool:
+    """Whether a labeler loads a model (and so belongs on a model pool), as opposed to CPU-only BLEU."""
+    return not isinstance(config, BleuLabeler)
 
-        def compute(files: dict[str, str], config: Any = config) -> Any:
-            table, stats = build_labeler(config).label(
-                read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES)
-            )
-            write_table(table, files["data"], LABELS, what=f"labels of {config.name}")
-            return stats, {"data": table.num_rows}, {}
 
-        parts.append((config.name, area.run(stage, key, compute)))
+def _label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> Done:
+    stage = f"label:{config.kind}"
+    key = area.key(stage, _dump(config), [prompts.sha256, responses.sha256])
+
+    def compute(files: dict[str, str]) -> Any:
+        table, stats = build_labeler(config).label(
+            read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES)
+        )
+        write_table(table, files["data"], LABELS, what=f"labels of {config.name}")
+        return stats, {"data": table.num_rows}, {}
+
+    return area.run(stage, key, compute)
+
+
+def label_models(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> int:
+    """Only the model-reading labelers' parts of one shard (what a model pool runs).
+
+    Their markers are what ``label`` later finds, so the merge elsewhere reuses them untouched.
+    Returns how many parts were computed now (the rest were found finished).
+    """
+    parts = [
+        _label_part(config, area, prompts, responses) for config in recipe.labelers if reads_a_model(config)
+    ]
+    return sum(not part.resumed for part in parts)
+
+
+def label(
+    recipe: Recipe,
+    area: WorkArea,
+    prompts: ShardResult,
+    responses: ShardResult,
+    model_area: WorkArea | None = None,
+) -> ShardResult:
+    """Every labeler's scores for one shard, each labeler its own resumable part, merged into one table.
+
+    ``model_area`` (default ``area``) is where the model-reading parts are looked up: a run whose
+    model pool just recomputed them (``--fresh``) must find them, not recompute them here.
+    """
+    parts: list[tuple[str, Done]] = [
+        (
+            config.name,
+            _label_part(config, (model_area or area) if reads_a_model(config) else area, prompts, responses),
+        )
+        for config in recipe.labelers
+    ]
 
     total = StageStats("labeling", rows_in=responses.rows)
     for name, part in parts:
