@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -86,6 +87,24 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list
         for name in order:
             out[name].append(timed(fns[name]))
     return out
+
+
+def median_ratio(
+    ours: Sequence[Timed[Any]], baseline: Sequence[Timed[Any]], work: Callable[[Any], float] | None = None
+) -> float | None:
+    """Median over rounds of how many times better ours did than the baseline in the same round.
+
+    With ``work`` (units of work a run did, e.g. tokens), rounds compare throughput; without,
+    they compare time on identical work. Pairing runs of the same round before taking the
+    median keeps one disturbed round from deciding the result.
+    """
+    ratios = []
+    for a, b in zip(ours, baseline, strict=True):
+        if work is None:
+            ratios.append(b.seconds / a.seconds)
+        else:
+            ratios.append((work(a.value) / a.seconds) / (work(b.value) / b.seconds))
+    return statistics.median(ratios) if ratios else None
 
 
 def total_seconds(runs: Sequence[Timed[Any]]) -> float:

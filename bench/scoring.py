@@ -23,7 +23,7 @@ import time
 from statistics import fmean
 from typing import Any
 
-from bench.common import Row, column_map, finish, interleave, log, parser, ratio, total_seconds
+from bench.common import Row, column_map, finish, interleave, log, median_ratio, parser, ratio, total_seconds
 from bench.data import responses_table
 from schemas import columns as c
 from schemas.recipe import BuiltinPrompts, DensityRatioLabeler, FollowUpLabeler, load_recipe
@@ -130,6 +130,7 @@ def _density(
         "tokens_per_second": {k: tokens * rounds / total_seconds(v) for k, v in runs.items()},
         "scored": len(mine),
         "max_abs_diff_logp": max(diffs) if diffs else None,
+        "median_ratio": median_ratio(runs["ours"], runs["raw"]),
         "compared": len(diffs),
     }
 
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tps["ours"],
             tps["raw"],
             "tok/s",
-            ratio(tps["ours"], tps["raw"]),
+            density["median_ratio"],
             target=0.85,
             note=f"max Δ log p {_sci(density['max_abs_diff_logp'])}",
         ),

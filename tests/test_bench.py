@@ -1,0 +1,102 @@
+"""Every benchmark in --quick mode: it runs, writes the JSON the summary reads, and its
+"same answer" checks hold (BLEU equal to sacrebleu, the writer keeps every row, scores
+match a raw forward pass). Timings are measured but never asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import bleu, distilabel_side, sampling, scaling, scoring, writer
+from bench.common import format_table
+
+ROW_KEYS = {"bench", "metric", "workload", "ours", "baseline", "unit", "ratio", "target", "direction", "met"}
+
+
+def load(out: Path, name: str) -> dict[str, Any]:
+    payload = json.loads((out / f"{name}.json").read_text())
+    assert payload["name"] == name and payload["quick"] is True
+    assert payload["machine"]["cores"] >= 1
+    assert payload["rows"], "a benchmark without a row in the table"
+    for row in payload["rows"]:
+        assert ROW_KEYS <= row.keys()
+        assert row["bench"] == name
+    format_table(payload["rows"])  # the summary can print it
+    return payload
+
+
+def test_bleu_scores_equal_sacrebleu(tmp_path: Path) -> None:
+    assert bleu.main(["--quick", "--responses", "200", "--out", str(tmp_path)]) == 0
+    payload = load(tmp_path, "bleu")
+    details = payload["details"]
+    assert details["responses"] == 200 and details["references_per_prompt"] == [2]
+    assert details["identical"] and details["missing_scores"] == 0 and details["max_abs_diff"] <= 1e-9
+    speed = payload["rows"][0]
+    assert speed["ours"] > 0 and speed["baseline"] > 0 and speed["target"] == 10
+
+
+def test_writer_keeps_every_row(tmp_path: Path) -> None:
+    assert writer.main(["--quick", "--rows", "1500", "--out", str(tmp_path)]) == 0
+    details = load(tmp_path, "writer")["details"]
+    assert details["same_rows"] == {"ours": True, "raw": True}
+    assert details["rows"] == 1500 and details["output_files"] == 2  # 1000 rows per file
+    assert not list((tmp_path / "tmp").glob("writer-*")), "scratch files left behind"
+
+
+def test_scaling_runs_every_stage_in_its_own_process(tmp_path: Path) -> None:
+    assert scaling.main(["--quick", "--sizes", "60", "--out", str(tmp_path)]) == 0
+    payload = load(tmp_path, "scaling")
+    [result] = payload["details"]["results"]
+    assert result["prompts"] == 60 and set(result["stages"]) == set(scaling.STAGES)
+    assert result["stages"]["sampling"]["rows"] == 240  # 60 prompts × 4 canned answers
+    assert 0 < result["stages"]["publish"]["rows"] <= 60
+    assert all(stage["peak_rss_mib"] > 0 for stage in result["stages"].values())
+    growth = payload["rows"][-1]
+    assert growth["direction"] == "<=" and growth["ratio"] == pytest.approx(1.0)
+
+
+def test_bench_main_writes_one_summary(tmp_path: Path) -> None:
+    assert bench_main.main(["--quick", "--only", "bleu,writer", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["benchmarks"]) == {"bleu", "writer"}
+    assert all(entry["returncode"] == 0 and entry["json"] for entry in summary["benchmarks"].values())
+    assert {row["bench"] for row in summary["rows"]} == {"bleu", "writer"}
+    assert summary["machine"]["memory_gib"] is None or summary["machine"]["memory_gib"] > 0
+
+
+@pytest.mark.model
+def test_sampling_side_by_side(tmp_path: Path) -> None:
+    assert sampling.main(["--quick", "--out", str(tmp_path)]) == 0
+    details = load(tmp_path, "sampling")["details"]
+    assert details["texts"] == 2  # 1 prompt × n=2
+    assert all(details["tokens"][name] > 0 for name in ("ours", "plain", "multi"))
+    assert details["model_path"].endswith(".gguf")
+
+
+@pytest.mark.model
+def test_scoring_matches_raw_forward(tmp_path: Path) -> None:
+    assert scoring.main(["--quick", "--out", str(tmp_path)]) == 0
+    details = load(tmp_path, "scoring")["details"]
+    density, follow = details["density_ratio"], details["follow_up"]
+    assert density["scored"] == density["responses"] > 0
+    assert density["max_abs_diff_logp"] < 0.05  # sums of ~100 fp32 log-probs, batched vs one by one
+    assert follow["followups_per_response"] == scoring.K_FOLLOWUPS
+    assert follow["scored"] == follow["responses"] > 0
+    assert follow["max_abs_diff_score"] < 1e-2
+    assert follow["tokens_through_network"]["ours"] < follow["tokens_through_network"]["naive"]
+
+
+@pytest.mark.model
+def test_distilabel_side_without_its_virtualenv_runs_our_side(tmp_path: Path) -> None:
+    absent = tmp_path / "no-venv"
+    args = ["--quick", "--no-install", "--venv", str(absent), "--out", str(tmp_path)]
+    assert distilabel_side.main(args) == 0
+    details = load(tmp_path, "distilabel_side")["details"]
+    assert details["distilabel"] is None and details["distilabel_status"].startswith("skipped")
+    assert details["ours"]["generations"] == distilabel_side.N_GENERATIONS
+    assert 0 <= details["ours"]["pairs"] <= 1
+    assert not absent.exists()  # --no-install never creates it
