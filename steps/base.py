@@ -122,15 +122,17 @@ def write_bytes_atomic(uri: str, data: bytes) -> str:
     """Replace a file so that a reader sees the old bytes or the new ones, never a partial write.
 
     Local files go through a temporary sibling and an atomic rename; on object stores a single
-    PUT already is all-or-nothing (and there is no rename), so the object is written directly.
+    PUT already is all-or-nothing (and there is no rename), so the object is written directly, as
+    one ``pipe_file`` call: s3fs sends a PUT, or a multipart upload that it aborts on failure. (A
+    file opened with ``fs.open(..., "wb")`` would not do: closing it on an error commits what was
+    written so far.)
     """
     fs, path = fsspec.core.url_to_fs(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
     if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
+        fs.pipe_file(path, data)
         return uri
     temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

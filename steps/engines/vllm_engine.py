@@ -1,0 +1,324 @@
+"""vLLM backend: GPU sampling and scoring behind the same protocol as the other engines.
+
+Importing this module never imports ``vllm`` (an optional extra that needs a
+GPU): ``check_vllm_installed`` answers from the import system's metadata at
+recipe-validation time, and the engine imports ``vllm`` only when it loads.
+
+Same semantics as the transformers engine, so engines can be swapped:
+
+* conversations are rendered with the tokenizer's own chat template and sent as
+  token ids, and the boundary between context and continuation is found from
+  token ids (the header two different one-word turns share), never by
+  splitting strings; special tokens (the end-of-turn marker) are never scored;
+* every ``SamplingParams`` field that shapes the result is set explicitly:
+  vLLM's defaults (``max_tokens=16``; the model's generation config when no
+  params are given) would otherwise decide the distribution;
+* a prompt that does not fit the context is dropped or left-truncated
+  (``steps.engines.context.fit_prompt``, as in every engine) before it reaches
+  vLLM, where one over-long prompt would fail the whole batch.
+
+Log-probs of a given continuation come from ``prompt_logprobs`` on the token
+ids of context + continuation (``max_tokens=1``; the generated token is
+ignored). vLLM returns a list whose first entry is None and then, per
+position, a dict token id -> Logprob that always holds the actual token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from typing import Any
+
+from steps.engines.base import (
+    Completion,
+    Conversation,
+    Failed,
+    OptionRequest,
+    SamplingParams,
+    ScoreRequest,
+    TokenScores,
+    common_prefix,
+    sample_seed,
+)
+from steps.engines.context import Fitted, fit_prompt
+from steps.engines.models import ModelSpecError, ResolvedModel
+
+INSTALL_HINT = "install it with: pip install 'prefsmith[vllm]' (needs a CUDA GPU)"
+
+
+class VllmMissingError(ModelSpecError):
+    """engine: vllm was asked for but the ``vllm`` package is not installed."""
+
+
+def check_vllm_installed() -> None:
+    """Fail at validation time, without importing vllm (slow, and it initialises CUDA)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VllmMissingError(f"engine vllm needs the vllm package, which is not installed; {INSTALL_HINT}")
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise VllmMissingError(f"engine vllm could not import vllm ({exc}); {INSTALL_HINT}") from exc
+    return vllm
+
+
+class VllmEngine:
+    engine_name = "vllm"
+
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if model.kind == "gguf":
+            raise ModelSpecError(f"engine vllm needs a Hugging Face model, not the GGUF {model.location}")
+        vllm = _import_vllm()
+        from vllm.inputs import TokensPrompt
+
+        self._vllm = vllm
+        self._tokens_prompt = TokensPrompt
+        self.model_id = model.model_id
+        extra = {} if max_model_len is None else {"max_model_len": max_model_len}
+        self.llm = vllm.LLM(
+            model.location,
+            tokenizer=None,
+            trust_remote_code=trust_remote_code,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            # Every request carries its own seed, so the engine seed never decides a sample.
+            seed=0,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            **extra,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{self.model_id} has no chat template in its tokenizer")
+        self.n_ctx = int(self.llm.llm_engine.model_config.max_model_len)
+        self._special = set(self.tokenizer.all_special_ids)
+        self._headers: dict[tuple[Any, ...], tuple[int, ...]] = {}
+
+    # ------------------------------------------------------------ tokenisation
+
+    def _ids(self, conversation: Conversation, add_generation_prompt: bool) -> list[int]:
+        ids: Any = self.tokenizer.apply_chat_template(
+            list(conversation), add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def _header(self, context: Conversation, role: str) -> tuple[int, ...]:
+        """Tokens of the context plus the next turn's role header: what two one-word turns share."""
+        key = (tuple((m["role"], m["content"]) for m in context), role)
+        if key not in self._headers:
+            a = self._ids([*context, {"role": role, "content": "x"}], False)
+            b = self._ids([*context, {"role": role, "content": "y"}], False)
+            self._headers[key] = tuple(a[: common_prefix(a, b)])
+        return self._headers[key]
+
+    def _split(self, request: ScoreRequest) -> tuple[list[int], int] | Failed:
+        """Token ids of context + continuation content, and where the content starts."""
+        header = self._header(request.context, request.role)
+        full = self._ids([*request.context, {"role": request.role, "content": request.continuation}], False)
+        if tuple(full[: len(header)]) != header:
+            return Failed("template_boundary", "chat template changes earlier tokens when a turn is added")
+        content = []
+        for token in full[len(header) :]:
+            if token in self._special:  # the end-of-turn marker the template appends
+                break
+            content.append(token)
+        if not content:
+            return Failed("empty_continuation", "nothing to score")
+        seq = list(header) + content
+        # vLLM must also generate one token after the prompt, so the prompt gets n_ctx - 1.
+        if len(seq) + 1 > self.n_ctx:
+            return Failed("too_long", f"{len(seq)} tokens (+1 generated) exceed context {self.n_ctx}")
+        return seq, len(header)
+
+    # ------------------------------------------------------------ vLLM calls
+
+    def _params(self, **fields: Any) -> Any:
+        """SamplingParams with every field that shapes the result set; ``fields`` override.
+
+        Neutral penalties and top-k/min-p matter for scoring too: older vLLM
+        (V0) computed prompt log-probs after temperature and top-p/top-k.
+        top_k=-1 means "off" in every supported release (0 is rejected before 0.8).
+        """
+        base: dict[str, Any] = {
+            "n": 1,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "min_p": 0.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "repetition_penalty": 1.0,
+            "seed": 0,
+            "stop": None,
+            "ignore_eos": False,
+            "min_tokens": 0,
+            "logprobs": None,
+            "prompt_logprobs": None,
+            "detokenize": True,
+            "skip_special_tokens": True,
+            "include_stop_str_in_output": False,
+        }
+        base.update(fields)
+        return self._vllm.SamplingParams(**base)
+
+    def _prompt_logprobs(self, prompts: list[list[int]]) -> list[list[Any]]:
+        """vLLM's prompt log-probs for each token sequence (one dict per position, None first)."""
+        params = self._params(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        batch = [self._tokens_prompt(prompt_token_ids=ids) for ids in prompts]
+        outputs = self.llm.generate(batch, sampling_params=params, use_tqdm=False)
+        return [list(out.prompt_logprobs or []) for out in outputs]
+
+    @staticmethod
+    def _logprob_at(entries: list[Any], ids: Sequence[int], pos: int) -> float | None:
+        """Log-prob of ``ids[pos]`` given ``ids[:pos]``; None when vLLM did not return it."""
+        entry = entries[pos] if 0 < pos < len(entries) else None
+        if entry is None or ids[pos] not in entry:
+            return None
+        return float(entry[ids[pos]].logprob)
+
+    # ------------------------------------------------------------ protocol
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
+        """All requests in one vLLM call (vLLM batches them; prompt logprobs skip its prefix cache)."""
+        results: list[TokenScores | Failed | None] = [None] * len(requests)
+        ready: list[tuple[int, list[int], int]] = []
+        for i, request in enumerate(requests):
+            split = self._split(request)
+            if isinstance(split, Failed):
+                results[i] = split
+            else:
+                ready.append((i, *split))
+        if ready:
+            tables = self._prompt_logprobs([seq for _, seq, _ in ready])
+            for (i, seq, start), entries in zip(ready, tables, strict=True):
+                values = [self._logprob_at(entries, seq, pos) for pos in range(start, len(seq))]
+                if any(v is None for v in values):
+                    results[i] = Failed("engine_error", "vLLM returned no log-prob for a continuation token")
+                else:
+                    results[i] = TokenScores(seq[start:], [float(v) for v in values if v is not None])
+        return [r if r is not None else Failed("internal", "request not scored") for r in results]
+
+    def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
+        """Next-token log-probs of each single-token option after the assistant's ``prefill``.
+
+        vLLM returns the top-k of a position, not chosen tokens, so each option is
+        appended to the prompt and its log-prob read from ``prompt_logprobs``:
+        exact for every option, at one prompt per option.
+        """
+        results: list[dict[str, float] | Failed | None] = [None] * len(requests)
+        ready: list[tuple[int, str, list[int]]] = []
+        for i, request in enumerate(requests):
+            prepared = self._option_ids(request)
+            if isinstance(prepared, Failed):
+                results[i] = prepared
+                continue
+            seq, options = prepared
+            ready += [(i, option, [*seq, token]) for option, token in options.items()]
+        if ready:
+            tables = self._prompt_logprobs([ids for _, _, ids in ready])
+            chosen: dict[int, dict[str, float]] = {}
+            for (i, option, ids), entries in zip(ready, tables, strict=True):
+                value = self._logprob_at(entries, ids, len(ids) - 1)
+                if value is None:
+                    results[i] = Failed("engine_error", f"vLLM returned no log-prob for option {option!r}")
+                elif not isinstance(results[i], Failed):
+                    chosen.setdefault(i, {})[option] = value
+            for i, values in chosen.items():
+                if results[i] is None:
+                    results[i] = values
+        return [r if r is not None else Failed("internal", "request not scored") for r in results]
+
+    def _option_ids(self, request: OptionRequest) -> tuple[list[int], dict[str, int]] | Failed:
+        header = self._header(request.context, "assistant")
+        base = list(self.tokenizer(request.prefill, add_special_tokens=False)["input_ids"])
+        option_ids = {}
+        for option in request.options:
+            ids = list(self.tokenizer(request.prefill + option, add_special_tokens=False)["input_ids"])
+            if ids[: len(base)] != base or len(ids) != len(base) + 1:
+                return Failed("option_not_single_token", f"option {option!r} after {request.prefill!r}")
+            option_ids[option] = int(ids[-1])
+        seq = list(header) + base
+        # + the option token + the one token vLLM generates
+        if len(seq) + 2 > self.n_ctx:
+            return Failed("too_long", f"{len(seq)} tokens (+2) exceed context {self.n_ctx}")
+        return seq, option_ids
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, seeds: Sequence[int]
+    ) -> list[list[Completion] | Failed]:
+        """One vLLM request per conversation (n samples, its own seed), all in one batched call.
+
+        vLLM draws a seeded request's n samples from seeds derived from the
+        request seed (V1: seed + index), so each completion records the request
+        seed: rerunning the prompt with it reproduces all n.
+        """
+        results: list[list[Completion] | Failed | None] = [None] * len(conversations)
+        batch: list[tuple[int, Fitted, int]] = []
+        requests: list[Any] = []
+        for i, (conversation, base_seed) in enumerate(zip(conversations, seeds, strict=True)):
+            fitted = fit_prompt(
+                conversation,
+                lambda conv: self._ids(conv, add_generation_prompt=True),
+                self.n_ctx,
+                params.max_tokens,
+                params.too_long,
+            )
+            if isinstance(fitted, Failed):
+                results[i] = fitted
+                continue
+            prompt = fitted.prompt_ids
+            seed = sample_seed(base_seed, 0)
+            batch.append((i, fitted, seed))
+            requests.append(
+                self._params(
+                    n=params.n,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    max_tokens=min(params.max_tokens, self.n_ctx - len(prompt)),
+                    seed=seed,
+                )
+            )
+        if batch:
+            outputs = self.llm.generate(
+                [self._tokens_prompt(prompt_token_ids=fitted.prompt_ids) for _, fitted, _ in batch],
+                sampling_params=requests,
+                use_tqdm=False,
+            )
+            for (i, fitted, seed), out in zip(batch, outputs, strict=True):
+                results[i] = self._completions(out, fitted, seed, params.n)
+        return [r if r is not None else Failed("internal", "conversation not sampled") for r in results]
+
+    def _completions(self, out: Any, fitted: Fitted, seed: int, n: int) -> list[Completion] | Failed:
+        samples = sorted(out.outputs, key=lambda o: o.index)
+        if len(samples) != n:
+            return Failed("engine_error", f"vLLM returned {len(samples)} samples, expected {n}")
+        completions = []
+        for sample in samples:
+            ids = list(sample.token_ids)
+            if sample.finish_reason == "stop":
+                # vLLM keeps the stop token in token_ids (not in text); count content tokens only.
+                if ids and (ids[-1] in self._special or ids[-1] == sample.stop_reason):
+                    ids = ids[:-1]
+                finish = "stop"
+            elif sample.finish_reason == "length":
+                finish = "length"
+            else:
+                return Failed("engine_error", f"vLLM finished a sample with {sample.finish_reason!r}")
+            completions.append(
+                Completion(sample.text, len(ids), finish, len(fitted.prompt_ids), seed, fitted.turns_dropped)
+            )
+        return completions

@@ -1,0 +1,507 @@
+"""vLLM engine contract, against a fake ``vllm`` that mirrors the real API and runs a real tiny model.
+
+vLLM needs a GPU and cannot be installed here. ``tests/fakes/vllm`` mirrors the
+names, parameters and defaults of vLLM 0.33 (checked below against
+``tests/fakes/vllm_api.json``, read from the released wheels) and computes with
+a real transformers model, so the engine's scores can be compared with the
+transformers engine's on the same weights and tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas.recipe import ModelConfig, RecipeError, load_recipe
+from steps.engines import Failed, OptionRequest, SamplingParams, ScoreRequest, TokenScores, load_engine
+from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
+from steps.engines.vllm_engine import VllmEngine, VllmMissingError
+from tests.conftest import ROOT
+
+FAKES = ROOT / "tests" / "fakes"
+API = json.loads((FAKES / "vllm_api.json").read_text(encoding="utf-8"))
+CONV = [{"role": "user", "content": "Name a yellow fruit."}]
+LONG_CONV = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What colour is the sky?"},
+    {"role": "assistant", "content": "Blue, on a clear day."},
+    {"role": "user", "content": "And at night?"},
+]
+# Measured on the tiny model below: the fake (float64 log-softmax) is within 3e-6 of a float64
+# forward pass; the transformers engine differs from both by up to 3.0e-4 per token, all of it from
+# torch's fp32 log-softmax over the 49k-token vocabulary on CPU (3.6e-4 on the same logits). A token
+# scored at the wrong position differs by nats, so 1e-3 separates rounding from a real misalignment.
+TOLERANCE = 1e-3
+
+
+def _unload_vllm() -> None:
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The fake importable as ``vllm`` for one test, then gone (find_spec would keep finding it)."""
+    _unload_vllm()
+    monkeypatch.syspath_prepend(str(FAKES))
+    yield importlib.import_module("vllm")
+    _unload_vllm()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer random Llama with SmolLM2's tokenizer and chat template, saved as an HF directory.
+
+    The LM head is zero except for a few word tokens and the two stop tokens, so
+    samples are short words that end on their own often enough to see both
+    finish reasons. The generation config adds ``<|endoftext|>`` as a second stop
+    token, as chat models often do (vLLM then reports it in ``stop_reason``).
+    """
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from steps.engines.transformers_engine import materialise
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        materialise(resolve_model("smollm2-135m-instruct", "transformers"))
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    words = tokenizer(" the cat sat on a mat and a dog ran to it", add_special_tokens=False)["input_ids"]
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head.zero_()
+        for token in [*words, *stops]:
+            head[token] = torch.randn(config.hidden_size) * 1.5
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stops).save_pretrained(path)
+    return path
+
+
+def _engine(path: Path, **options: Any) -> VllmEngine:
+    return VllmEngine(ResolvedModel("hf_dir", str(path), "tiny"), **options)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The transformers engine on the same weights (its copy keeps one EOS: it cannot load a list)."""
+    from transformers import GenerationConfig
+
+    from steps.engines.transformers_engine import TransformersEngine
+
+    copy = tmp_path_factory.mktemp("tiny-llama-one-eos")
+    for item in tiny_model.iterdir():
+        shutil.copy(item, copy / item.name)
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(copy)
+    return TransformersEngine(ResolvedModel("hf_dir", str(copy), "tiny"), device="cpu", batch_tokens=512)
+
+
+# ------------------------------------------------------------------ the fake against the real API
+
+
+def _latest() -> dict[str, Any]:
+    return API["versions"][max(API["versions"], key=lambda v: [int(p) for p in v.split(".") if p.isdigit()])]
+
+
+def _check_params(fake: Any, real: dict[str, Any], where: str) -> None:
+    """Every parameter of the fake exists in the real signature, same kind and same default."""
+    signature = inspect.signature(fake)
+    real_params = real["params"]
+    for name, param in signature.parameters.items():
+        if name == "self":
+            continue
+        if param.kind is param.VAR_KEYWORD:
+            assert real["var_kwargs"], f"{where}: the fake takes **kwargs, the real one does not"
+            continue
+        assert name in real_params, f"{where}: the fake has {name!r}, the real one does not"
+        kind = {"POSITIONAL_OR_KEYWORD": "positional_or_keyword", "KEYWORD_ONLY": "keyword_only"}[
+            param.kind.name
+        ]
+        assert real_params[name]["kind"] == kind, f"{where}.{name}: {kind} in the fake"
+        if param.default is param.empty:
+            assert real_params[name].get("required"), f"{where}.{name}: required in the fake only"
+        else:
+            assert real_params[name].get("value", "<expr>") == param.default, (
+                f"{where}.{name}: default differs"
+            )
+    positional = [
+        n for n, p in signature.parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD and n != "self"
+    ]
+    real_positional = [n for n, p in real_params.items() if p["kind"] != "keyword_only"]
+    assert positional == [n for n in real_positional if n in positional], f"{where}: positional order differs"
+
+
+def _check_fields(fake_fields: dict[str, Any], real: dict[str, Any], where: str) -> None:
+    for name, default in fake_fields.items():
+        assert name in real, f"{where}: the fake has field {name!r}, the real one does not"
+        if default is not dataclasses.MISSING:
+            assert real[name].get("value", "<expr>") == default, f"{where}.{name}: default differs"
+
+
+def test_fake_mirrors_the_real_vllm_api(fake_vllm: Any) -> None:
+    from vllm.entrypoints.llm import LLM
+    from vllm.inputs import TokensPrompt
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput, RequestOutput
+    from vllm.sampling_params import SamplingParams as FakeParams
+
+    real = _latest()
+    assert fake_vllm.__version__ == max(API["versions"], key=lambda v: [int(p) for p in v.split(".")])
+    sampling = {f.name: f.default for f in dataclasses.fields(FakeParams) if not f.name.startswith("_")}
+    _check_fields(sampling, real["SamplingParams"]["fields"], "SamplingParams")
+    assert sampling["max_tokens"] == 16  # the default every engine call must override
+    _check_fields(
+        {f.name: f.default for f in dataclasses.fields(Logprob)}, real["Logprob"]["fields"], "Logprob"
+    )
+    _check_fields(
+        {f.name: f.default for f in dataclasses.fields(CompletionOutput)},
+        real["CompletionOutput"]["fields"],
+        "CompletionOutput",
+    )
+    _check_fields(
+        dict.fromkeys(TokensPrompt.__annotations__, dataclasses.MISSING),
+        real["TokensPrompt"]["fields"],
+        "TokensPrompt",
+    )
+    _check_params(LLM.__init__, real["LLM.__init__"], "LLM.__init__")
+    for method in ("generate", "chat", "get_tokenizer"):
+        _check_params(getattr(LLM, method), real[f"LLM.{method}"], f"LLM.{method}")
+    _check_params(RequestOutput.__init__, real["RequestOutput.__init__"], "RequestOutput.__init__")
+    # what the fake accepts through **kwargs are engine arguments of the real LLM
+    from vllm.entrypoints import llm as fake_llm_module
+
+    assert set(real["EngineArgs"]["fields"]) >= fake_llm_module._ENGINE_KWARGS
+    assert set(fake_vllm.__all__) - {"Logprob", "TokensPrompt"} <= set(real["exports"]["vllm"])
+
+
+def test_snapshot_check_catches_a_drifted_fake() -> None:
+    """The signature check above can fail: a wrong default or an invented parameter is caught."""
+    real = _latest()["LLM.__init__"]
+
+    def wrong_default(self: Any, model: str, *, gpu_memory_utilization: float = 0.5) -> None: ...
+
+    def invented(self: Any, model: str, *, turbo: bool = False) -> None: ...
+
+    for fake in (wrong_default, invented):
+        with pytest.raises(AssertionError):
+            _check_params(fake, real, "LLM.__init__")
+
+
+def test_engine_uses_only_api_present_from_the_lower_bound_to_the_latest(
+    fake_vllm: Any, tiny_model: Path
+) -> None:
+    """Every SamplingParams field and LLM argument the engine passes exists in every snapshotted release."""
+    engine = _engine(tiny_model, max_model_len=256, tensor_parallel_size=1, gpu_memory_utilization=0.8)
+    engine.generate([CONV], SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=4), [1])
+    engine.score([ScoreRequest(CONV, "A banana.")])
+    engine.option_logprobs([OptionRequest(CONV, "Score: ", ("1", "2"))])
+    used = {name for _, params in engine.llm.calls for p in params for name in p._explicit}
+    init = set(engine.llm.init_args)
+    assert {"max_tokens", "seed", "n", "temperature", "top_p", "prompt_logprobs"} <= used
+    for version, api in API["versions"].items():
+        assert used <= set(api["SamplingParams"]["fields"]), version
+        accepted = set(api["LLM.__init__"]["params"]) | (
+            set(api["EngineArgs"]["fields"]) if api["LLM.__init__"]["var_kwargs"] else set()
+        )
+        assert init <= accepted, version
+        assert {"sampling_params", "use_tqdm"} <= set(api["LLM.generate"]["params"]), version
+        assert "prompt_logprobs" in api["RequestOutput.__init__"]["params"], version
+        fields = set(api["CompletionOutput"]["fields"])
+        assert {"index", "text", "token_ids", "finish_reason", "stop_reason"} <= fields, version
+        assert "logprob" in api["Logprob"]["fields"] and "prompt_token_ids" in api["TokensPrompt"]["fields"]
+        assert api["LLM.get_tokenizer"] is not None and api["exports"]["vllm.inputs"] == ["TokensPrompt"]
+        assert api["LLM.__init__.sets_llm_engine"] and api["LLMEngine.sets_model_config"], version
+        assert api["ModelConfig.has_max_model_len"], version
+
+
+# ------------------------------------------------------------------ optional extra, lazily imported
+
+
+def test_importing_prefsmith_never_imports_vllm() -> None:
+    """Even with a vllm importable, our modules load without it (it initialises CUDA and takes seconds)."""
+    code = (
+        "import sys, schemas.recipe, steps.engines, steps.engines.vllm_engine, steps.engines.gpu_pool\n"
+        "from steps.engines import resolve_model\n"
+        "resolve_model('org/name', 'vllm')\n"
+        "assert 'vllm' not in sys.modules, sorted(m for m in sys.modules if 'vllm' in m)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAKES), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_vllm_fails_at_validation_with_install_hint(tmp_path: Path) -> None:
+    assert importlib.util.find_spec("vllm") is None  # true on this CPU machine; the fake is not on the path
+    with pytest.raises(VllmMissingError, match=r"pip install 'prefsmith\[vllm\]'"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "vllm")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: v\npolicy: {engine: vllm, model: HuggingFaceTB/SmolLM2-135M-Instruct}\n")
+    from flows.build_prefs import prepare  # the CLI's checks, run before any model loads
+
+    with pytest.raises(ModelSpecError, match=r"prefsmith\[vllm\]"):
+        prepare(str(recipe))
+
+
+def test_engine_import_failure_names_the_extra(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # "installed" but not importable
+    with pytest.raises(VllmMissingError, match=r"pip install 'prefsmith\[vllm\]'"):
+        _engine(tiny_model)
+
+
+def test_vllm_model_specs(fake_vllm: Any, tmp_path: Path) -> None:
+    for spec, message in [
+        ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("model.Q4.gguf", "not a GGUF"),
+        ("org/name:model.Q4.gguf", "not a GGUF"),
+        (str(tmp_path), "no config.json"),
+        (str(tmp_path / "missing"), "does not exist"),
+    ]:
+        with pytest.raises(ModelSpecError, match=message):
+            resolve_model(spec, "vllm")
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path), "vllm").kind == "hf_dir"
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "vllm").kind == "hub"
+
+
+def test_recipe_vllm_options_are_validated(tmp_path: Path) -> None:
+    policy = ModelConfig(engine="vllm", model="org/name", tensor_parallel_size=2, max_model_len=4096)
+    assert policy.dtype == "auto" and policy.gpu_memory_utilization == 0.9 and not policy.enforce_eager
+    assert ModelConfig(engine="vllm", model="org/name", dtype="bfloat16").dtype == "bfloat16"
+    for policy_yaml, key in [
+        ("{engine: llama_cpp, tensor_parallel_size: 2}", "vllm options, but engine is llama_cpp"),
+        ("{engine: transformers, dtype: auto}", "dtype: auto is for engine: vllm"),
+        ("{engine: vllm, model: org/name, device: cpu}", "runs on CUDA GPUs"),
+        ("{engine: vllm, model: org/name, gpu_memory_utilization: 1.5}", "policy.gpu_memory_utilization"),
+        ("{engine: vllm, model: org/name, tensor_parallel_size: 0}", "policy.tensor_parallel_size"),
+        ("{engine: vllm, model: org/name, max_model_len: 16}", "policy.max_model_len"),
+        ("{engine: vllm, model: org/name, gpu_memory: 0.5}", "policy.gpu_memory"),
+    ]:
+        path = tmp_path / "r.yaml"
+        path.write_text(f"name: v\npolicy: {policy_yaml}\n")
+        with pytest.raises(RecipeError, match=key):
+            load_recipe(str(path))
+
+
+def test_load_engine_builds_vllm_with_the_recipe_options(fake_vllm: Any, tiny_model: Path) -> None:
+    config = ModelConfig(
+        engine="vllm",
+        model=str(tiny_model),
+        max_model_len=256,
+        gpu_memory_utilization=0.7,
+        enforce_eager=True,
+    )
+    engine = load_engine(config)
+    assert isinstance(engine, VllmEngine) and load_engine(config) is engine
+    assert engine.llm.init_args == {
+        "model": str(tiny_model.resolve()),
+        "tokenizer": None,
+        "trust_remote_code": False,
+        "tensor_parallel_size": 1,
+        "dtype": "auto",
+        "seed": 0,
+        "gpu_memory_utilization": 0.7,
+        "enforce_eager": True,
+        "max_model_len": 256,
+    }
+    assert engine.n_ctx == 256
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_generate_sets_every_parameter_and_reproduces_per_prompt_seeds(
+    fake_vllm: Any, tiny_model: Path
+) -> None:
+    engine = _engine(tiny_model)
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.99, max_tokens=40)
+    first = engine.generate([CONV, LONG_CONV], params, [11, 12])
+    [(_, sent)] = engine.llm.calls
+    assert len(sent) == 2 and {p.max_tokens for p in sent} == {40}  # not vLLM's default of 16
+    assert all(p.n == 3 and p.temperature == 1.0 and p.top_p == 0.99 and p.top_k == -1 for p in sent)
+    assert all(p.min_p == 0.0 and p.repetition_penalty == 1.0 and p.skip_special_tokens for p in sent)
+    assert sent[0].seed != sent[1].seed  # one request per prompt, each with its own seed
+    assert first == engine.generate([CONV, LONG_CONV], params, [11, 12])
+    assert first[0] == engine.generate([CONV], params, [11])[0]  # independent of batch neighbours
+    assert first[0] != engine.generate([CONV], params, [99])[0]
+    for completions, request in zip(first, sent, strict=True):
+        assert isinstance(completions, list) and len(completions) == 3
+        assert {c.seed for c in completions} == {request.seed}
+        assert len({c.text for c in completions}) > 1  # n distinct samples, not one copied
+
+
+def test_generate_finish_reasons_and_token_counts(fake_vllm: Any, tiny_model: Path) -> None:
+    """Both finish reasons occur; counts exclude the stop token vLLM keeps in token_ids; no special text."""
+    engine = _engine(tiny_model)
+    params = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=6)
+    results = engine.generate([CONV] * 6, params, list(range(6)))
+    raw = {
+        (i, out.index): out
+        for i, request in enumerate(engine.llm.calls[-1][1])
+        for out in engine.llm._run(engine.llm.calls[-1][0][i]["prompt_token_ids"], request).outputs
+    }
+    completions = [(i, k, c) for i, group in enumerate(results) for k, c in enumerate(group)]  # type: ignore[arg-type]
+    finishes = {c.finish_reason for _, _, c in completions}
+    assert finishes == {"stop", "length"}
+    stop_tokens = {engine.tokenizer.eos_token_id, engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    for i, k, c in completions:
+        out = raw[(i, k)]
+        assert c.text == out.text and "<|im_end|>" not in c.text and "<|endoftext|>" not in c.text
+        if c.finish_reason == "length":
+            assert c.num_tokens == len(out.token_ids) == 6
+        else:
+            assert out.token_ids[-1] in stop_tokens and c.num_tokens == len(out.token_ids) - 1
+    assert any(out.stop_reason is not None for out in raw.values())  # the generation config's extra stop
+
+
+def test_prompt_too_long_is_failed_without_sinking_the_batch(fake_vllm: Any, tiny_model: Path) -> None:
+    engine = _engine(tiny_model, max_model_len=128)
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=200)
+    short, too_long = engine.generate([CONV, long_prompt], params, [1, 2])
+    assert isinstance(too_long, Failed) and too_long.reason == "prompt_too_long"
+    assert isinstance(short, list) and all(c.num_tokens + c.prompt_tokens <= 128 for c in short)
+    assert [p.max_tokens for p in engine.llm.calls[-1][1]] == [128 - short[0].prompt_tokens]
+
+
+def test_prompt_too_long_left_truncation_keeps_recent_turns(fake_vllm: Any, tiny_model: Path) -> None:
+    engine = _engine(tiny_model, max_model_len=128)
+    old = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=16, too_long="truncate_left")
+    [result] = engine.generate([[*old, *CONV]], params, [1])
+    assert isinstance(result, list) and {c.prompt_turns_dropped for c in result} == {2}
+    assert engine.llm.calls[-1][0][0]["prompt_token_ids"] == engine._ids(CONV, add_generation_prompt=True)
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def test_score_equals_the_transformers_engine(fake_vllm: Any, tiny_model: Path, reference: Any) -> None:
+    engine = _engine(tiny_model)
+    answer = "A banana is yellow when it is ripe."
+    requests = [
+        ScoreRequest(CONV, answer),
+        ScoreRequest(CONV, "Lemons."),
+        ScoreRequest(LONG_CONV, "Dark, with stars."),
+        ScoreRequest([*CONV, {"role": "assistant", "content": answer}], "Thanks, that helps.", "user"),
+    ]
+    ours, theirs = engine.score(requests), reference.score(requests)
+    gaps = []
+    for request, a, b in zip(requests, ours, theirs, strict=True):
+        assert isinstance(a, TokenScores) and isinstance(b, TokenScores)
+        # the continuation's own tokens: no role header, no end-of-turn marker
+        assert (
+            a.token_ids
+            == b.token_ids
+            == engine.tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
+        )
+        gaps += [abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)]
+    assert max(gaps) < TOLERANCE
+    assert len({round(v, 3) for s in ours for v in s.logprobs}) > 5  # real numbers, not a constant
+    [(prompts, sent)] = engine.llm.calls  # one batched call
+    assert len(prompts) == len(requests)
+    assert all(p.max_tokens == 1 and p.prompt_logprobs == 0 and p.temperature == 1.0 for p in sent)
+
+
+def test_score_reads_prompt_logprobs_past_the_leading_none(fake_vllm: Any, tiny_model: Path) -> None:
+    """A continuation that starts the prompt would need entry 0 (None): the engine reports, never crashes."""
+    engine = _engine(tiny_model)
+    seq = engine.tokenizer("a cat", add_special_tokens=False)["input_ids"]
+    [entries] = engine._prompt_logprobs([seq])
+    assert entries[0] is None and len(entries) == len(seq)
+    assert engine._logprob_at(entries, seq, 0) is None
+    assert engine._logprob_at(entries, seq, 1) == entries[1][seq[1]].logprob
+
+
+def test_score_failures(fake_vllm: Any, tiny_model: Path) -> None:
+    engine = _engine(tiny_model, max_model_len=128)
+    empty, too_long, fine = engine.score(
+        [ScoreRequest(CONV, ""), ScoreRequest(CONV, "word " * 200), ScoreRequest(CONV, "Yes.")]
+    )
+    assert isinstance(empty, Failed) and empty.reason == "empty_continuation"
+    assert isinstance(too_long, Failed) and too_long.reason == "too_long"
+    assert isinstance(fine, TokenScores)
+
+
+def test_option_logprobs_equal_the_transformers_engine(
+    fake_vllm: Any, tiny_model: Path, reference: Any
+) -> None:
+    engine = _engine(tiny_model)
+    requests = [
+        OptionRequest(CONV, "Score: ", tuple(str(i) for i in range(6))),
+        OptionRequest(LONG_CONV, "Verdict:", (" A", " B")),
+        OptionRequest(CONV, "Verdict:", (" A", " banana split")),
+    ]
+    ours, theirs = engine.option_logprobs(requests), reference.option_logprobs(requests)
+    for a, b in zip(ours[:2], theirs[:2], strict=True):
+        assert isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+        assert all(abs(a[k] - b[k]) < TOLERANCE for k in a)
+    assert isinstance(ours[2], Failed) and ours[2].reason == "option_not_single_token"
+
+
+# ------------------------------------------------------------------ several GPUs
+
+
+def test_run_on_gpus_one_process_per_gpu_each_job_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from steps.engines.gpu_pool import run_on_gpus
+
+    monkeypatch.syspath_prepend(str(FAKES))  # spawned workers inherit sys.path and import the job from it
+    import pool_jobs
+
+    jobs = [(str(tmp_path), k, 2) for k in range(7)]
+    results = run_on_gpus(pool_jobs.record, jobs, gpus=["0", "1"])
+    assert [r["job"] for r in results] == list(range(7))  # job order, each exactly once
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == sorted(f"job-{k}" for k in range(7))
+    by_pid: dict[int, set[str]] = {}
+    for r in results:
+        by_pid.setdefault(r["pid"], set()).add(r["cuda_visible_devices"])
+        assert r["cuda_visible_devices"] == r["worker_gpus"]
+    assert len(by_pid) == 2 and os.getpid() not in by_pid  # two workers, neither of them this process
+    assert sorted(v for s in by_pid.values() for v in s) == ["0", "1"]  # each its own, one each
+
+
+def test_run_on_gpus_groups_for_tensor_parallel_and_propagates_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from steps.engines.gpu_pool import gpu_groups, run_on_gpus, visible_gpus
+
+    assert gpu_groups(["0", "1", "2", "3", "4"], 2) == ["0,1", "2,3"]
+    with pytest.raises(ValueError, match="only 1 visible"):
+        gpu_groups(["0"], 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert visible_gpus() == ["2", "5"]
+    monkeypatch.syspath_prepend(str(FAKES))
+    import pool_jobs
+
+    [result] = run_on_gpus(pool_jobs.record, [(str(tmp_path), 0, 1)], gpus_per_worker=2)
+    assert result["cuda_visible_devices"] == "2,5"
+    with pytest.raises(RuntimeError, match="job 1 failed"):
+        run_on_gpus(pool_jobs.fail_on_one, [0, 1, 2], gpus=["0"])
+    assert run_on_gpus(pool_jobs.record, [], gpus=["0"]) == []
