@@ -62,13 +62,42 @@ class ModelConfig(_Strict):
     """A model and the engine that runs it (the policy, or a model a labeler reads)."""
 
     model: str = "smollm2-135m-instruct"
-    engine: Literal["llama_cpp", "transformers"] = "llama_cpp"
+    engine: Literal["llama_cpp", "transformers", "vllm"] = "llama_cpp"
     n_ctx: int = Field(2048, ge=128)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="auto (the checkpoint's dtype) is vllm only, and its default there"
+    )
     n_threads: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
     batch_tokens: int = Field(4096, ge=64, description="token budget of one scoring batch")
+    # vllm only (engine: vllm); one engine per process, see steps/engines/gpu_pool.py for several GPUs
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory")
+    max_model_len: int | None = Field(None, ge=128, description="vllm: context length (default: the model's)")
+    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decoding)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_dtype_default(cls, data: Any) -> Any:
+        """vLLM runs the checkpoint's own dtype unless told otherwise; float32 would halve its speed."""
+        if isinstance(data, dict) and data.get("engine") == "vllm" and "dtype" not in data:
+            return {**data, "dtype": "auto"}
+        return data
+
+    @model_validator(mode="after")
+    def _engine_options_match(self) -> ModelConfig:
+        if self.engine != "vllm":
+            vllm_only = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager")
+            # Compared with the defaults, not model_fields_set: overrides revalidate a full dump.
+            given = [k for k in vllm_only if getattr(self, k) != type(self).model_fields[k].default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: vllm options, but engine is {self.engine}")
+            if self.dtype == "auto":
+                raise ValueError(f"dtype: auto is for engine: vllm; engine {self.engine} needs a dtype")
+        elif self.device == "cpu":
+            raise ValueError("engine vllm runs on CUDA GPUs; use engine: transformers for device: cpu")
+        return self
 
 
 # The policy is the model whose on-policy samples become the responses.

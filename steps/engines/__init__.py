@@ -61,6 +61,10 @@ def load_engine(policy: ModelConfig) -> Any:
         policy.n_threads,
         policy.trust_remote_code,
         policy.batch_tokens,
+        policy.tensor_parallel_size,
+        policy.gpu_memory_utilization,
+        policy.max_model_len,
+        policy.enforce_eager,
     )
     with _LOCK:
         if key not in _ENGINES:
@@ -69,6 +73,18 @@ def load_engine(policy: ModelConfig) -> Any:
                 from steps.engines.llama_cpp import LlamaCppEngine
 
                 _ENGINES[key] = LlamaCppEngine(resolved, n_ctx=policy.n_ctx, n_threads=policy.n_threads)
+            elif policy.engine == "vllm":
+                from steps.engines.vllm_engine import VllmEngine
+
+                _ENGINES[key] = VllmEngine(
+                    resolved,
+                    tensor_parallel_size=policy.tensor_parallel_size,
+                    gpu_memory_utilization=policy.gpu_memory_utilization,
+                    max_model_len=policy.max_model_len,
+                    dtype=policy.dtype,
+                    enforce_eager=policy.enforce_eager,
+                    trust_remote_code=policy.trust_remote_code,
+                )
             else:
                 from steps.engines.transformers_engine import TransformersEngine
 

@@ -55,6 +55,8 @@ def smollm2_gguf() -> Path:
 
 
 def resolve_model(spec: str, engine: str) -> ResolvedModel:
+    if engine == "vllm":
+        return _resolve_for_vllm(spec)
     if spec == SMOLLM2_ALIAS:
         path = smollm2_gguf()
         return ResolvedModel("gguf", str(path), SMOLLM2_ID, gguf_file=path.name)
@@ -87,3 +89,29 @@ def resolve_model(spec: str, engine: str) -> ResolvedModel:
         f"model {spec!r} is not the alias {SMOLLM2_ALIAS!r}, an existing .gguf or model directory, "
         "nor a hub id like 'org/name'"
     )
+
+
+def _resolve_for_vllm(spec: str) -> ResolvedModel:
+    """vLLM reads Hugging Face checkpoints (a directory or a hub id), never a GGUF; vllm must be installed."""
+    from steps.engines.vllm_engine import check_vllm_installed
+
+    hint = "engine vllm needs a Hugging Face model directory or hub id"
+    if spec == SMOLLM2_ALIAS:
+        raise ModelSpecError(
+            f"{hint}; {SMOLLM2_ALIAS!r} is a GGUF file, use 'HuggingFaceTB/SmolLM2-135M-Instruct' instead"
+        )
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" or spec.endswith(".gguf"):
+        raise ModelSpecError(f"{hint}, not a GGUF file ({spec!r}); use engine: llama_cpp or transformers")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{hint}; directory {spec!r} has no config.json")
+        resolved = ResolvedModel("hf_dir", str(path.resolve()), path.name)
+    elif path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelSpecError(f"model path {spec!r} does not exist or is not a directory")
+    elif _HUB_ID.match(spec):
+        resolved = ResolvedModel("hub", spec, spec)
+    else:
+        raise ModelSpecError(f"{hint} like 'org/name', got {spec!r}")
+    check_vllm_installed()
+    return resolved
