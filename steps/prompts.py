@@ -332,9 +332,41 @@ def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Ta
     stats.rows_out = len(seen)
     stats.counts["with_references"] = sum(1 for refs in rows[c.REFERENCES] if refs)
     if not seen:
-        detail = "; ".join(f"{k}: {v}" for k, v in sorted(stats.examples.items()))
-        raise PromptSourceError(
-            f"no usable prompts in {label} ({stats.rows_in} rows read, drops {dict(stats.drops)})"
-            + (f"; first problems: {detail}" if detail else "")
-        )
+        raise _nothing_usable(label, stats)
     return pa.Table.from_pydict(rows, schema=PROMPTS), stats
+
+
+def _nothing_usable(label: str, stats: StageStats) -> PromptSourceError:
+    detail = "; ".join(f"{k}: {v}" for k, v in sorted(stats.examples.items()))
+    return PromptSourceError(
+        f"no usable prompts in {label} ({stats.rows_in} rows read, drops {dict(stats.drops)})"
+        + (f"; first problems: {detail}" if detail else "")
+        + "; fix the rows or point prompts at another source"
+    )
+
+
+def check_prompts(config: PromptsConfig) -> None:
+    """Raise PromptSourceError now if the source is unreadable or has no usable prompt at all.
+
+    For the CLI's checks before anything heavy starts: it reads only up to the
+    first row that makes a prompt, so a good source costs one row, and a source
+    whose every row is dropped fails with the same message as ``load_prompts``
+    instead of after Prefect has started.
+    """
+    stats = StageStats("prompts")
+    rows = raw_rows(config)
+    try:
+        for raw in rows:
+            stats.rows_in += 1
+            try:
+                normalise_messages(raw.prompt)
+                normalise_references(raw.references)
+            except InvalidRow as exc:
+                stats.drop(exc.reason, example=f"row {raw.index}: {exc}")
+                continue
+            return
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+    raise _nothing_usable(source_label(config), stats)
