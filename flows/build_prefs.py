@@ -32,10 +32,10 @@ from flows.model_stage import shard_ref
 from schemas.recipe import Recipe, RecipeError, load_recipe
 from steps import stages
 from steps.base import ShardResult, StageStats, join_uri, merge_stats
-from steps.engines import ModelSpecError, resolve_model
+from steps.engines import ModelSpecError
 from steps.hub import HubError, push_dataset
 from steps.labeling import preflight
-from steps.prompts import PromptSourceError, source_label
+from steps.prompts import PromptSourceError, check_prompts, source_label
 from steps.publish import funnel_steps, publish
 from steps.resume import WorkArea
 
@@ -73,8 +73,8 @@ def prepare(
     loaded = load_recipe(recipe).with_overrides(
         **{"limit": limit, "sampling.seed": seed, "output.uri": output}
     )
-    resolve_model(loaded.policy.model, loaded.policy.engine)
-    preflight(loaded)
+    preflight(loaded)  # every model of the recipe (policy, labelers, pair judge), errors name the key
+    check_prompts(loaded.prompts)
     out = loaded.output_uri()
     work_uri = work or join_uri(out, WORK_DIR)
     check_writable(out, "output")

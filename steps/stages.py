@@ -121,6 +121,7 @@ def label(
         total.drops.update({f"{name}:{k}": v for k, v in part.stats.drops.items()})
         total.examples.update({f"{name}:{k}": v for k, v in part.stats.examples.items()})
         total.counts[f"{name}:scored"] += part.stats.rows_out
+        total.counts.update({f"{name}:{k}": v for k, v in part.stats.counts.items() if k != "scored"})
         total.seconds += part.stats.seconds
     key = area.key("labels", [name for name, _ in parts], [part.checksums["data"] for _, part in parts])
 

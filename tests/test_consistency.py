@@ -247,7 +247,8 @@ def test_dropped_config_loads_and_card_has_pictures(tmp_path: Path) -> None:
     assert dropped_ds[0][c.DROP_REASON] == "sign_disagreement"
     card = (out / "README.md").read_text()
     for name in ("funnel", "signals", "agreement", "margins", "length_vs_score"):
-        png = out / "images" / f"{name}.png"
-        assert png.read_bytes().startswith(b"\x89PNG") and f"images/{name}.png" in card
+        png = out / "runs" / manifest["run_id"] / "images" / f"{name}.png"
+        assert png.read_bytes().startswith(b"\x89PNG") and f"runs/{manifest['run_id']}/images/{name}.png" in card
     assert "consistency: sign\\_disagreement" in card or "sign\\_disagreement" in card
-    assert (out / "stats.json").is_file() and "agreement_matrix" in (out / "stats.json").read_text()
+    stats_file = out / "runs" / manifest["run_id"] / "stats.json"
+    assert "agreement_matrix" in stats_file.read_text()
