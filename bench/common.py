@@ -141,7 +141,19 @@ def machine() -> dict[str, Any]:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set so far (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set so far.
+
+    Linux's ``VmHWM`` belongs to the current address space, so it starts afresh at exec.
+    ``ru_maxrss`` does not: it keeps the high-water mark of the image before exec, which for a
+    child of a large parent is the parent's size at fork (a 200k-prompt driver made every
+    stage look 800 MiB), so it is only the fallback where /proc is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -164,6 +164,7 @@ def measure_size(size: int, scratch: Path, quick: bool) -> dict[str, Any]:
                 )
             result = json.loads((work / f"result-{stage}.json").read_text())
             result["process_seconds"] = outcome["seconds"]
+            result["peak_tree_rss_mib_sampled"] = outcome["peak_tree_rss_mib"]  # cross-check, 50 ms polls
             stages[stage] = result
             log(
                 f"scaling {size:>7,}: {stage:<11} {result['seconds']:7.1f}s  "
