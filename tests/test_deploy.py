@@ -1,0 +1,247 @@
+"""The README's "Run on a schedule and on GPU pools", literally: server, pools, workers, deploy, trigger.
+
+A real ``prefect server start`` on loopback, two process work pools (``cpu`` for
+the pipeline, ``gpu`` for the model stage; the CPU stands in for the GPU here),
+one ``prefect worker start`` per pool, the repo's prefect.yaml deployed
+(``python -m flows.deploy``), and ``prefect deployment run`` of the nightly deployment with a
+tiny random model. The model-stage runs happen on the gpu worker; the pipeline
+then finds their shards finished. Every subprocess runs in its own process group
+and is killed at the end, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from steps import faults, resume, writer
+from tests.conftest import ROOT
+from tests.test_end_to_end import free_port
+from tests.test_faults import tiny_model  # noqa: F401  (a fixture, used by name)
+
+pytestmark = pytest.mark.model
+
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+class Processes:
+    """Long-running subprocesses started by the test, each its own process group, all killed at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        handle = log.open("wb")
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        handle.close()
+        self.procs.append((proc, log))
+        return proc
+
+    def stop(self) -> None:
+        for proc, _ in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc, _ in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ProcessLookupError):  # and whatever else is left in its group
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for _, log in self.procs)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Server, pools, deployments and one worker per pool, set up with the README's commands."""
+    base = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", faults.ENV))}
+    env.update(
+        PREFECT_HOME=str(base / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=api,
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_HEARTBEAT_SECONDS="5",
+        PYTHONPATH=str(ROOT),
+    )
+    procs = Processes()
+    try:
+        server = procs.start(
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, base / "server.log"
+        )
+        wait_healthy(api, server)
+        for pool in ("cpu", "gpu"):
+            run_cli(["work-pool", "create", pool, "--type", "process"], env)
+        # README: `python -m flows.deploy` (prefect.yaml through Prefect's API; see flows/deploy.py for why
+        # not `prefect deploy`, which stops after the first deployment against a 3.8.8 server).
+        deployed = subprocess.run(
+            [sys.executable, "-m", "flows.deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        for pool in ("cpu", "gpu"):
+            procs.start([*PREFECT, "worker", "start", "--pool", pool], env, base / f"worker-{pool}.log")
+        yield {"api": api, "env": env, "base": base, "procs": procs}
+    finally:
+        procs.stop()
+
+
+def wait_healthy(api: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise RuntimeError("prefect server exited during start")
+        time.sleep(0.5)
+    raise RuntimeError("prefect server did not become healthy in 180 s")
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> str:
+    proc = subprocess.run([*PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def trigger(stack: dict[str, Any], params: dict[str, Any]) -> str:
+    """`prefect deployment run` of the nightly deployment; returns the new flow run's id."""
+    out = run_cli(
+        ["deployment", "run", "build-prefs/build-prefs-nightly", "--params", json.dumps(params)], stack["env"]
+    )
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert match, out
+    return match.group(1)
+
+
+def wait_final(stack: dict[str, Any], run_id: str, timeout: float = 420) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{stack['api']}/flow_runs/{run_id}", timeout=10).json()
+        if run["state"] and run["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s\n{stack['procs'].logs()}")
+
+
+def flow_runs(stack: dict[str, Any], flow_name: str) -> list[dict[str, Any]]:
+    body = {"flows": {"name": {"any_": [flow_name]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    runs = httpx.post(f"{stack['api']}/flow_runs/filter", json=body, timeout=10).json()
+    return [r for r in runs if r["state"]["type"] != "SCHEDULED"]  # not the nightly schedule's future runs
+
+
+def run_logs(stack: dict[str, Any], run_id: str) -> str:
+    body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+    return "\n".join(r["message"] for r in httpx.post(f"{stack['api']}/logs/filter", json=body, timeout=10).json())
+
+
+def tiny_recipe(path: Path, model: Path, labelers: list[dict[str, Any]]) -> Path:
+    spec = {"model": str(model), "engine": "transformers", "dtype": "float32", "device": "cpu"}
+    data = {
+        "name": "pools",
+        "prompts": {"source": "builtin", "name": "default"},
+        "limit": 4,
+        "policy": spec,
+        "sampling": {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 5, "seed": 5},
+        "labelers": labelers,
+        "consistency": {"min_agree": 1},
+        "output": {"prompts_per_shard": 1},
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def markers(work: Path, stage: str) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in (work / stage).rglob(f"*{resume.MARKER_SUFFIX}")}
+
+
+def test_prefect_yaml_defines_the_scheduled_and_the_gpu_deployment() -> None:
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in config["deployments"]}
+    nightly, model = by_name["build-prefs-nightly"], by_name["model-stage"]
+    assert nightly["entrypoint"] == "flows/build_prefs.py:build_prefs"
+    assert nightly["schedules"][0]["cron"] and nightly["work_pool"]["name"] == "cpu"
+    assert nightly["parameters"]["model_deployment"] == "model-stage"
+    assert "recipe" in nightly["parameters"]
+    assert model["entrypoint"] == "flows/model_stage.py:model_stage" and model["work_pool"]["name"] == "gpu"
+
+
+def test_nightly_deployment_runs_its_model_stage_on_the_gpu_pool(
+    stack: dict[str, Any], tiny_model: Path  # noqa: F811
+) -> None:
+    base: Path = stack["base"]
+    model_labeler = {
+        "kind": "density_ratio",
+        "name": "density_ratio",
+        "strong": {"model": {"model": str(tiny_model), "engine": "transformers", "dtype": "float32",
+                             "device": "cpu"}, "system_prompt": "Answer helpfully."},
+        "weak": {"model": {"model": str(tiny_model), "engine": "transformers", "dtype": "float32",
+                           "device": "cpu"}},
+        "reduce": "mean",
+    }
+    recipe = tiny_recipe(base / "pools.yaml", tiny_model, [{"kind": "bleu", "name": "bleu"}, model_labeler])
+    out, work = base / "out", base / "work"
+    run_id = trigger(
+        stack, {"recipe": str(recipe), "output": str(out), "work": str(work), "batch_shards": 2}
+    )
+    run = wait_final(stack, run_id)
+    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{run_logs(stack, run_id)}\n{stack['procs'].logs()}"
+    manifest = writer.verify(str(out))
+    assert manifest["splits"]["train"] > 0
+
+    # Two batches of two shards per model stage, each a run of the model-stage deployment on the gpu pool.
+    remote = flow_runs(stack, "model-stage")
+    assert len(remote) == 4, [r["name"] for r in remote]
+    assert all(r["state"]["type"] == "COMPLETED" for r in remote)
+    assert sorted(r["parameters"]["stage"] for r in remote) == ["labeling"] * 2 + ["sampling"] * 2
+    assert {r["work_pool_name"] for r in remote} == {"gpu"}
+    assert len(markers(work, "sampling")) == 4 and len(markers(work, "label/density_ratio")) == 4
+    # ... and the pipeline itself found those shards finished instead of computing them again.
+    logs = run_logs(stack, run_id)
+    assert logs.count("found finished earlier, reused") >= 4, logs
+    assert not re.search(r"sampling shard \d/4: .* in [\d.]+s;", logs), logs
+
+
+def test_failed_gpu_batch_fails_the_run_naming_it_and_the_rerun_resumes(
+    stack: dict[str, Any], tiny_model: Path  # noqa: F811
+) -> None:
+    base: Path = stack["base"]
+    recipe = tiny_recipe(base / "bleu.yaml", tiny_model, [{"kind": "bleu", "name": "bleu"}])
+    out, work = base / "out-fail", base / "work-fail"
+    params: dict[str, Any] = {"recipe": str(recipe), "output": str(out), "work": str(work), "batch_shards": 2}
+    # Each model-stage process is killed right after finishing its first shard, as a lost GPU host would be.
+    kill = {"env": {faults.ENV: "sampling:done#1"}}
+    run_id = trigger(stack, {**params, "model_job_variables": kill})
+    run = wait_final(stack, run_id)
+    assert run["state"]["type"] == "FAILED"
+    message = run["state"]["message"] + run_logs(stack, run_id)
+    assert "model-stage/model-stage" in message and re.search(r"batch [12]/2 \(shards", message), message
+    assert "rerun the same command" in message
+    survived = markers(work, "sampling")
+    assert len(survived) == 2, "each killed batch finished exactly one shard before dying"
+    assert writer.read_manifest(str(out)) is None
+
+    rerun = wait_final(stack, trigger(stack, params))
+    assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
+    after = markers(work, "sampling")
+    assert len(after) == 4 and all(after[p] == survived[p] for p in survived), "finished shards are reused"
+    writer.verify(str(out))
