@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jinja2.exceptions import SecurityError
 
 from schemas.recipe import PolicyConfig
-from steps.engines import Failed, SamplingParams, ScoreRequest, load_engine, resolve_model
+from steps.engines import Failed, OptionRequest, SamplingParams, ScoreRequest, load_engine, resolve_model
 from steps.engines.base import continuation_span, derive_seed, render_chat, sample_seed
 from steps.engines.models import SMOLLM2_ALIAS, ModelSpecError
 
@@ -150,3 +151,121 @@ def test_transformers_generation_is_seeded() -> None:
     first = hf.generate([CONV], params, [5])[0]
     assert [c.text for c in first] == [c.text for c in hf.generate([CONV], params, [5])[0]]
     assert all(c.num_tokens <= 6 for c in first)
+
+
+# ----------------------------------------------------------------- the scoring trie
+
+
+def test_trie_merges_shared_prefixes_and_orders_parents_first() -> None:
+    from steps.engines.transformers_engine import _Trie
+
+    trie = _Trie()
+    a, b, c = trie.add([1, 2, 3]), trie.add([1, 2, 4, 5]), trie.add([6])
+    assert a[:2] == b[:2] and a[2] != b[2] and c[0] not in a + b
+    assert trie.end_of((1, 2)) == a[1] and trie.end_of(()) == 0
+    assert trie.add([5], start=b[2]) == [b[3]]  # an existing path creates nothing
+    trie.seal()
+    assert trie.size[0] == 1 + 6 and trie.size[a[0]] == 5 and trie.size[c[0]] == 1
+    order = trie.subtree(a[0])
+    assert set(order) == {*a, *b}
+    assert all(order.index(trie.parent[n]) < order.index(n) for n in order[1:])
+    assert [trie.depth[n] for n in b] == [0, 1, 2, 3]
+    assert trie.only_child(b[2]) == b[3] and trie.only_child(a[1]) is None
+
+
+SLEEP = [{"role": "user", "content": "Give me two tips for sleeping better."}]
+ANSWERS = ["Keep the room dark and cool.", "Bananas are yellow, and so is the sun."]
+FOLLOW = [
+    "Thanks, that helps a lot.",
+    "That's not what I asked.",
+    "Can you say more?",
+    "Great.",
+    "Hmm, I tried both of those already and I still lie awake for hours.",
+    "Why?",
+    "That was clear and useful, thank you very much.",
+    "I do not think that is right at all.",
+]
+
+
+def _mixed_requests() -> list[ScoreRequest]:
+    """The shapes the labelers send: follow-ups of two answers to one prompt, answers with and
+    without a criteria system prompt (density ratio), and an unrelated conversation."""
+    criteria = [{"role": "system", "content": "Answer carefully and correctly."}, *SLEEP]
+    requests = [
+        ScoreRequest([*SLEEP, {"role": "assistant", "content": a}], f, "user")
+        for a in ANSWERS
+        for f in FOLLOW
+    ]
+    requests += [ScoreRequest(context, a) for context in (SLEEP, criteria) for a in ANSWERS]
+    return [*requests, ScoreRequest([{"role": "user", "content": "Hi"}], "Hello! How can I help?")]
+
+
+def _full_ids(hf: Any, context: list[dict[str, str]], turn: dict[str, str] | None = None) -> list[int]:
+    ids = hf.tokenizer.apply_chat_template([*context, *([turn] if turn else [])], tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def _plain_forward(hf: Any, request: ScoreRequest) -> tuple[list[int], list[float]]:
+    """Content tokens and their log-probs from one ordinary causal forward over the whole chat."""
+    import torch
+
+    full = _full_ids(hf, list(request.context), {"role": request.role, "content": request.continuation})
+    start = len(hf._header(request.context, request.role))
+    end = next(k for k in range(start, len(full)) if full[k] in hf._special)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf.model(torch.tensor([full])).logits[0].double(), -1)
+    return full[start:end], [float(logprobs[k - 1, full[k]]) for k in range(start, end)]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("batch_tokens", [4096, 64])
+def test_trie_scoring_equals_a_plain_forward_per_request(
+    batch_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tree-packed rows, padding, cached paths and split subtrees change no score beyond float noise.
+
+    batch_tokens=64 forces every code path: long stretches run as cached paths,
+    branches as rows of different sizes (so with padding) on copies of the cache.
+    """
+    hf = load_engine(PolicyConfig(engine="transformers", device="cpu", batch_tokens=batch_tokens))
+    requests = _mixed_requests()
+    row_sizes: list[list[int]] = []
+    run_rows = hf._run_rows
+
+    def spy(trie: Any, roots: list[int], cache: Any, out: Any) -> None:
+        row_sizes.append([trie.size[root] for root in roots])
+        run_rows(trie, roots, cache, out)
+
+    monkeypatch.setattr(hf, "_run_rows", spy)
+    for request, scores in zip(requests, hf.score(requests), strict=True):
+        tokens, expected = _plain_forward(hf, request)
+        assert not isinstance(scores, Failed) and scores.token_ids == tokens
+        assert max(abs(a - b) for a, b in zip(scores.logprobs, expected, strict=True)) <= 1e-4
+    if batch_tokens == 64:  # the small budget did split the trie, and padded some rows
+        assert len(row_sizes) > 1 and any(len(set(sizes)) > 1 for sizes in row_sizes)
+
+
+@pytest.mark.model
+def test_every_distinct_prefix_runs_exactly_once() -> None:
+    """tokens_processed equals the number of distinct token prefixes: nothing shared is recomputed."""
+    from steps import judges
+
+    hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
+    requests = _mixed_requests()
+    sequences = []
+    for request in requests:
+        tokens, _ = _plain_forward(hf, request)
+        sequences.append([*hf._header(request.context, request.role), *tokens])
+    distinct = {tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)}
+    before = hf.tokens_processed
+    hf.score(requests)
+    assert hf.tokens_processed - before == len(distinct) < sum(len(s) for s in sequences) * 0.6
+    # the judge: every request shares the rubric, and each runs only what follows it
+    options = [
+        OptionRequest(judges.pointwise_prompt(SLEEP, a), "Score: ", judges.SCORE_OPTIONS) for a in ANSWERS
+    ]
+    sequences = [hf._option_ids(request)[0] for request in options]
+    distinct = {tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)}
+    before = hf.tokens_processed
+    hf.option_logprobs(options)
+    assert hf.tokens_processed - before == len(distinct) < sum(len(s) for s in sequences) * 0.8
