@@ -23,7 +23,7 @@ def load(out: Path, name: str) -> dict[str, Any]:
     assert payload["machine"]["cores"] >= 1
     assert payload["rows"], "a benchmark without a row in the table"
     for row in payload["rows"]:
-        assert ROW_KEYS <= row.keys()
+        assert row.keys() >= ROW_KEYS
         assert row["bench"] == name
     format_table(payload["rows"])  # the summary can print it
     return payload
