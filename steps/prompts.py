@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from steps.base import StageStats
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "prompts"
 ROLES = ("system", "user", "assistant")
+LOAD_CHUNK_ROWS = 65_536  # load_prompts gathers the stream in pieces of this size
+PARQUET_BATCH_ROWS = 4096  # source rows held as Python objects at once while reading a columnar source
 
 
 class PromptSourceError(ValueError):
@@ -157,9 +159,9 @@ def _is_message(kind: pa.DataType) -> bool:
     return all(name in fields and _is_text(fields[name]) for name in (c.ROLE, c.CONTENT))
 
 
-def _check_column_types(table: pa.Table, label: str, prompt_col: str, refs_col: str | None) -> None:
+def _check_column_types(schema: pa.Schema, label: str, prompt_col: str, refs_col: str | None) -> None:
     """A wrongly typed column fails every row the same way, so it is one error naming it, not N drops."""
-    kind = table.schema.field(prompt_col).type
+    kind = schema.field(prompt_col).type
     if not (_is_text(kind) or _is_list_of(kind, _is_message)):
         raise PromptSourceError(
             f"{label}: column {prompt_col!r} has type {kind}; expected text (string), or a list of "
@@ -167,7 +169,7 @@ def _check_column_types(table: pa.Table, label: str, prompt_col: str, refs_col: 
             "convert the column or point prompts.prompt_column at another one"
         )
     if refs_col:
-        kind = table.schema.field(refs_col).type
+        kind = schema.field(refs_col).type
         if not (_is_text(kind) or _is_list_of(kind, _is_text) or pa.types.is_null(kind)):
             raise PromptSourceError(
                 f"{label}: column {refs_col!r} has type {kind}; expected text or a list of text; "
@@ -175,26 +177,71 @@ def _check_column_types(table: pa.Table, label: str, prompt_col: str, refs_col: 
             )
 
 
-def _table_rows(
-    table: pa.Table, label: str, prompt_col: str, refs_col: str | None, refs_required: bool = False
-) -> Iterator[RawRow]:
-    if prompt_col not in table.column_names:
+def _table_columns(
+    schema: pa.Schema, label: str, prompt_col: str, refs_col: str | None, refs_required: bool = False
+) -> str | None:
+    """Check a columnar source's schema; returns the references column to read (None: there is none)."""
+    if prompt_col not in schema.names:
         raise PromptSourceError(
-            f"{label}: no column {prompt_col!r} (columns: {table.column_names}); "
+            f"{label}: no column {prompt_col!r} (columns: {schema.names}); "
             "set prompts.prompt_column in the recipe"
         )
-    if refs_col and refs_col not in table.column_names:
+    if refs_col and refs_col not in schema.names:
         if refs_required:
             raise PromptSourceError(
-                f"{label}: no column {refs_col!r} (columns: {table.column_names}) as named by "
+                f"{label}: no column {refs_col!r} (columns: {schema.names}) as named by "
                 "prompts.references_column; fix the name, or remove the key if there are no references"
             )
         refs_col = None
-    _check_column_types(table, label, prompt_col, refs_col)
-    prompts = table.column(prompt_col).to_pylist()
-    refs = table.column(refs_col).to_pylist() if refs_col else [None] * len(prompts)
-    for i, (prompt, ref) in enumerate(zip(prompts, refs, strict=True)):
-        yield RawRow(i, prompt, ref)
+    _check_column_types(schema, label, prompt_col, refs_col)
+    return refs_col
+
+
+def _batch_rows(batches: Iterable[Any], prompt_col: str, refs_col: str | None) -> Iterator[RawRow]:
+    """Rows of record batches, one batch as Python objects at a time (never a whole column)."""
+    index = 0
+    for batch in batches:
+        prompts = batch.column(prompt_col).to_pylist()
+        refs = batch.column(refs_col).to_pylist() if refs_col else [None] * len(prompts)
+        for prompt, ref in zip(prompts, refs, strict=True):
+            yield RawRow(index, prompt, ref)
+            index += 1
+
+
+def _parquet_rows(handle: Any, config: FilePrompts) -> Iterator[RawRow]:
+    """A Parquet source read batch by batch, only the prompt and references columns."""
+
+    def unreadable(exc: Exception) -> PromptSourceError:
+        return PromptSourceError(
+            f"{config.uri!r} is not a readable Parquet file ({exc}); check the file, "
+            "or set prompts.format: jsonl if it is JSON lines"
+        )
+
+    try:
+        parquet = pq.ParquetFile(handle)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise unreadable(exc) from None
+    refs_col = _table_columns(
+        parquet.schema_arrow,
+        config.uri,
+        config.prompt_column,
+        config.references_column,
+        refs_required=references_named(config),
+    )
+    wanted = [config.prompt_column] + ([refs_col] if refs_col else [])
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        reader = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
+        while True:
+            try:
+                batch = next(reader)
+            except StopIteration:
+                return
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise unreadable(exc) from None
+            yield batch
+
+    yield from _batch_rows(batches(), config.prompt_column, refs_col)
 
 
 def _infer_format(uri: str) -> str:
@@ -212,20 +259,7 @@ def _file_rows(config: FilePrompts) -> Iterator[RawRow]:
         opened = fsspec.open(config.uri, "rb", compression="infer")
         with opened as handle:
             if fmt == "parquet":
-                try:
-                    table = pq.read_table(handle)
-                except (pa.ArrowInvalid, OSError) as exc:
-                    raise PromptSourceError(
-                        f"{config.uri!r} is not a readable Parquet file ({exc}); check the file, "
-                        "or set prompts.format: jsonl if it is JSON lines"
-                    ) from None
-                yield from _table_rows(
-                    table,
-                    config.uri,
-                    config.prompt_column,
-                    config.references_column,
-                    refs_required=references_named(config),
-                )
+                yield from _parquet_rows(handle, config)
             else:
                 yield from _jsonl_rows(handle, config.uri, config.prompt_column, config.references_column)
     except FileNotFoundError:
@@ -270,7 +304,8 @@ def _hf_rows(config: HFPrompts) -> Iterator[RawRow]:
             "set prompts.prompt_column / prompts.references_column"
         )
     table = dataset.select_columns(wanted).data.table
-    yield from _table_rows(table, config.path, config.prompt_column, config.references_column)
+    refs_col = _table_columns(table.schema, config.path, config.prompt_column, config.references_column)
+    yield from _batch_rows(table.to_batches(PARQUET_BATCH_ROWS), config.prompt_column, refs_col)
 
 
 def raw_rows(config: PromptsConfig) -> Iterator[RawRow]:
@@ -292,17 +327,23 @@ def source_label(config: PromptsConfig) -> str:
 # ---------------------------------------------------------------- the step
 
 
-def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Table, StageStats]:
-    """Read, normalise and de-duplicate prompts; keep the first ``limit`` unique ones.
+def stream_prompts(
+    config: PromptsConfig, stats: StageStats, shard_rows: int, limit: int | None = None
+) -> Iterator[pa.Table]:
+    """Read, normalise and de-duplicate prompts, yielding tables of ``shard_rows`` unique prompts.
 
-    Raises PromptSourceError if the source is unreadable or no prompt survives,
-    because an empty run is never what the user meant.
+    Only the set of prompt ids seen so far is held across shards, so memory does not
+    grow with the source. ``stats`` fills in as rows are read and is complete once the
+    stream is exhausted; ``limit`` counts unique prompts. Raises PromptSourceError if the
+    source is unreadable or no prompt survives (an empty run is never what the user
+    meant); checks that need the whole source raise after its last shard.
     """
-    stats = StageStats("prompts")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
     label = source_label(config)
     seen: dict[str, int] = {}  # prompt id -> the source row that first had it
     any_references = False
-    rows: dict[str, list[Any]] = {name: [] for name in PROMPTS.names}
+    rows = _empty_rows()
     for raw in raw_rows(config):
         if limit is not None and len(seen) >= limit:
             break
@@ -324,16 +365,34 @@ def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Ta
         rows[c.REFERENCES].append(references)
         rows[c.SOURCE].append(label)
         rows[c.SOURCE_ROW].append(raw.index)
+        stats.rows_out += 1
+        stats.counts["with_references"] += bool(references)
+        if len(rows[c.PROMPT_ID]) == shard_rows:
+            yield pa.Table.from_pydict(rows, schema=PROMPTS)
+            rows = _empty_rows()
     if isinstance(config, FilePrompts) and references_named(config) and stats.rows_in and not any_references:
         raise PromptSourceError(
             f"{label}: no row has the field {config.references_column!r} named by "
             "prompts.references_column; fix the name, or remove the key if there are no references"
         )
-    stats.rows_out = len(seen)
-    stats.counts["with_references"] = sum(1 for refs in rows[c.REFERENCES] if refs)
     if not seen:
         raise _nothing_usable(label, stats)
-    return pa.Table.from_pydict(rows, schema=PROMPTS), stats
+    if rows[c.PROMPT_ID]:
+        yield pa.Table.from_pydict(rows, schema=PROMPTS)
+
+
+def _empty_rows() -> dict[str, list[Any]]:
+    return {name: [] for name in PROMPTS.names}
+
+
+def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Table, StageStats]:
+    """All unique prompts as one table, for callers that want them at once (eval harness, tests).
+
+    The pipeline streams them instead (``stream_prompts``); this is the same stream gathered.
+    """
+    stats = StageStats("prompts")
+    tables = list(stream_prompts(config, stats, LOAD_CHUNK_ROWS, limit))
+    return pa.concat_tables(tables).combine_chunks(), stats
 
 
 def _nothing_usable(label: str, stats: StageStats) -> PromptSourceError:

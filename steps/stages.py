@@ -22,7 +22,7 @@ from steps.consistency import consistency_stage
 from steps.engines import resolve_model
 from steps.labeling import build_labeler
 from steps.pairing import pair_shard
-from steps.prompts import load_prompts
+from steps.prompts import stream_prompts
 from steps.resume import Done, WorkArea, shaping_settings
 from steps.sampling import sample_shard
 
@@ -32,12 +32,13 @@ def _dump(model: Any) -> Any:
 
 
 def prompt_shards(recipe: Recipe, area: WorkArea) -> tuple[list[ShardResult], StageStats]:
-    """Read and split the prompts (cheap, redone every run); a shard's key is its content."""
-    table, stats = load_prompts(recipe.prompts, recipe.limit)
-    size = recipe.output.prompts_per_shard
+    """Read and split the prompts (cheap, redone every run); a shard's key is its content.
+
+    The source is streamed shard by shard, so only one shard of prompts is in memory at a time.
+    """
+    stats = StageStats("prompts")
     shards = []
-    for start in range(0, table.num_rows, size):
-        shard = table.slice(start, size)
+    for shard in stream_prompts(recipe.prompts, stats, recipe.output.prompts_per_shard, recipe.limit):
         content = json.dumps(shard.to_pylist(), sort_keys=True, ensure_ascii=False, default=str)
         key = area.key("prompts", {}, [hashlib.sha256(content.encode()).hexdigest()])
 
