@@ -4,23 +4,29 @@ Evidence is computed per shard while pairing (it is per prompt): for each pair,
 the share of signals that prefer chosen (``agreement``), the mean and spread of
 the within-prompt z-scored differences (``strength_mean``/``strength_std``,
 Secrets of RLHF II), the rank consistency C = (Kendall τ-b + 1)/2 of two named
-signals over the prompt's responses (CREAM), and a soft label. Rules run once
-over all pairs (a quantile band needs the whole distribution) and every pair
-that is not kept leaves with exactly one reason code, the first rule it fails.
+signals over the prompt's responses (CREAM), and a soft label. Rules are judged
+over all pairs (a quantile band needs the whole distribution, which a first pass
+reads as one numeric column) but applied one shard at a time; every pair that is
+not kept leaves with exactly one reason code, the first rule it fails.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import Counter
+from contextlib import ExitStack
 from typing import Any
 
+import fsspec
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from schemas import columns as c
 from schemas.recipe import ConsistencyConfig, Recipe
-from schemas.records import dropped_schema, pairs_schema
-from steps.base import StageStats, read_table, write_table
+from schemas.records import conform, dropped_schema, pairs_schema
+from steps.base import StageStats, read_table
 
 
 def zscores(scores: pl.DataFrame, signals: list[str]) -> pl.DataFrame:
@@ -93,8 +99,25 @@ def _normalised(column: str) -> pl.Expr:
     return text.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
 
 
+def ambiguous_threshold(config: ConsistencyConfig, strengths: pl.Series) -> float | None:
+    """The "ambiguous" cut: ``ambiguous_below`` raised to the quantile of ``strengths`` (all pairs')."""
+    threshold = config.ambiguous_below
+    if config.ambiguous_quantile is not None and strengths.len():
+        quantile = strengths.drop_nulls().quantile(config.ambiguous_quantile)
+        threshold = max(threshold or -math.inf, quantile if quantile is not None else -math.inf)
+    return threshold
+
+
 def rule_reasons(frame: pl.DataFrame, config: ConsistencyConfig, signals: list[str]) -> pl.Expr:
-    """The first failed rule's code for each pair, null when the pair is kept."""
+    """The first failed rule's code for each pair, null when the pair is kept (quantile over ``frame``)."""
+    return rules_expr(config, signals, ambiguous_threshold(config, frame.get_column(c.STRENGTH_MEAN)))
+
+
+def rules_expr(config: ConsistencyConfig, signals: list[str], threshold: float | None) -> pl.Expr:
+    """The rules as one row-wise expression; the only global number, the ambiguous cut, is given.
+
+    Being row-wise is what lets the stage apply it one shard at a time.
+    """
     m = len(signals)
     checks: list[tuple[pl.Expr, str]] = [(_normalised(c.CHOSEN) == _normalised(c.REJECTED), "identical_pair")]
     if config.min_agree is not None:
@@ -104,10 +127,6 @@ def rule_reasons(frame: pl.DataFrame, config: ConsistencyConfig, signals: list[s
         checks.append((pl.col(c.JUDGE_SWAP_AGREE).fill_null(False).not_(), "judge_swap_disagreement"))
     if config.drop_mislabeled:
         checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) <= 0, "likely_mislabeled"))
-    threshold = config.ambiguous_below
-    if config.ambiguous_quantile is not None and frame.height:
-        quantile = frame.get_column(c.STRENGTH_MEAN).drop_nulls().quantile(config.ambiguous_quantile)
-        threshold = max(threshold or -math.inf, quantile if quantile is not None else -math.inf)
     if threshold is not None and math.isfinite(threshold):
         checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) < threshold, "ambiguous"))
     if config.min_rank_consistency is not None:
@@ -129,26 +148,40 @@ def _length(column: str) -> pl.Expr:
     return pl.col(column).list.first().struct.field(c.CONTENT).str.len_chars()
 
 
-def length_report(frame: pl.DataFrame) -> dict[str, Any]:
-    """How much of the preference is length: correlation of length difference and margin."""
-    if frame.height < 2:
-        return {"pairs": frame.height, "chosen_longer_share": None, "corr_length_diff_margin": None}
+LENGTH_DIFF = "_length_diff"  # chosen minus rejected characters: a working column, never written
+
+
+def length_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """The two numbers per pair that the length report needs, so the texts need not be kept."""
     diff = (_length(c.CHOSEN) - _length(c.REJECTED)).cast(pl.Float64)
-    out = frame.select(
+    return frame.select(diff.alias(LENGTH_DIFF), pl.col(c.MARGIN))
+
+
+def length_summary(lengths: pl.DataFrame) -> dict[str, Any]:
+    """How much of the preference is length: correlation of length difference and margin."""
+    if lengths.height < 2:
+        return {"pairs": lengths.height, "chosen_longer_share": None, "corr_length_diff_margin": None}
+    diff = pl.col(LENGTH_DIFF)
+    out = lengths.select(
         (diff > 0).mean().alias("share"), pl.corr(diff, pl.col(c.MARGIN), method="spearman").alias("corr")
     ).row(0)
     corr = out[1]
     return {
-        "pairs": frame.height,
+        "pairs": lengths.height,
         "chosen_longer_share": float(out[0]),
         "corr_length_diff_margin": None if corr is None or math.isnan(corr) else float(corr),
     }
 
 
+def length_report(frame: pl.DataFrame) -> dict[str, Any]:
+    """The length report of a whole pair table (see ``length_summary``)."""
+    return length_summary(length_columns(frame))
+
+
 def apply_rules(
     pairs: pa.Table, config: ConsistencyConfig, signals: list[str]
 ) -> tuple[pa.Table, pa.Table, StageStats, dict[str, Any]]:
-    """Split all candidate pairs into kept and dropped (with ``drop_reason``)."""
+    """Split all candidate pairs into kept and dropped (with ``drop_reason``), all in memory at once."""
     stats = StageStats("consistency", rows_in=pairs.num_rows)
     frame = pl.from_arrow(pairs)
     assert isinstance(frame, pl.DataFrame)
@@ -162,18 +195,71 @@ def apply_rules(
     return kept.to_arrow(), dropped.to_arrow(), stats, report
 
 
+def read_columns(uri: str, names: list[str], schema: pa.Schema) -> pa.Table:
+    """Only ``names`` of a pair shard, typed as the contract says; the whole contract is still checked."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        conform(parquet.schema_arrow.empty_table(), schema, uri)  # raises naming a missing/mistyped column
+        table = parquet.read(columns=names)
+    return table.cast(pa.schema([schema.field(name) for name in names]))
+
+
+def _open_writer(stack: ExitStack, uri: str, schema: pa.Schema) -> pq.ParquetWriter:
+    fs, path = fsspec.core.url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    handle = stack.enter_context(fs.open(path, "wb"))
+    return stack.enter_context(pq.ParquetWriter(handle, schema))
+
+
 def consistency_stage(
     recipe: Recipe, pair_uris: list[str], kept_uri: str, dropped_uri: str
 ) -> tuple[StageStats, dict[str, Any]]:
-    """All candidate pairs in, kept and dropped shards out (pairs are one row per prompt: small)."""
-    import time
+    """All candidate pairs in, one kept and one dropped file out, one pair shard in memory at a time.
 
+    The rules are row-wise except the ambiguous quantile, so a first pass reads only the
+    strength column of every shard; the second applies the rules shard by shard and appends
+    to both files, keeping shard order and row order within a shard (as ``apply_rules`` on
+    the concatenation would). The length report keeps two numbers per pair, not the texts.
+    """
     start = time.perf_counter()
-    schema = pairs_schema(recipe.signals)
-    tables = [read_table(uri, schema) for uri in pair_uris]
-    pairs = pa.concat_tables(tables) if tables else schema.empty_table()
-    kept, dropped, stats, report = apply_rules(pairs, recipe.consistency, recipe.signals)
-    write_table(kept, kept_uri, schema, what="kept pairs")
-    write_table(dropped, dropped_uri, dropped_schema(recipe.signals), what="dropped pairs")
+    config, signals = recipe.consistency, recipe.signals
+    schema, dropped_schema_ = pairs_schema(signals), dropped_schema(signals)
+    strengths = pl.Series(c.STRENGTH_MEAN, [], dtype=pl.Float64)
+    if config.ambiguous_quantile is not None:
+        parts = [read_columns(uri, [c.STRENGTH_MEAN], schema).column(0) for uri in pair_uris]
+        strengths = pl.Series(c.STRENGTH_MEAN, pa.chunked_array(parts, schema.field(c.STRENGTH_MEAN).type))
+    reasons = rules_expr(config, signals, ambiguous_threshold(config, strengths))
+    stats = StageStats("consistency")
+    drops: Counter[str] = Counter()
+    before: list[pl.DataFrame] = []
+    after: list[pl.DataFrame] = []
+    with ExitStack() as stack:
+        kept_writer = _open_writer(stack, kept_uri, schema)
+        dropped_writer = _open_writer(stack, dropped_uri, dropped_schema_)
+        for uri in pair_uris:
+            frame = pl.from_arrow(read_table(uri, schema))
+            assert isinstance(frame, pl.DataFrame)
+            frame = frame.with_columns(reasons.alias(c.DROP_REASON))
+            kept = frame.filter(pl.col(c.DROP_REASON).is_null()).drop(c.DROP_REASON)
+            dropped = frame.filter(pl.col(c.DROP_REASON).is_not_null())
+            drops.update(dict(dropped.group_by(c.DROP_REASON).len().iter_rows()))
+            stats.rows_in += frame.height
+            stats.rows_out += kept.height
+            before.append(length_columns(frame))
+            after.append(length_columns(kept))
+            kept_writer.write_table(conform(kept.to_arrow(), schema, "kept pairs"))
+            dropped_writer.write_table(conform(dropped.to_arrow(), dropped_schema_, "dropped pairs"))
+    for reason in sorted(drops):
+        stats.drop(reason, drops[reason])
+    report = {"before": length_summary(_stack(before)), "kept": length_summary(_stack(after))}
     stats.seconds = time.perf_counter() - start
     return stats, report
+
+
+def _stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    if not frames:
+        return pl.DataFrame(schema={LENGTH_DIFF: pl.Float64, c.MARGIN: pl.Float64})
+    return pl.concat(frames, rechunk=True)
