@@ -57,14 +57,16 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
 
     recipe = _recipe(quick)
     if stage == "prompts":
-        from steps.prompts import load_prompts
+        from steps.base import StageStats
+        from steps.prompts import stream_prompts
 
-        table, stats = load_prompts(FilePrompts(source="file", uri=str(work / "source.jsonl")))
-        size = recipe.output.prompts_per_shard
-        for i, start in enumerate(range(0, table.num_rows, size)):
-            write_table(table.slice(start, size), shard_uri(str(work), "prompts", i), PROMPTS, what="prompts")
+        # As steps.stages.prompt_shards does: the source streamed one shard at a time.
+        stats = StageStats("prompts")
+        source = FilePrompts(source="file", uri=str(work / "source.jsonl"))
+        for i, shard in enumerate(stream_prompts(source, stats, recipe.output.prompts_per_shard)):
+            write_table(shard, shard_uri(str(work), "prompts", i), PROMPTS, what="prompts")
         _save_stats(work, stage, stats)
-        return table.num_rows
+        return stats.rows_out
     prompts = _shards(work, "prompts")
     if stage == "sampling":
         import steps.sampling as sampling

@@ -15,11 +15,15 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import fsspec
 import matplotlib.pyplot as plt
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas import columns as c
+from schemas.records import conform
 
 CHOSEN_COLOUR, REJECTED_COLOUR, DROPPED_COLOUR = "#2a9d8f", "#e76f51", "#8d99ae"
 
@@ -32,7 +36,54 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
+PLOT_BATCH_ROWS = 8192  # pair rows whose texts are held at once while measuring their lengths
+
+
+def length_column(side: str) -> str:
+    """A working column: characters in a side's first message (the plots need lengths, not texts)."""
+    return f"{side}:length"
+
+
+def plot_columns(signals: list[str]) -> list[str]:
+    """The numeric pair columns the figures draw."""
+    names = [c.SCORE_CHOSEN, c.SCORE_REJECTED, c.MARGIN, c.JUDGE_P_CHOSEN]
+    for signal in signals:
+        names += [c.signal_column(signal, c.CHOSEN), c.signal_column(signal, c.REJECTED)]
+    return names
+
+
+def _first_lengths(conversations: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    first = pc.struct_field(pc.list_element(conversations, 0), c.CONTENT)
+    return pc.utf8_length(first).cast(pa.float64())
+
+
+def read_plot_table(uris: list[str], schema: pa.Schema, signals: list[str]) -> pa.Table:
+    """What the figures need from pair files, read batch by batch: the numbers and text lengths.
+
+    A pair table's texts are most of its bytes; only one batch of them is held at a time,
+    so the memory for the figures grows with numbers per pair, not with the texts.
+    """
+    numeric = plot_columns(signals)
+    sides = (c.CHOSEN, c.REJECTED)
+    target = pa.schema(
+        [schema.field(name) for name in numeric] + [pa.field(length_column(s), pa.float64()) for s in sides]
+    )
+    parts = []
+    for uri in uris:
+        fs, path = fsspec.core.url_to_fs(uri)
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            conform(parquet.schema_arrow.empty_table(), schema, uri)  # raises naming the gap
+            for batch in parquet.iter_batches(batch_size=PLOT_BATCH_ROWS, columns=[*numeric, *sides]):
+                arrays = [batch.column(name).cast(schema.field(name).type) for name in numeric]
+                arrays += [_first_lengths(batch.column(side)) for side in sides]
+                parts.append(pa.Table.from_arrays(arrays, schema=target))
+    return pa.concat_tables(parts).combine_chunks() if parts else target.empty_table()
+
+
 def _lengths(table: pa.Table, side: str) -> np.ndarray:
+    if length_column(side) in table.column_names:
+        return table.column(length_column(side)).to_numpy().astype(float)
     return np.array([len(conv[0][c.CONTENT]) for conv in table.column(side).to_pylist()], dtype=float)
 
 
@@ -147,8 +198,14 @@ def render_all(
     funnel_steps: list[tuple[str, int]],
     drops: dict[str, int],
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Every figure as PNG bytes keyed by file name, plus the numbers behind the agreement matrix."""
-    candidates = pa.concat_tables([kept, dropped.drop_columns([c.DROP_REASON])]) if dropped.num_rows else kept
+    """Every figure as PNG bytes keyed by file name, plus the numbers behind the agreement matrix.
+
+    ``kept`` and ``dropped`` are whole pair tables or ``read_plot_table``'s slim ones.
+    """
+    candidates = kept
+    if dropped.num_rows:
+        extra = [name for name in dropped.column_names if name not in kept.column_names]
+        candidates = pa.concat_tables([kept, dropped.drop_columns(extra)])
     images = {"funnel.png": funnel(funnel_steps, drops)}
     if candidates.num_rows:
         images["signals.png"] = signal_distributions(candidates, signals)

@@ -9,7 +9,6 @@ from typing import Any
 from schemas.recipe import Recipe
 from schemas.records import dropped_schema, pairs_schema
 from steps import faults, plots
-from steps.base import read_table
 from steps.card import render_card
 from steps.engines import resolve_model
 from steps.labeling import labeler_settings
@@ -91,8 +90,8 @@ def publish(
         files["dropped"], _ = write_split(output, "dropped", dropped_uris, recipe, dropped_schema_, prefix)
     scores = score_summary(kept_uris, recipe)
     kept_rows = sum(f.rows for f in files["train"])
-    kept = _concat([read_table(u, pairs) for u in kept_uris], pairs)
-    dropped = _concat([read_table(u, dropped_schema_) for u in dropped_uris or []], dropped_schema_)
+    kept = plots.read_plot_table(kept_uris, pairs, recipe.signals)
+    dropped = plots.read_plot_table(dropped_uris or [], dropped_schema_, recipe.signals)
     images, figures = plots.render_all(
         kept, dropped, recipe.signals, funnel_steps(stats, kept_rows), all_drops(stats)
     )
@@ -116,8 +115,3 @@ def publish(
     remove_old_runs(output, keep)
     return manifest
 
-
-def _concat(tables: list[Any], schema: Any) -> Any:
-    import pyarrow as pa
-
-    return pa.concat_tables(tables) if tables else schema.empty_table()

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from schemas import columns as c
 from schemas.recipe import Recipe
 from schemas.records import conform, pairs_schema
-from steps.base import join_uri, parquet_rows, read_table, write_bytes_atomic
+from steps.base import join_uri, parquet_rows, write_bytes_atomic
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -86,6 +86,15 @@ def _rechunk(tables: Iterator[pa.Table], rows_per_shard: int) -> Iterator[pa.Tab
         yield pa.concat_tables(pending)
 
 
+def _row_groups(uri: str, schema: pa.Schema) -> Iterator[pa.Table]:
+    """One input file a row group at a time: the consistency stage writes one file of many groups."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        for index in range(parquet.num_row_groups):
+            yield conform(parquet.read_row_group(index), schema, uri)
+
+
 def write_split(
     output: str,
     split: str,
@@ -109,7 +118,7 @@ def write_split(
 
     total = sum(parquet_rows(uri) for uri in shard_uris)
     count = max(1, math.ceil(total / recipe.output.rows_per_shard))
-    tables = (read_table(uri, schema) for uri in shard_uris)
+    tables = (part for uri in shard_uris for part in _row_groups(uri, schema))
     if not total:
         # `datasets` cannot read a 0-row Parquet/Arrow file, so an empty split has no file and no config.
         return [], schema.empty_table()
@@ -223,10 +232,17 @@ def score_summary(pair_uris: list[str], recipe: Recipe) -> dict[str, dict[str, f
     columns = [c.SCORE_CHOSEN, c.SCORE_REJECTED, c.MARGIN]
     for signal in recipe.signals:
         columns += [c.signal_column(signal, c.CHOSEN), c.signal_column(signal, c.REJECTED)]
-    tables = [read_table(uri).select(columns) for uri in pair_uris]
+
+    def numbers(uri: str) -> pa.Table:  # only these columns, never the texts
+        fs, path = fsspec.core.url_to_fs(uri)
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
+
+    tables = [numbers(uri) for uri in pair_uris]
     if not tables or not sum(t.num_rows for t in tables):
         return {}
-    frame = pl.from_arrow(pa.concat_tables(tables))
+    # One contiguous column each: a sum over row-group chunks could differ in the last bit.
+    frame = pl.from_arrow(pa.concat_tables(tables).combine_chunks())
     assert isinstance(frame, pl.DataFrame)
     summary: dict[str, dict[str, float | int]] = {}
     for name in columns:

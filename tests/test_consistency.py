@@ -9,14 +9,15 @@ from pathlib import Path
 import datasets
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from scipy.stats import kendalltau
 
 from schemas import columns as c
 from schemas.recipe import ConsistencyConfig
-from schemas.records import dropped_schema, pairs_schema
-from steps.base import write_table
-from steps.consistency import apply_rules, evidence, kendall_consistency
+from schemas.records import SchemaMismatch, conform, dropped_schema, pairs_schema
+from steps.base import read_table, write_table
+from steps.consistency import apply_rules, consistency_stage, evidence, kendall_consistency
 from steps.pairing import make_pairs
 from steps.publish import publish
 from tests.conftest import make_recipe
@@ -248,7 +249,94 @@ def test_dropped_config_loads_and_card_has_pictures(tmp_path: Path) -> None:
     card = (out / "README.md").read_text()
     for name in ("funnel", "signals", "agreement", "margins", "length_vs_score"):
         png = out / "runs" / manifest["run_id"] / "images" / f"{name}.png"
-        assert png.read_bytes().startswith(b"\x89PNG") and f"runs/{manifest['run_id']}/images/{name}.png" in card
+        assert (
+            png.read_bytes().startswith(b"\x89PNG") and f"runs/{manifest['run_id']}/images/{name}.png" in card
+        )
     assert "consistency: sign\\_disagreement" in card or "sign\\_disagreement" in card
     stats_file = out / "runs" / manifest["run_id"] / "stats.json"
     assert "agreement_matrix" in stats_file.read_text()
+
+
+# ----------------------------------------------------------------- streaming over many shards
+
+
+def random_pairs(seed: int, prompts: int) -> tuple[pa.Table, object]:
+    """Candidate pairs with varied evidence, texts of several lengths (one non-ASCII) and some ties."""
+    rng = random.Random(seed)
+    rows = [
+        {s: [float(rng.randint(0, 4)) for _ in range(4)] for s in ("s1", "s2", "s3")} for _ in range(prompts)
+    ]
+    texts = ["short", "a bit longer answer", "mid ünïcode", "x" * 60]
+    return candidate_pairs(rows, texts)
+
+
+def split_into_shards(pairs: pa.Table, sizes: list[int], folder: Path, signals: list[str]) -> list[str]:
+    uris, start = [], 0
+    for i, size in enumerate(sizes):
+        uris.append(
+            write_table(pairs.slice(start, size), str(folder / f"pairs-{i}.parquet"), pairs_schema(signals))
+        )
+        start += size
+    assert start == pairs.num_rows
+    return uris
+
+
+@pytest.mark.parametrize(
+    "consistency",
+    [
+        {
+            "min_agree": 2,
+            "ambiguous_quantile": 0.3,
+            "length_guard": {"max_ratio": 3.0, "unless_agreement": 1.0},
+        },
+        {"ambiguous_quantile": 0.6, "ambiguous_below": 0.1, "drop_mislabeled": False},
+        {"ambiguous_below": 0.5},
+    ],
+)
+def test_stage_over_many_shards_equals_rules_over_the_concatenation(
+    tmp_path: Path, consistency: dict[str, object]
+) -> None:
+    pairs, config = random_pairs(7, 40)
+    config = make_recipe(labelers=SIGNALS3, consistency=consistency)
+    # Uneven shards, one of them empty: a quantile taken per shard would differ from the global one.
+    uris = split_into_shards(pairs, [3, 0, 11, 1, 25], tmp_path, config.signals)
+    kept_uri, dropped_uri = str(tmp_path / "out" / "kept.parquet"), str(tmp_path / "out" / "dropped.parquet")
+    stats, report = consistency_stage(config, uris, kept_uri, dropped_uri)
+
+    want_kept, want_dropped, want_stats, want_report = apply_rules(pairs, config.consistency, config.signals)
+    assert want_kept.num_rows and want_dropped.num_rows  # the case exercises both files
+    assert len(set(want_dropped.column(c.DROP_REASON).to_pylist())) >= 2 or consistency.get("ambiguous_below")
+    schema, dschema = pairs_schema(config.signals), dropped_schema(config.signals)
+    # Same rows in the same order (shard order, then row order), and the same numbers.
+    assert read_table(kept_uri, schema).equals(conform(want_kept, schema, "kept"))
+    assert read_table(dropped_uri, dschema).equals(conform(want_dropped, dschema, "dropped"))
+    got, want = stats.to_dict(), want_stats.to_dict()
+    got.pop("seconds"), want.pop("seconds")
+    assert got == want
+    assert report == want_report
+    assert pq.ParquetFile(kept_uri).num_row_groups == len(uris)  # appended shard by shard, not gathered
+
+
+def test_stage_with_no_or_empty_shards_writes_empty_readable_files(tmp_path: Path) -> None:
+    pairs, config = random_pairs(1, 2)
+    for uris in ([], split_into_shards(pairs.slice(0, 0), [0], tmp_path, config.signals)):
+        kept_uri, dropped_uri = str(tmp_path / "k.parquet"), str(tmp_path / "d.parquet")
+        stats, report = consistency_stage(config, uris, kept_uri, dropped_uri)
+        assert read_table(kept_uri, pairs_schema(config.signals)).num_rows == 0
+        assert read_table(dropped_uri, dropped_schema(config.signals)).num_rows == 0
+        assert stats.rows_in == stats.rows_out == 0 and report["before"]["pairs"] == 0
+
+
+def test_stage_writes_through_fsspec_and_checks_the_contract(tmp_path: Path) -> None:
+    pairs, config = random_pairs(3, 6)
+    uris = split_into_shards(pairs, [2, 4], tmp_path, config.signals)
+    stats, _ = consistency_stage(config, uris, "memory://cons/kept.parquet", "memory://cons/dropped.parquet")
+    kept = read_table("memory://cons/kept.parquet", pairs_schema(config.signals))
+    dropped = read_table("memory://cons/dropped.parquet", dropped_schema(config.signals))
+    assert kept.num_rows == stats.rows_out and kept.num_rows + dropped.num_rows == 6
+    # A shard missing a contract column is an error naming it, even in the numbers-only first pass.
+    broken = str(tmp_path / "broken.parquet")
+    pq.write_table(pairs.drop_columns([c.MARGIN]), broken)
+    quantile = make_recipe(labelers=SIGNALS3, consistency={"ambiguous_quantile": 0.5})
+    with pytest.raises(SchemaMismatch, match=f"missing column.*{c.MARGIN}"):
+        consistency_stage(quantile, [*uris, broken], str(tmp_path / "k.parquet"), str(tmp_path / "d.parquet"))

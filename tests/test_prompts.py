@@ -145,3 +145,126 @@ def test_hf_dataset_from_local_path_with_column_mapping(tmp_path: Path) -> None:
     assert loaded.column(c.REFERENCES).to_pylist() == [["7"], ["Paris"]]
     with pytest.raises(PromptSourceError, match="no column"):
         load_prompts(HFPrompts(source="hf", path=str(folder), prompt_column="question"))
+
+
+# ----------------------------------------------------------------- streaming by shard
+
+
+def whole_table_reference(config: FilePrompts, limit: int | None) -> tuple[pa.Table, dict[str, object]]:
+    """The gather-everything algorithm, kept here to check the stream against."""
+    from steps.base import StageStats
+    from steps.prompts import InvalidRow, normalise_references, raw_rows
+
+    stats, seen, rows = StageStats("prompts"), {}, []
+    for raw in raw_rows(config):
+        if limit is not None and len(seen) >= limit:
+            break
+        stats.rows_in += 1
+        try:
+            messages, refs = normalise_messages(raw.prompt), normalise_references(raw.references)
+        except InvalidRow as exc:
+            stats.drop(exc.reason, example=f"row {raw.index}: {exc}")
+            continue
+        pid = prompt_id(messages)
+        if pid in seen:
+            stats.drop("duplicate_prompt", example=f"row {raw.index}: same conversation as row {seen[pid]}")
+            continue
+        seen[pid] = raw.index
+        rows.append(
+            {
+                c.PROMPT_ID: pid,
+                c.MESSAGES: messages,
+                c.REFERENCES: refs,
+                c.SOURCE: config.uri,
+                c.SOURCE_ROW: raw.index,
+            }
+        )
+    stats.rows_out = len(rows)
+    stats.counts["with_references"] = sum(bool(r[c.REFERENCES]) for r in rows)
+    return pa.Table.from_pylist(rows, schema=PROMPTS), stats.to_dict()
+
+
+def messy_rows(n: int) -> list[object]:
+    """Duplicates far apart (across shards), bad rows, rows with and without references."""
+    rows: list[object] = []
+    for i in range(n):
+        if i % 7 == 3:
+            rows.append({"prompt": f"prompt {i // 3}"})  # repeats an earlier prompt
+        elif i % 11 == 5:
+            rows.append({"prompt": "   "})
+        elif i % 13 == 6:
+            rows.append({"prompt": [{"role": "bot", "content": "x"}]})
+        else:
+            rows.append({"prompt": f"prompt {i}", "references": [f"ref {i}"] if i % 2 else []})
+    return rows
+
+
+@pytest.mark.parametrize("shard_rows", [1, 4, 9, 1000])
+@pytest.mark.parametrize("limit", [None, 1, 10, 23])
+def test_streamed_shards_equal_the_whole_table_path(
+    tmp_path: Path, shard_rows: int, limit: int | None
+) -> None:
+    from steps.base import StageStats
+    from steps.prompts import stream_prompts
+
+    config = FilePrompts(source="file", uri=jsonl(tmp_path / "p.jsonl", messy_rows(60)))
+    want, want_stats = whole_table_reference(config, limit)
+    assert want.num_rows == (limit or want.num_rows)
+    assert limit == 1 or want_stats["drops"].get("duplicate_prompt")  # duplicates seen before the limit
+    stats = StageStats("prompts")
+    shards = list(stream_prompts(config, stats, shard_rows, limit))
+    assert [s.num_rows for s in shards[:-1]] == [shard_rows] * (len(shards) - 1)
+    assert 1 <= shards[-1].num_rows <= shard_rows
+    for i, shard in enumerate(shards):  # each shard is exactly the whole table's slice
+        assert shard.schema == PROMPTS and shard.equals(want.slice(i * shard_rows, shard_rows))
+    assert stats.to_dict() == want_stats
+    table, gathered = load_prompts(config, limit)
+    assert table.equals(want) and gathered.to_dict() == want_stats
+
+
+def test_parquet_source_is_read_in_batches_with_global_row_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import steps.prompts as prompts
+
+    rows = messy_rows(30)
+    source = pa.table(
+        {
+            "prompt": [r["prompt"] if isinstance(r["prompt"], str) else " " for r in rows],  # type: ignore[index]
+            "references": [r.get("references", []) for r in rows],  # type: ignore[union-attr]
+        }
+    )
+    pq.write_table(source, tmp_path / "p.parquet")
+    whole, whole_stats = load_prompts(FilePrompts(source="file", uri=str(tmp_path / "p.parquet")))
+    monkeypatch.setattr(prompts, "PARQUET_BATCH_ROWS", 4)
+    batched, batched_stats = load_prompts(FilePrompts(source="file", uri=str(tmp_path / "p.parquet")))
+    assert batched.equals(whole) and batched_stats.to_dict() == whole_stats.to_dict()
+    assert batched.column(c.SOURCE_ROW).to_pylist()[-1] == 29  # numbering runs on across batches
+    assert whole_stats.drops["duplicate_prompt"] and whole_stats.drops["empty_prompt"]
+
+
+def test_prompt_shards_stream_into_the_work_area(tmp_path: Path) -> None:
+    from steps.base import read_table
+    from steps.resume import WorkArea
+    from steps.stages import prompt_shards
+    from tests.conftest import make_recipe
+
+    uri = jsonl(tmp_path / "p.jsonl", messy_rows(50))
+    recipe = make_recipe(prompts={"source": "file", "uri": uri}, limit=20, output={"prompts_per_shard": 6})
+    shards, stats = prompt_shards(recipe, WorkArea(str(tmp_path / "work")))
+    want, want_stats = whole_table_reference(FilePrompts(source="file", uri=uri), 20)
+    assert [s.rows for s in shards] == [6, 6, 6, 2]
+    assert pa.concat_tables([read_table(s.uri, PROMPTS) for s in shards]).equals(want)
+    assert stats.to_dict() == want_stats
+
+
+def test_a_check_over_the_whole_source_still_fails_the_stream(tmp_path: Path) -> None:
+    from steps.base import StageStats
+    from steps.prompts import stream_prompts
+
+    uri = jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
+    named = FilePrompts(source="file", uri=uri, references_column="gold")
+    with pytest.raises(PromptSourceError, match="no row has the field 'gold'"):
+        list(stream_prompts(named, StageStats("prompts"), 2))
+    with pytest.raises(ValueError, match="shard_rows"):
+        list(stream_prompts(named, StageStats("prompts"), 0))
