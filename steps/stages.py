@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -76,10 +77,12 @@ def _label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: Sh
     key = area.key(stage, _dump(config), [prompts.sha256, responses.sha256])
 
     def compute(files: dict[str, str]) -> Any:
+        start = time.perf_counter()
         table, stats = build_labeler(config).label(
             read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES)
         )
         write_table(table, files["data"], LABELS, what=f"labels of {config.name}")
+        stats.seconds = time.perf_counter() - start  # includes loading the model, once per process
         return stats, {"data": table.num_rows}, {}
 
     return area.run(stage, key, compute)
