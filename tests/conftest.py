@@ -7,6 +7,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +76,34 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("prefect-home")
     os.environ["PREFECT_HOME"] = str(home)
     return home
+
+
+def smollm2_tokenizer() -> Any:
+    """The default model's tokenizer (and chat template), from the locally installed package."""
+    from transformers import AutoTokenizer
+
+    from steps.engines import resolve_model
+    from steps.engines.transformers_engine import materialise
+
+    return AutoTokenizer.from_pretrained(materialise(resolve_model("smollm2-135m-instruct", "transformers")))
+
+
+def tiny_llama(tokenizer: Any, max_positions: int = 2048, **overrides: Any) -> Any:
+    """A 1-layer random Llama over ``tokenizer``'s vocabulary: the real code paths in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    return LlamaForCausalLM(config)

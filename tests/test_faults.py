@@ -21,7 +21,7 @@ import yaml
 
 from schemas import columns as c
 from steps import faults, resume, writer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, smollm2_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.model
 
@@ -29,29 +29,9 @@ pytestmark = pytest.mark.model
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-layer random Llama with SmolLM2's tokenizer and chat template: real code paths, no real weights."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from steps.engines import resolve_model
-    from steps.engines.transformers_engine import materialise
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        materialise(resolve_model("smollm2-135m-instruct", "transformers"))
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    tokenizer = smollm2_tokenizer()
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -27,7 +27,7 @@ from schemas.recipe import ModelConfig, RecipeError, load_recipe
 from steps.engines import Failed, OptionRequest, SamplingParams, ScoreRequest, TokenScores, load_engine
 from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
 from steps.engines.vllm_engine import VllmEngine, VllmMissingError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, smollm2_tokenizer, tiny_llama
 
 FAKES = ROOT / "tests" / "fakes"
 API = json.loads((FAKES / "vllm_api.json").read_text(encoding="utf-8"))
@@ -69,27 +69,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     token, as chat models often do (vLLM then reports it in ``stop_reason``).
     """
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
-    from steps.engines.transformers_engine import materialise
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        materialise(resolve_model("smollm2-135m-instruct", "transformers"))
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    tokenizer = smollm2_tokenizer()
+    model = tiny_llama(tokenizer, max_positions=512, tie_word_embeddings=False)
+    config = model.config
     words = tokenizer(" the cat sat on a mat and a dog ran to it", add_special_tokens=False)["input_ids"]
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     with torch.no_grad():
