@@ -173,6 +173,23 @@ def test_trie_merges_shared_prefixes_and_orders_parents_first() -> None:
     assert trie.only_child(b[2]) == b[3] and trie.only_child(a[1]) is None
 
 
+def test_row_plans_pack_to_save_padding_but_not_to_waste_attention() -> None:
+    from steps.engines.transformers_engine import plan_rows
+
+    # one long and one short branch under a long cached prompt: one packed row, no padding
+    assert plan_rows({1: 200, 2: 60}, cached=400, row_tokens=512, batch_tokens=4096) == [[[1, 2]]]
+    # equal branches: packing pairs of them would only add attention, so one branch per row
+    equal = plan_rows({i: 250 for i in range(8)}, cached=200, row_tokens=512, batch_tokens=4096)
+    assert sorted(len(row) for batch in equal for row in batch) == [1] * 8
+    sizes = {i: 5 + (i * 37) % 300 for i in range(60)}
+    batches = plan_rows(sizes, cached=0, row_tokens=512, batch_tokens=2048)
+    roots = [root for batch in batches for row in batch for root in row]
+    assert sorted(roots) == list(sizes)  # every subtree exactly once
+    for batch in batches:
+        width = max(sum(sizes[r] for r in row) for row in batch)
+        assert width <= 512 and (len(batch) == 1 or len(batch) * width <= 2048)
+
+
 SLEEP = [{"role": "user", "content": "Give me two tips for sleeping better."}]
 ANSWERS = ["Keep the room dark and cool.", "Bananas are yellow, and so is the sun."]
 FOLLOW = [
@@ -218,31 +235,43 @@ def _plain_forward(hf: Any, request: ScoreRequest) -> tuple[list[int], list[floa
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("batch_tokens", [4096, 64])
+@pytest.mark.parametrize(("batch_tokens", "row_tokens"), [(4096, 512), (64, 64), (4096, 24)])
 def test_trie_scoring_equals_a_plain_forward_per_request(
-    batch_tokens: int, monkeypatch: pytest.MonkeyPatch
+    batch_tokens: int, row_tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Tree-packed rows, padding, cached paths and split subtrees change no score beyond float noise.
 
-    batch_tokens=64 forces every code path: long stretches run as cached paths,
-    branches as rows of different sizes (so with padding) on copies of the cache.
+    The defaults run the whole trie as one row; a 64-token budget splits it into
+    cached paths and rows with repeated short stretches; 24-token rows batch
+    several rows of different lengths (so with padding) on copies of the cache.
     """
-    hf = load_engine(PolicyConfig(engine="transformers", device="cpu", batch_tokens=batch_tokens))
+    from steps.engines.transformers_engine import TransformersEngine
+
+    model = resolve_model(SMOLLM2_ALIAS, "transformers")
+    hf = TransformersEngine(model, device="cpu", batch_tokens=batch_tokens, row_tokens=row_tokens)
     requests = _mixed_requests()
     row_sizes: list[list[int]] = []
     run_rows = hf._run_rows
 
-    def spy(trie: Any, roots: list[int], cache: Any, out: Any) -> None:
-        row_sizes.append([trie.size[root] for root in roots])
-        run_rows(trie, roots, cache, out)
+    def spy(trie: Any, rows: list[Any], cache: Any, out: Any) -> None:
+        row_sizes.append([sum(len(above) + trie.size[root] for above, root in row) for row in rows])
+        run_rows(trie, rows, cache, out)
 
     monkeypatch.setattr(hf, "_run_rows", spy)
+    before = hf.tokens_processed
+    distinct: set[tuple[int, ...]] = set()
     for request, scores in zip(requests, hf.score(requests), strict=True):
         tokens, expected = _plain_forward(hf, request)
         assert not isinstance(scores, Failed) and scores.token_ids == tokens
         assert max(abs(a - b) for a, b in zip(scores.logprobs, expected, strict=True)) <= 1e-4
-    if batch_tokens == 64:  # the small budget did split the trie, and padded some rows
-        assert len(row_sizes) > 1 and any(len(set(sizes)) > 1 for sizes in row_sizes)
+        sequence = [*hf._header(request.context, request.role), *tokens]
+        distinct.update(tuple(sequence[:k]) for k in range(1, len(sequence) + 1))
+    if row_tokens < 512:  # the trie was split
+        assert len(row_sizes) > 1
+    if row_tokens == 24:  # and some batch held rows of different lengths
+        assert any(len(set(sizes)) > 1 for sizes in row_sizes)
+    # short stretches may be repeated in a few rows rather than run alone; never much more
+    assert len(distinct) <= hf.tokens_processed - before <= 1.05 * len(distinct)
 
 
 @pytest.mark.model

@@ -39,10 +39,20 @@ from steps.engines.models import ResolvedModel
 
 # Rows of the LM head + softmax at once: 256 x 49k vocabulary is 50 MB of float32 logits.
 _HEAD_ROWS = 256
-# Largest trie subtree packed into one row. Tree attention is dense inside a row, so a row
-# pays attention to its masked-out branches; 512 measured best on 2 CPU cores (about 15%
-# faster than 1024 on follow-ups), and larger subtrees are split at their branching points.
+# Largest trie subtree packed into one row; larger ones are split at their branching points.
+# Attention is dense inside a row (masked keys still cost), so rows stay short: on 2 CPU
+# cores 512 scored the default labelers 0-25% faster than 1024 (eval_labelers, 16 pairs).
 ROW_TOKENS = 512
+# Estimated work of a forward pass, in units of one token through the layers: each key a
+# token attends to adds about 4 * head dims * layers FLOPs against 2 * parameters for the
+# token itself (~3e-4 for SmolLM2-135M); each pass has a fixed cost of a few tokens.
+_KEY_COST = 4e-4
+_SLOT_COST = 8.0
+# A subtree's short root stretch (up to this many tokens) may be repeated in several rows
+# rather than run as a cached path of its own (see TransformersEngine._frontier).
+_INLINE_TOKENS = 8
+# (the uncached nodes above a subtree's root, that root): one unit of a packed row
+_Item = tuple[tuple[int, ...], int]
 
 
 def cache_dir() -> Path:
@@ -159,6 +169,46 @@ class _Trie:
     def only_child(self, node: int) -> int | None:
         kids = self.children[node]
         return next(iter(kids.values())) if len(kids) == 1 else None
+
+
+def plan_rows(
+    sizes: dict[int, int], cached: int, row_tokens: int, batch_tokens: int
+) -> list[list[list[int]]]:
+    """Subtrees packed into rows, rows grouped into batches: the plan with the least estimated work.
+
+    ``sizes`` maps each subtree's root to its node count; every row sees the
+    ``cached`` tokens above the subtrees. A padded slot costs a whole token,
+    while packing several subtrees into one row costs only attention to keys
+    they do not see. So subtrees are packed first-fit (largest first) into rows
+    of a width, for two widths (the largest subtree, and ``row_tokens``), and
+    the plan with the smaller estimate is kept.
+    """
+    order = sorted(sizes, key=sizes.__getitem__, reverse=True)
+    best: tuple[float, list[list[list[int]]]] | None = None
+    for width in sorted({sizes[order[0]], row_tokens}):
+        rows: list[list[int]] = []
+        loads: list[int] = []
+        for root in order:
+            fit = next((i for i, load in enumerate(loads) if load + sizes[root] <= width), None)
+            if fit is None:
+                rows.append([root])
+                loads.append(sizes[root])
+            else:
+                rows[fit].append(root)
+                loads[fit] += sizes[root]
+        batches: list[list[list[int]]] = []
+        cost, batch_width = 0.0, 0
+        for i in sorted(range(len(rows)), key=loads.__getitem__, reverse=True):
+            if not batches or (len(batches[-1]) + 1) * batch_width > batch_tokens:
+                batches.append([])
+                batch_width = loads[i]
+                cost += _SLOT_COST
+            batches[-1].append(rows[i])
+            cost += batch_width * (1 + _KEY_COST * (cached + batch_width))
+        if best is None or cost < best[0]:
+            best = (cost, batches)
+    assert best is not None
+    return best[1]
 
 
 class TransformersEngine:
@@ -290,11 +340,20 @@ class TransformersEngine:
             for (node, token), value in zip(owners, logprobs[rows, cols].tolist(), strict=True):
                 out.setdefault(node, {})[token] = value
 
-    def _run_rows(self, trie: _Trie, roots: list[int], cache: Any, out: dict[int, Any]) -> None:
+    def _run_rows(self, trie: _Trie, packed: list[list[_Item]], cache: Any, out: dict[int, Any]) -> None:
+        """One forward pass over rows of packed subtrees, each token seeing its own ancestors only."""
         import numpy as np
         import torch
 
-        rows = [trie.subtree(root) for root in roots]
+        rows = []
+        for items in packed:
+            nodes: list[int] = []
+            seen: set[int] = set()
+            for above, root in items:
+                nodes += [n for n in above if n not in seen]  # branches of one stretch share it
+                seen.update(above)
+                nodes += trie.subtree(root)
+            rows.append(nodes)
         width = max(len(nodes) for nodes in rows)
         ids = np.full((len(rows), width), self._pad, dtype=np.int64)
         positions = np.zeros((len(rows), width), dtype=np.int64)
@@ -306,13 +365,13 @@ class TransformersEngine:
             positions[b, : len(nodes)] = [trie.depth[n] for n in nodes]
             for j, node in enumerate(nodes):
                 parent = local.get(trie.parent[node])
-                if parent is not None:  # a row's root has its whole past in the cache
+                if parent is not None:  # a subtree's root has its whole past in the cache
                     allowed[b, j] = allowed[b, parent]
                 allowed[b, j, j] = True
                 if node in trie.reads:
                     where.append((b, j, node))
             for j in range(len(nodes), width):
-                allowed[b, j, j] = True  # padding sees itself only, so it stays finite and unseen
+                allowed[b, j, j] = True  # padding sees itself only and is seen by nothing
         batch_cache = None
         if cache is not None:
             batch_cache = copy.deepcopy(cache)
@@ -334,6 +393,32 @@ class TransformersEngine:
         self._read(trie, hidden, [(0, j, n) for j, n in enumerate(path) if n in trie.reads], out)
         return grown
 
+    def _frontier(self, trie: _Trie, node: int) -> tuple[list[_Item], list[_Item]]:
+        """What to run below ``node`` (whose path is cached): subtrees for rows, and larger ones.
+
+        A subtree too large for a row whose root stretch branches within
+        ``_INLINE_TOKENS`` tokens is not run as a cached path of its own (a pass
+        for a token or two, and its few branches batched alone): its branches
+        join the rows here, each carrying a copy of that short stretch. Judge
+        prompts branch like this on the first characters of their nonce.
+        """
+        items: list[_Item] = []
+        big: list[_Item] = []
+        pending: list[_Item] = [((), kid) for kid in trie.children[node].values()]
+        while pending:
+            above, root = pending.pop()
+            if len(above) + trie.size[root] <= self.row_tokens:
+                items.append((above, root))
+                continue
+            stretch = [*above, root]
+            while len(stretch) <= _INLINE_TOKENS and (child := trie.only_child(stretch[-1])) is not None:
+                stretch.append(child)
+            if len(stretch) <= _INLINE_TOKENS and trie.children[stretch[-1]]:
+                pending += [(tuple(stretch), kid) for kid in trie.children[stretch[-1]].values()]
+            else:
+                big.append((above, root))
+        return items, big
+
     def _run(self, trie: _Trie) -> dict[int, dict[int, float]]:
         """Every node once; returns the log-probs read at each node that has reads."""
         import torch
@@ -341,7 +426,7 @@ class TransformersEngine:
         trie.seal()
         out: dict[int, dict[int, float]] = {}
         cache: Any = None
-        todo: list[tuple[str, int]] = [("expand", 0)]
+        todo: list[tuple[str, Any]] = [("expand", 0)]
         with torch.inference_mode():
             while todo:
                 step, arg = todo.pop()
@@ -352,24 +437,20 @@ class TransformersEngine:
                         cache.crop(-arg)
                     continue
                 if step == "path":
-                    path = [arg]
+                    above, root = arg
+                    path = [*above, root]
                     while len(path) < self.row_tokens and (child := trie.only_child(path[-1])) is not None:
                         path.append(child)
                     cache = self._run_path(trie, path, cache, out)
                     todo += [("drop", len(path)), ("expand", path[-1])]
                     continue
-                kids = list(trie.children[arg].values())
-                size = trie.size
-                small = sorted((k for k in kids if size[k] <= self.row_tokens), key=size.__getitem__)
-                batch: list[int] = []
-                for kid in small:
-                    if batch and trie.size[kid] * (len(batch) + 1) > self.batch_tokens:
-                        self._run_rows(trie, batch, cache, out)
-                        batch = []
-                    batch.append(kid)
-                if batch:
-                    self._run_rows(trie, batch, cache, out)
-                todo += [("path", k) for k in reversed(kids) if trie.size[k] > self.row_tokens]
+                items, big = self._frontier(trie, arg)
+                if items:
+                    cached = 0 if cache is None else cache.get_seq_length()
+                    sizes = {i: len(above) + trie.size[root] for i, (above, root) in enumerate(items)}
+                    for batch in plan_rows(sizes, cached, self.row_tokens, self.batch_tokens):
+                        self._run_rows(trie, [[items[i] for i in row] for row in batch], cache, out)
+                todo += [("path", item) for item in reversed(big)]
         return out
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
