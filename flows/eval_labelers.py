@@ -30,6 +30,7 @@ from steps.pairing import AGG, aggregate_scores
 from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
 
 N_RESAMPLES = 2000
+LENGTH_ROW = "length (longer wins)"
 OUTPUT_DIR = Path("outputs") / "eval_labelers"
 
 
@@ -178,10 +179,31 @@ def _side_scores(scores: dict[str, float | None], sides: list[tuple[str, str]]) 
     return np.array(values, dtype=np.float64).T  # None becomes NaN
 
 
-def evaluate(recipe: Recipe, pairs: list[Pair], source: str, seed: int) -> list[dict[str, Any]]:
-    """One row per labeler, then the aggregate, then the length baseline."""
+def _finite(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
+
+
+def evaluate(
+    recipe: Recipe, pairs: list[Pair], source: str, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row per labeler, then the aggregate, then the length baseline; and each pair's scores.
+
+    The per-pair (chosen, rejected) scores let any subset be summarised again
+    without rerunning the models (``summarise_subset``).
+    """
     prompts, responses, sides = build_tables(pairs, source, seed)
     rows, tables = [], []
+    per_pair: list[dict[str, Any]] = [
+        {"id": p.pid, "line": p.line, "lengths": [len(p.chosen), len(p.rejected)], "scores": {}}
+        for p in pairs
+    ]
+
+    def record(name: str, scores: dict[str, float | None]) -> np.ndarray:
+        both = _side_scores(scores, sides)
+        for entry, chosen, rejected in zip(per_pair, both[0], both[1], strict=True):
+            entry["scores"][name] = [_finite(chosen), _finite(rejected)]
+        return outcomes(*both)
+
     for config in recipe.labelers:
         start = time.perf_counter()
         # Model labelers batch across the whole table, so each labels everything in one call.
@@ -189,13 +211,31 @@ def evaluate(recipe: Recipe, pairs: list[Pair], source: str, seed: int) -> list[
         seconds = time.perf_counter() - start
         tables.append(labels)
         scores = dict(zip(labels[c.RESPONSE_ID].to_pylist(), labels[c.SCORE].to_pylist(), strict=True))
-        rows.append(summarise(config.name, outcomes(*_side_scores(scores, sides)), seed, seconds))
+        rows.append(summarise(config.name, record(config.name, scores), seed, seconds))
     weights = {config.name: config.weight for config in recipe.labelers}
     frame = aggregate_scores(pa.concat_tables(tables), weights)
     aggregate = dict(zip(frame[c.RESPONSE_ID].to_list(), frame[AGG].to_list(), strict=True))
-    rows.append(summarise("aggregate", outcomes(*_side_scores(aggregate, sides)), seed))
+    rows.append(summarise("aggregate", record("aggregate", aggregate), seed))
     lengths = np.array([[len(p.chosen), len(p.rejected)] for p in pairs], dtype=np.float64).T
-    rows.append(summarise("length (longer wins)", outcomes(*lengths), seed))
+    rows.append(summarise(LENGTH_ROW, outcomes(*lengths), seed))
+    return rows, per_pair
+
+
+def summarise_subset(report: dict[str, Any], first: int) -> list[dict[str, Any]]:
+    """The rows a ``--limit first`` run would print, from a saved report's per-pair scores.
+
+    Labels do not depend on which other pairs are in the run (up to float noise
+    in batching), nor do the coin flips (keyed on pair ids), so this equals the
+    limited run without spending its model time. Seconds are not known.
+    """
+    chosen_rows = report["pairs"][:first]
+    names = list(chosen_rows[0]["scores"]) if chosen_rows else []
+    rows = []
+    for name in names:
+        both = np.array([entry["scores"][name] for entry in chosen_rows], dtype=np.float64).T
+        rows.append(summarise(name, outcomes(*both), report["seed"]))
+    lengths = np.array([entry["lengths"] for entry in chosen_rows], dtype=np.float64).T
+    rows.append(summarise(LENGTH_ROW, outcomes(*lengths), report["seed"]))
     return rows
 
 
@@ -247,14 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(pairs)} pairs from {args.pairs}; skipped: {dict(sorted(skipped.items())) or 'none'}")
-    rows = evaluate(recipe, pairs, str(args.pairs), args.seed)
+    rows, per_pair = evaluate(recipe, pairs, str(args.pairs), args.seed)
     print(format_table(rows))
     out = args.json or OUTPUT_DIR / f"{recipe.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "recipe": recipe.name, "pairs_file": str(args.pairs), "limit": args.limit, "seed": args.seed,
         "n_pairs": len(pairs), "skipped": dict(sorted(skipped.items())), "resamples": N_RESAMPLES,
-        "rows": rows,
+        "rows": rows, "pairs": per_pair,
     }  # fmt: skip
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -18,6 +18,7 @@ from flows.eval_labelers import (
     main,
     outcomes,
     read_pairs,
+    summarise_subset,
 )
 from schemas import columns as c
 
@@ -202,3 +203,19 @@ def test_bootstrap_interval_is_seeded_and_bounded() -> None:
     assert 0.0 <= low < 0.6 < high <= 1.0
     assert bootstrap_ci(agree, seed=0) == (low, high)
     assert bootstrap_ci(np.ones(10), seed=0) == (1.0, 1.0)
+
+
+def test_per_pair_scores_reproduce_a_limited_run(tmp_path: Path, pairs_file: Path) -> None:
+    """The report keeps each pair's scores, so a prefix of it summarises exactly like ``--limit``."""
+    two_bleus = "  - {kind: bleu, name: a}\n  - {kind: bleu, name: b, variant: sacrebleu}"
+    recipe = write_recipe(tmp_path, two_bleus)
+    full = run(tmp_path, pairs_file, recipe=recipe)
+    assert [entry["id"] for entry in full["pairs"]] == [f"p{i}" for i in range(6)]
+    assert full["pairs"][4]["scores"]["a"] == [None, None]  # no reference, no BLEU: null, not NaN
+    assert full["pairs"][0]["lengths"] == [len(REF), len(OTHER)]
+    limited = rows_by_name(run(tmp_path, pairs_file, "--limit", "4", recipe=recipe))
+    recomputed = summarise_subset(full, 4)
+    assert [row["labeler"] for row in recomputed] == ["a", "b", "aggregate", "length (longer wins)"]
+    for row in recomputed:
+        expected = {k: v for k, v in limited[row["labeler"]].items() if k != "seconds"}
+        assert {k: v for k, v in row.items() if k != "seconds"} == expected
