@@ -14,7 +14,6 @@ import importlib
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -93,17 +92,37 @@ def _engine(path: Path, **options: Any) -> VllmEngine:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The transformers engine on the same weights (its copy keeps one EOS: it cannot load a list)."""
-    from transformers import GenerationConfig
-
+def reference(tiny_model: Path) -> Any:
+    """The transformers engine on the same weights (and the same two stop tokens)."""
     from steps.engines.transformers_engine import TransformersEngine
 
-    copy = tmp_path_factory.mktemp("tiny-llama-one-eos")
-    for item in tiny_model.iterdir():
-        shutil.copy(item, copy / item.name)
-    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(copy)
-    return TransformersEngine(ResolvedModel("hf_dir", str(copy), "tiny"), device="cpu", batch_tokens=512)
+    return TransformersEngine(
+        ResolvedModel("hf_dir", str(tiny_model), "tiny"), device="cpu", batch_tokens=512
+    )
+
+
+def test_transformers_engine_stops_on_every_listed_eos(reference: Any) -> None:
+    """Llama 3 and Qwen2.5 list several stop ids in generation_config; each one ends a sample."""
+    tokenizer = reference.tokenizer
+    second = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert reference._eos == sorted({tokenizer.eos_token_id, second})
+    params = SamplingParams(n=8, temperature=1.0, top_p=1.0, max_tokens=12)
+    samples = [c for r in reference.generate([CONV] * 4, params, [1, 2, 3, 4]) for c in r]
+    stopped = [c for c in samples if c.finish_reason == "stop"]
+    assert stopped and all("<|endoftext|>" not in c.text and "<|im_end|>" not in c.text for c in samples)
+
+
+def test_transformers_engine_keeps_the_recipe_context(tiny_model: Path) -> None:
+    """n_ctx caps the window below the model's trained 512 positions; requests past it fail as too_long."""
+    from steps.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(ResolvedModel("hf_dir", str(tiny_model), "tiny"), device="cpu", n_ctx=128)
+    assert engine.n_ctx == 128
+    long_reply = " the cat" * 80
+    [scored] = engine.score([ScoreRequest(CONV, long_reply)])
+    assert isinstance(scored, Failed) and scored.reason == "too_long"
+    wide = TransformersEngine(ResolvedModel("hf_dir", str(tiny_model), "tiny"), device="cpu", n_ctx=4096)
+    assert wide.n_ctx == 512  # never past the trained positions
 
 
 # ------------------------------------------------------------------ the fake against the real API

@@ -89,7 +89,12 @@ def load_engine(policy: ModelConfig) -> Any:
                 from steps.engines.transformers_engine import TransformersEngine
 
                 _ENGINES[key] = TransformersEngine(
-                    resolved, policy.device, policy.dtype, policy.trust_remote_code, policy.batch_tokens
+                    resolved,
+                    policy.device,
+                    policy.dtype,
+                    policy.trust_remote_code,
+                    policy.batch_tokens,
+                    n_ctx=policy.n_ctx,
                 )
         return _ENGINES[key]
 

@@ -211,6 +211,17 @@ def plan_rows(
     return best[1]
 
 
+def _eos_ids(*sources: int | list[int] | None) -> list[int]:
+    """Every id that ends a turn: Llama 3 and Qwen2.5 list several in generation_config."""
+    ids: set[int] = set()
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(t for t in source if isinstance(t, int))
+    return sorted(ids)
+
+
 class TransformersEngine:
     engine_name = "transformers"
 
@@ -222,6 +233,7 @@ class TransformersEngine:
         trust_remote_code: bool = False,
         batch_tokens: int = 4096,
         row_tokens: int = ROW_TOKENS,
+        n_ctx: int = 2048,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -239,11 +251,15 @@ class TransformersEngine:
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{self.model_id} has no chat template in its tokenizer")
         self._special = set(self.tokenizer.all_special_ids)
-        eos = {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id}
-        self._eos = sorted(t for t in eos if isinstance(t, int))
+        self._eos = _eos_ids(self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id)
+        if not self._eos:
+            raise ValueError(f"{self.model_id} names no end-of-sequence token; generation could not stop")
         pad = self.tokenizer.pad_token_id
         self._pad = pad if pad is not None else self._eos[0]
-        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        # The recipe's n_ctx caps the window, as it does for llama.cpp; a model with a shorter
+        # trained window caps it further (positions past it are untrained).
+        trained = getattr(self.model.config, "max_position_embeddings", None)
+        self.n_ctx = min(n_ctx, int(trained)) if trained else n_ctx
         self.batch_tokens = batch_tokens
         self.row_tokens = min(row_tokens, batch_tokens)
         self.tokens_processed = 0  # every token fed through the network; tests read it
