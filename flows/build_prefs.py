@@ -86,6 +86,28 @@ class PlacementError(ValueError):
     """``--model-deployment``/``--dask`` cannot work as given; raised before any model loads."""
 
 
+class NothingSampledError(RuntimeError):
+    """Sampling dropped every prompt: publishing an empty dataset would hide that."""
+
+
+def require_responses(sampled: StageStats) -> None:
+    """Stop before labeling when no prompt got a response, naming each drop reason and an example."""
+    if sampled.rows_out > 0:
+        return
+    counted = sampled.drops.most_common()
+    reasons = ", ".join(f"{reason} x{count}" for reason, count in counted) or "none recorded"
+    examples = "".join(f"\n  {reason}: {text}" for reason, text in sorted(sampled.examples.items()))
+    hint = (
+        "\nraise policy.n_ctx, shorten the prompts or set sampling.too_long: truncate_left"
+        if "prompt_too_long" in sampled.drops
+        else ""
+    )
+    raise NothingSampledError(
+        f"sampling produced no response: all {sampled.rows_in} prompt(s) were dropped ({reasons}){examples}"
+        f"{hint}\nnothing was published; the previous dataset (if any) is unchanged"
+    )
+
+
 class ModelPoolError(RuntimeError):
     """A model-stage batch did not complete on its work pool; its finished shards are kept."""
 
@@ -398,6 +420,8 @@ def build_prefs(
             model_deployment, config, work_uri, "sampling", prompts, batch_shards, fresh, model_job_variables
         )
     responses = _run_stage("sampling", [(config, model_area, p) for p in prompts], sample_task)
+    sampled = merge_stats("sampling", [r.stats for r in responses])
+    require_responses(sampled)
     model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
     if model_deployment and model_labelers:
         run_model_batches(
@@ -427,7 +451,7 @@ def build_prefs(
     kept, dropped, length = consistency_task(config, area, pairs)
     stages_ = {
         "prompts": prompt_stats,
-        "sampling": merge_stats("sampling", [r.stats for r in responses]),
+        "sampling": sampled,
         "labeling": merge_stats("labeling", [r.stats for r in labels]),
         "pairing": merge_stats("pairing", [r.stats for r in pairs]),
         "consistency": kept.stats,
@@ -507,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ModelPoolError as exc:
+    except (ModelPoolError, NothingSampledError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except HubError as exc:

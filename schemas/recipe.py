@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.records import LABELS, PROMPTS, RESPONSES
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -104,9 +107,18 @@ class ModelConfig(_Strict):
 PolicyConfig = ModelConfig
 
 
-def _scorer_model() -> ModelConfig:
-    """Labelers read models with transformers: on CPU its prefill is 2-4x llama.cpp's (DESIGN.md §3)."""
-    return ModelConfig(engine="transformers", device="auto", dtype="float32")
+LABELER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+_RESERVED_NAMES = frozenset(PROMPTS.names) | frozenset(RESPONSES.names) | frozenset(LABELS.names)
+
+
+class ScorerModelConfig(ModelConfig):
+    """A model a labeler reads: transformers unless the recipe says otherwise.
+
+    On CPU transformers' prefill is 2-4x llama.cpp's (DESIGN.md §3). A labeler
+    given only part of a model (``model: {model: ...}``) keeps that default.
+    """
+
+    engine: Literal["llama_cpp", "transformers", "vllm"] = "transformers"
 
 
 DEFAULT_CRITERIA = (
@@ -126,7 +138,7 @@ class Exemplar(_Strict):
 class ContrastSide(_Strict):
     """One side of a density ratio: a model plus what it is told before the prompt."""
 
-    model: ModelConfig = Field(default_factory=_scorer_model)
+    model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
     system_prompt: str | None = None
     exemplar: Exemplar | None = None
 
@@ -154,7 +166,7 @@ class FollowUpLabeler(_Strict):
     kind: Literal["follow_up"]
     name: str = "follow_up"
     weight: float = Field(1.0, gt=0.0)
-    model: ModelConfig = Field(default_factory=_scorer_model)
+    model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
     followups: str = Field("default", description="a set in pipelines/followups/ or a YAML path")
     dimensions: list[str] | None = Field(None, description="only these dimensions (default: all)")
     per_dimension: int | None = Field(None, ge=1, description="first k positive and k negative per dimension")
@@ -166,7 +178,7 @@ class PointwiseJudgeLabeler(_Strict):
     kind: Literal["judge_pointwise"]
     name: str = "judge"
     weight: float = Field(1.0, gt=0.0)
-    model: ModelConfig = Field(default_factory=_scorer_model)
+    model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
     mode: Literal["expected", "sampled"] = "expected"
     n: int = Field(3, ge=1, description="judgements sampled per response (mode: sampled)")
     temperature: float = Field(0.7, gt=0.0)
@@ -179,7 +191,7 @@ class PairwiseJudgeLabeler(_Strict):
     kind: Literal["judge_pairwise"]
     name: str = "pairwise"
     weight: float = Field(1.0, gt=0.0)
-    model: ModelConfig = Field(default_factory=_scorer_model)
+    model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
 
 
 class SamplingConfig(_Strict):
@@ -227,7 +239,7 @@ LabelerConfig = Annotated[
 class PairJudgeConfig(_Strict):
     """Judge the chosen/rejected candidate pair in both orders after pairing."""
 
-    model: ModelConfig = Field(default_factory=_scorer_model)
+    model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
 
 
 class PairingConfig(_Strict):
@@ -295,6 +307,16 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"labelers: names must be unique, repeated: {dupes}")
+        for name in names:
+            # A name becomes columns (score_<name>_chosen) and sits beside the response
+            # columns while pairing, so it must be a plain identifier that no column uses.
+            if not LABELER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"labelers: name {name!r} must start with a letter and use only letters, "
+                    "digits and _ (at most 48 characters); it becomes a column name"
+                )
+            if name in _RESERVED_NAMES:
+                raise ValueError(f"labelers: name {name!r} is already a column of responses; pick another")
         rules = self.consistency
         if rules.min_agree is not None and rules.min_agree > len(names):
             raise ValueError(

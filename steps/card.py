@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import yaml
 from jinja2 import FileSystemLoader, StrictUndefined
@@ -22,7 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from schemas import columns as c
 from schemas.recipe import Recipe
-from steps.writer import CARD, WrittenFile, package_version
+from steps.writer import WrittenFile, package_version
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "data_cards"
 # Characters that change meaning inline (emphasis, code, links, HTML, entities, table
@@ -144,11 +143,3 @@ def render_card(
         recipe_yaml=yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True),
     )
     return front_matter(recipe, files, rows) + body
-
-
-def write_card(output: str, text: str) -> str:
-    fs, root = fsspec.core.url_to_fs(output)
-    path = f"{root.rstrip('/')}/{CARD}"
-    with fs.open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return path

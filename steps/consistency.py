@@ -104,7 +104,8 @@ def ambiguous_threshold(config: ConsistencyConfig, strengths: pl.Series) -> floa
     threshold = config.ambiguous_below
     if config.ambiguous_quantile is not None and strengths.len():
         quantile = strengths.drop_nulls().quantile(config.ambiguous_quantile)
-        threshold = max(threshold or -math.inf, quantile if quantile is not None else -math.inf)
+        floor = -math.inf if threshold is None else threshold  # 0.0 is a threshold, not "unset"
+        threshold = max(floor, quantile if quantile is not None else -math.inf)
     return threshold
 
 

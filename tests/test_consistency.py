@@ -17,7 +17,13 @@ from schemas import columns as c
 from schemas.recipe import ConsistencyConfig
 from schemas.records import SchemaMismatch, conform, dropped_schema, pairs_schema
 from steps.base import read_table, write_table
-from steps.consistency import apply_rules, consistency_stage, evidence, kendall_consistency
+from steps.consistency import (
+    ambiguous_threshold,
+    apply_rules,
+    consistency_stage,
+    evidence,
+    kendall_consistency,
+)
 from steps.pairing import make_pairs
 from steps.publish import publish
 from tests.conftest import make_recipe
@@ -161,6 +167,16 @@ def test_ambiguous_threshold_and_quantile() -> None:
         "likely_mislabeled",
     }
     assert min(kept.column(c.STRENGTH_MEAN).to_pylist()) >= max(dropped.column(c.STRENGTH_MEAN).to_pylist())
+
+
+def test_a_zero_floor_still_counts_under_the_quantile_cut() -> None:
+    """ambiguous_below: 0.0 is a real floor: a quantile that falls below zero cannot lower it."""
+    strengths = pl.Series([-2.0, -1.0, 0.5, 3.0])
+    config = ConsistencyConfig(drop_mislabeled=False, ambiguous_quantile=0.25)
+    assert ambiguous_threshold(config, strengths) == pytest.approx(-1.0)
+    floored = ConsistencyConfig(drop_mislabeled=False, ambiguous_quantile=0.25, ambiguous_below=0.0)
+    assert ambiguous_threshold(floored, strengths) == 0.0
+    assert ambiguous_threshold(ConsistencyConfig(ambiguous_below=0.0), strengths) == 0.0
 
 
 def test_rank_consistency_rule_and_swap_rule() -> None:

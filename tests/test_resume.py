@@ -333,3 +333,21 @@ def test_token_never_reaches_outputs_logs_or_prefect(
     assert any("prefect.db" in name for name in places), "Prefect's database must be among the scanned files"
     leaks = [name for name, data in places.items() if secret.encode() in data]
     assert not leaks, f"token found in {leaks}"
+
+
+def test_a_run_that_samples_nothing_fails_and_leaves_the_old_dataset(
+    tmp_path: Path, engine: FakeEngine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every prompt dropped by sampling is an error naming the reason, not an empty dataset."""
+    recipe, out = write_recipe(tmp_path), tmp_path / "out"
+    run(recipe, out)
+    manifest = (out / "manifest.json").read_bytes()
+    too_long = tmp_path / "too-long.jsonl"
+    too_long.write_text("".join(json.dumps({"prompt": f"TOO_LONG {i}"}) + "\n" for i in range(3)))
+    empty = write_recipe(tmp_path, **{"prompts.uri": str(too_long), "prompts.references_column": None})
+    with pytest.raises(bp.NothingSampledError, match=r"all 3 prompt\(s\) were dropped \(prompt_too_long x3\)"):
+        run(empty, out)
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert bp.main(["--recipe", empty, "--output", str(out)]) == 1
+    message = capsys.readouterr().err
+    assert "sampling.too_long: truncate_left" in message and "nothing was published" in message

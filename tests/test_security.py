@@ -12,6 +12,7 @@ import pytest
 import yaml
 from huggingface_hub import DatasetCard
 from jinja2.exceptions import SecurityError
+from pydantic import ValidationError
 
 from schemas import columns as c
 from schemas.recipe import ModelConfig, RecipeError, load_recipe
@@ -239,13 +240,14 @@ STATS = {
 def hostile_card(**card: Any) -> tuple[str, Any]:
     recipe = make_recipe(
         description=f"desc {HOSTILE}",
-        labelers=[{"kind": "bleu", "name": "b{{ 7*7 }}`x"}],
+        labelers=[{"kind": "bleu", "name": "b_x"}],
         card={"pretty_name": f"Pretty {HOSTILE}", "tags": ["math", "{{ 7*7 }}"], **card},
     )
     prompts = prompts_table([f"prompt {HOSTILE}"])
     resp = responses(prompts, ["good {{ 7*7 }}", "bad {% raw %}"])
-    sample, _ = make_pairs(prompts, resp, labels_for(resp, {"b{{ 7*7 }}`x": [2.0, 1.0]}), recipe)
+    sample, _ = make_pairs(prompts, resp, labels_for(resp, {"b_x": [2.0, 1.0]}), recipe)
     files = {"train": [WrittenFile("data/train-00000-of-00001.parquet", 1, "0" * 64, 10)]}
+    # Recipes refuse such a labeler name (test below); the card escapes one anyway.
     scores = {c.signal_column("b{{ 7*7 }}`x", c.CHOSEN): {"count": 1, "mean": 2.0, "std": 0.0, "min": 2.0,
               "median": 2.0, "max": 2.0}}  # fmt: skip
     engine = {"model_id": "org/{{ 7*7 }}-model", "engine": "llama_cpp"}
@@ -279,6 +281,14 @@ def test_card_shows_user_strings_literally_never_evaluates_them() -> None:
     assert row[c.CHOSEN][0][c.CONTENT] == "good {{ 7*7 }}"
     # A signal name with a backtick cannot break out of its code span in the scores table.
     assert "| ``score_b{{ 7*7 }}`x_chosen`` |" in body
+
+
+@pytest.mark.parametrize(
+    "name", ["b{{ 7*7 }}`x", "has space", "dash-ed", "_private", "text", "prompt_id", "é"]
+)
+def test_labeler_names_that_cannot_be_columns_are_refused(name: str) -> None:
+    with pytest.raises(ValidationError, match="labelers: name"):
+        make_recipe(labelers=[{"kind": "bleu", "name": name}])
 
 
 def test_card_template_renders_in_a_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
