@@ -18,7 +18,10 @@ import hashlib
 import io
 import json
 import math
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -38,6 +41,7 @@ CARD = "README.md"
 DATA_DIR = "data"
 FORMAT_VERSION = 2
 RUNS_DIR = "runs"
+WRITE_THREADS = 4  # files encoded at once when publishing a split
 
 
 def package_version() -> str:
@@ -123,17 +127,30 @@ def write_split(
         # `datasets` cannot read a 0-row Parquet/Arrow file, so an empty split has no file and no config.
         return [], schema.empty_table()
     stamp = recipe.fingerprint()
-    written, first = [], None
-    for index, chunk in enumerate(_rechunk(tables, recipe.output.rows_per_shard)):
-        name = f"{data_dir}/{split}-{index:05d}-of-{count:05d}.{ext}"
+
+    def write_one(name: str, chunk: pa.Table) -> WrittenFile:
         column = chunk.schema.get_field_index(c.RECIPE_HASH)
         if column >= 0:
             chunk = chunk.set_column(column, c.RECIPE_HASH, pa.array([stamp] * chunk.num_rows, pa.string()))
         blob = _encode(conform(chunk, schema, name), fmt)
         with fs.open(f"{root}/{name}", "wb") as handle:
             handle.write(blob)
-        written.append(WrittenFile(name, chunk.num_rows, hashlib.sha256(blob).hexdigest(), len(blob)))
-        first = first if first is not None else chunk.slice(0, 1)
+        return WrittenFile(name, chunk.num_rows, hashlib.sha256(blob).hexdigest(), len(blob))
+
+    # Encoding, compressing and hashing release the GIL: files are written on a few
+    # threads while the next chunk is read. At most `workers` chunks wait in memory.
+    workers = max(1, min(WRITE_THREADS, os.cpu_count() or 1))
+    written: list[WrittenFile] = []
+    first = None
+    with ThreadPoolExecutor(workers, thread_name_prefix="write-split") as pool:
+        pending: deque[Future[WrittenFile]] = deque()
+        for index, chunk in enumerate(_rechunk(tables, recipe.output.rows_per_shard)):
+            name = f"{data_dir}/{split}-{index:05d}-of-{count:05d}.{ext}"
+            pending.append(pool.submit(write_one, name, chunk))
+            first = first if first is not None else chunk.slice(0, 1)
+            while len(pending) > workers:
+                written.append(pending.popleft().result())
+        written.extend(future.result() for future in pending)
     if sum(f.rows for f in written) != total:
         raise RuntimeError(f"wrote {sum(f.rows for f in written)} rows of {total}: refusing to publish")
     assert first is not None
