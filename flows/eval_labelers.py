@@ -10,9 +10,10 @@ measured is the number the pipeline gets, and sets each one against the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
-import time
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,13 @@ import pyarrow as pa
 
 from schemas import columns as c
 from schemas.recipe import Recipe, RecipeError, load_recipe
-from schemas.records import PROMPTS, RESPONSES
+from schemas.records import LABELS, PROMPTS, RESPONSES
+from steps.base import ShardResult, StageStats, join_uri, read_table, write_table
 from steps.engines import derive_seed
-from steps.labeling import build_labeler
 from steps.pairing import AGG, aggregate_scores
 from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
+from steps.resume import WorkArea, sha256_of
+from steps.stages import label_part
 
 N_RESAMPLES = 2000
 LENGTH_ROW = "length (longer wins)"
@@ -183,14 +186,34 @@ def _finite(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
+def _stored(table: pa.Table, schema: pa.Schema, area: WorkArea, role: str) -> ShardResult:
+    """``table`` as a content-addressed input file of the cache, so labels are keyed by what they read."""
+    digest = hashlib.sha256()
+    for batch in table.to_batches():
+        digest.update(batch.serialize())
+    uri = join_uri(area.root, "inputs", f"{digest.hexdigest()[:32]}.{role}.parquet")
+    if sha256_of(uri) is None or area.fresh:
+        write_table(table, uri, schema, what=f"eval {role}")
+    checksum = sha256_of(uri)
+    assert checksum is not None
+    return ShardResult(uri, table.num_rows, StageStats(role), checksum)
+
+
 def evaluate(
-    recipe: Recipe, pairs: list[Pair], source: str, seed: int
+    recipe: Recipe, pairs: list[Pair], source: str, seed: int, area: WorkArea | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """One row per labeler, then the aggregate, then the length baseline; and each pair's scores.
 
     The per-pair (chosen, rejected) scores let any subset be summarised again
-    without rerunning the models (``summarise_subset``).
+    without rerunning the models (``summarise_subset``). With ``area``, each
+    labeler's scores are kept there under the pipeline's own resume keys (labeler
+    settings without its weight, code version, checksums of the pairs it read):
+    a rerun recomputes only labelers whose settings changed, and a weight change
+    costs nothing but the aggregate.
     """
+    if area is None:
+        with tempfile.TemporaryDirectory(prefix="eval-labelers-") as scratch:
+            return evaluate(recipe, pairs, source, seed, WorkArea(scratch))
     prompts, responses, sides = build_tables(pairs, source, seed)
     rows, tables = [], []
     per_pair: list[dict[str, Any]] = [
@@ -204,14 +227,15 @@ def evaluate(
             entry["scores"][name] = [_finite(chosen), _finite(rejected)]
         return outcomes(*both)
 
+    stored = (_stored(prompts, PROMPTS, area, "prompts"), _stored(responses, RESPONSES, area, "responses"))
     for config in recipe.labelers:
-        start = time.perf_counter()
         # Model labelers batch across the whole table, so each labels everything in one call.
-        labels, _ = build_labeler(config).label(prompts, responses)
-        seconds = time.perf_counter() - start
+        part = label_part(config, area, *stored)
+        labels = read_table(part.files["data"], LABELS)
         tables.append(labels)
         scores = dict(zip(labels[c.RESPONSE_ID].to_pylist(), labels[c.SCORE].to_pylist(), strict=True))
-        rows.append(summarise(config.name, record(config.name, scores), seed, seconds))
+        row = summarise(config.name, record(config.name, scores), seed, part.stats.seconds)
+        rows.append({**row, "reused": part.resumed})
     weights = {config.name: config.weight for config in recipe.labelers}
     frame = aggregate_scores(pa.concat_tables(tables), weights)
     aggregate = dict(zip(frame[c.RESPONSE_ID].to_list(), frame[AGG].to_list(), strict=True))
@@ -243,6 +267,13 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _seconds(row: dict[str, Any]) -> str:
+    """A labeler's compute time; scores found in the cache say so (the time is from when they were made)."""
+    if row["seconds"] is None:
+        return "-"
+    return f"{row['seconds']:.2f}" + (" (cached)" if row.get("reused") else "")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = [
         "labeler", "n", "agree", "disagree", "tie", "accuracy [95% CI]", "accuracy on decided", "seconds"
@@ -251,7 +282,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         [
             r["labeler"], str(r["n"]), str(r["agree"]), str(r["disagree"]), str(r["tie"]),
             f"{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-            _fmt(r["accuracy_decided"]), "-" if r["seconds"] is None else f"{r['seconds']:.2f}",
+            _fmt(r["accuracy_decided"]), _seconds(r),
         ]
         for r in rows
     ]  # fmt: skip
@@ -271,6 +302,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="only the first N usable pairs")
     parser.add_argument("--seed", type=int, default=0, help="seeds the coin flips and the bootstrap")
     parser.add_argument("--json", type=Path, help="default: outputs/eval_labelers/<recipe name>.json")
+    parser.add_argument(
+        "--cache",
+        default=str(OUTPUT_DIR / ".work"),
+        help="where each labeler's scores are kept between runs (a path or URI; default %(default)s)",
+    )
+    parser.add_argument("--fresh", action="store_true", help="recompute every labeler, ignoring the cache")
     return parser.parse_args(argv)
 
 
@@ -287,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(pairs)} pairs from {args.pairs}; skipped: {dict(sorted(skipped.items())) or 'none'}")
-    rows, per_pair = evaluate(recipe, pairs, str(args.pairs), args.seed)
+    cache = WorkArea(args.cache, fresh=args.fresh)
+    rows, per_pair = evaluate(recipe, pairs, str(args.pairs), args.seed, cache)
     print(format_table(rows))
     out = args.json or OUTPUT_DIR / f"{recipe.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -81,9 +81,16 @@ def transcript(messages: Sequence[Message]) -> str:
     return "\n\n".join(f"{m[c.ROLE].capitalize()}: {m[c.CONTENT]}" for m in messages)
 
 
-def pointwise_prompt(messages: Sequence[Message], reply: str) -> list[Message]:
+def pointwise_prompt(messages: Sequence[Message], reply: str, siblings: Sequence[str] = ()) -> list[Message]:
+    """The rubric prompt for ``reply``; ``siblings`` are the prompt's other replies.
+
+    The marker id is drawn against the conversation and all the replies, so every
+    reply of one prompt gets the same id and their prompts share the rubric and the
+    quoted conversation token for token: a scorer with prefix sharing reads the
+    conversation once per prompt, not once per reply.
+    """
     conversation = transcript(messages)
-    nonce = nonce_for([conversation, reply])
+    nonce = nonce_for([conversation, *sorted({reply, *siblings})])
     body = RUBRIC.format(
         conversation=quote("CONVERSATION", conversation, nonce), reply=quote("REPLY", reply, nonce)
     )
@@ -125,14 +132,19 @@ class PointwiseJudge(Labeler):
 
     def score_prompts(self, items: list[tuple[dict[str, Any], list[str]]]) -> list[list[Score]]:
         prompts = [(p, text) for p, responses in items for text in responses]
-        flat = self._expected(prompts) if self.config.mode == "expected" else self._sampled(prompts)
+        judged = [
+            pointwise_prompt(p[c.MESSAGES], text, responses) for p, responses in items for text in responses
+        ]
+        if self.config.mode == "expected":
+            flat = self._expected(prompts, judged)
+        else:
+            flat = self._sampled(prompts, judged)
         return regroup(items, flat)
 
-    def _expected(self, prompts: list[tuple[dict[str, Any], str]]) -> list[Score]:
-        requests = [
-            OptionRequest(pointwise_prompt(p[c.MESSAGES], text), SCORE_PREFILL, SCORE_OPTIONS)
-            for p, text in prompts
-        ]
+    def _expected(
+        self, prompts: list[tuple[dict[str, Any], str]], judged: list[list[Message]]
+    ) -> list[Score]:
+        requests = [OptionRequest(conversation, SCORE_PREFILL, SCORE_OPTIONS) for conversation in judged]
         scores = []
         for (_, text), result in zip(prompts, self.engine.option_logprobs(requests), strict=True):
             if not text.strip():
@@ -145,9 +157,11 @@ class PointwiseJudge(Labeler):
                 scores.append(Score(expected, details={"probs": {k: round(v, 6) for k, v in probs.items()}}))
         return scores
 
-    def _sampled(self, prompts: list[tuple[dict[str, Any], str]]) -> list[Score]:
+    def _sampled(
+        self, prompts: list[tuple[dict[str, Any], str]], judged: list[list[Message]]
+    ) -> list[Score]:
         params = SamplingParams(self.config.n, self.config.temperature, 1.0, self.config.max_tokens)
-        conversations = [pointwise_prompt(p[c.MESSAGES], text) for p, text in prompts]
+        conversations = judged
         seeds = [derive_seed("judge", p[c.PROMPT_ID], text) for p, text in prompts]
         scores = []
         for (_, text), result in zip(

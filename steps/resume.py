@@ -41,11 +41,11 @@ CODE_VERSIONS: dict[str, int] = {
     "label:bleu": 1,
     "label:density_ratio": 1,
     "label:follow_up": 1,
-    "label:judge_pointwise": 1,
+    "label:judge_pointwise": 2,  # 2: one quote marker per prompt (was per reply)
     "label:judge_pairwise": 1,
     "labels": 1,
     "pairing": 1,
-    "consistency": 1,
+    "consistency": 2,  # 2: ambiguous_below 0.0 is a floor under the quantile cut
     "publish": 1,
 }
 
@@ -154,9 +154,7 @@ class WorkArea:
             resumed=True,
         )
 
-    def run(
-        self, stage: str, key: str, compute: Compute, roles: Sequence[str] = ("data",)
-    ) -> Done:
+    def run(self, stage: str, key: str, compute: Compute, roles: Sequence[str] = ("data",)) -> Done:
         """The finished shard for ``key``: found again if it exists intact, otherwise computed now.
 
         ``compute`` gets the URI to write for each role and returns the stage's stats, the rows

@@ -72,7 +72,8 @@ def reads_a_model(config: Any) -> bool:
     return not isinstance(config, BleuLabeler)
 
 
-def _label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> Done:
+def label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> Done:
+    """One labeler's scores for one shard, found again when the labeler and both inputs are unchanged."""
     stage = f"label:{config.kind}"
     key = area.key(stage, _dump(config), [prompts.sha256, responses.sha256])
 
@@ -95,7 +96,7 @@ def label_models(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses
     Returns how many parts were computed now (the rest were found finished).
     """
     parts = [
-        _label_part(config, area, prompts, responses) for config in recipe.labelers if reads_a_model(config)
+        label_part(config, area, prompts, responses) for config in recipe.labelers if reads_a_model(config)
     ]
     return sum(not part.resumed for part in parts)
 
@@ -115,7 +116,7 @@ def label(
     parts: list[tuple[str, Done]] = [
         (
             config.name,
-            _label_part(config, (model_area or area) if reads_a_model(config) else area, prompts, responses),
+            label_part(config, (model_area or area) if reads_a_model(config) else area, prompts, responses),
         )
         for config in recipe.labelers
     ]

@@ -67,7 +67,8 @@ def write_recipe(tmp_path: Path, labelers: str = "  - {kind: bleu, name: bleu}")
 def run(tmp_path: Path, pairs: Path, *extra: str, recipe: Path | None = None) -> dict[str, Any]:
     out = tmp_path / "report.json"
     recipe = recipe or write_recipe(tmp_path)
-    assert main(["--pairs", str(pairs), "--recipe", str(recipe), "--json", str(out), *extra]) == 0
+    cache = ["--cache", str(tmp_path / "cache")]
+    assert main(["--pairs", str(pairs), "--recipe", str(recipe), "--json", str(out), *cache, *extra]) == 0
     return json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -217,5 +218,29 @@ def test_per_pair_scores_reproduce_a_limited_run(tmp_path: Path, pairs_file: Pat
     recomputed = summarise_subset(full, 4)
     assert [row["labeler"] for row in recomputed] == ["a", "b", "aggregate", "length (longer wins)"]
     for row in recomputed:
-        expected = {k: v for k, v in limited[row["labeler"]].items() if k != "seconds"}
+        expected = {k: v for k, v in limited[row["labeler"]].items() if k not in ("seconds", "reused")}
         assert {k: v for k, v in row.items() if k != "seconds"} == expected
+
+
+def test_cached_scores_are_reused_until_the_labeler_or_the_pairs_change(
+    tmp_path: Path, pairs_file: Path
+) -> None:
+    """A rerun reads each labeler's scores back; only a changed labeler (not its weight) is recomputed."""
+    two = "  - {kind: bleu, name: a, weight: %s}\n  - {kind: bleu, name: b, variant: %s}"
+
+    def reused(report: dict[str, Any]) -> dict[str, bool]:
+        return {row["labeler"]: row["reused"] for row in report["rows"] if "reused" in row}
+
+    first = run(tmp_path, pairs_file, recipe=write_recipe(tmp_path, two % (1.0, "sacrebleu")))
+    assert reused(first) == {"a": False, "b": False}
+    again = run(tmp_path, pairs_file, recipe=write_recipe(tmp_path, two % (1.0, "sacrebleu")))
+    assert reused(again) == {"a": True, "b": True}
+    strip = lambda r: [{k: v for k, v in row.items() if k != "reused"} for row in r["rows"]]  # noqa: E731
+    assert strip(again) == strip(first) and again["pairs"] == first["pairs"]
+    reweighted = run(tmp_path, pairs_file, recipe=write_recipe(tmp_path, two % (3.0, "sacrebleu")))
+    assert reused(reweighted) == {"a": True, "b": True}
+    changed = run(tmp_path, pairs_file, recipe=write_recipe(tmp_path, two % (1.0, "bleuberi")))
+    assert reused(changed) == {"a": True, "b": False}
+    assert reused(run(tmp_path, pairs_file, "--limit", "3", recipe=write_recipe(tmp_path))) == {"bleu": False}
+    fresh = run(tmp_path, pairs_file, "--fresh", recipe=write_recipe(tmp_path, two % (1.0, "bleuberi")))
+    assert reused(fresh) == {"a": False, "b": False}
