@@ -158,10 +158,19 @@ def build_labeler(config: LabelerConfig) -> Labeler:
 _CARD_SKIP = {"n_ctx", "n_threads", "batch_tokens", "trust_remote_code", "device"}
 
 
+# Settings that do nothing unless the model runs on vLLM: a card listing them for transformers would mislead.
+_VLLM_ONLY = {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"}
+# A pointwise judge in expected mode reads score probabilities; it samples nothing.
+_SAMPLED_JUDGE_ONLY = {"n", "temperature", "max_tokens"}
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
+    skip = set(_CARD_SKIP)
+    if "engine" in data and data["engine"] != "vllm":
+        skip |= _VLLM_ONLY
     for key, value in data.items():
-        if key in _CARD_SKIP:
+        if key in skip:
             continue
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
@@ -172,7 +181,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def labeler_settings(config: LabelerConfig) -> dict[str, Any]:
     """What the card says about a labeler (flat ``key=value`` pairs), without loading its model."""
-    data = _flatten(config.model_dump(mode="json", exclude={"name"}))
+    exclude = {"name"}
+    if isinstance(config, PointwiseJudgeLabeler) and config.mode == "expected":
+        exclude |= _SAMPLED_JUDGE_ONLY
+    data = _flatten(config.model_dump(mode="json", exclude=exclude))
     if isinstance(config, FollowUpLabeler):
         from steps.follow_up import load_followups
 
