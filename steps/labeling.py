@@ -155,7 +155,8 @@ def build_labeler(config: LabelerConfig) -> Labeler:
     raise ValueError(f"unknown labeler kind {config.kind!r}")
 
 
-_CARD_SKIP = {"n_ctx", "n_threads", "batch_tokens", "trust_remote_code", "device"}
+# n_ctx stays: a scorer fails responses past it as too_long, so it shapes the labels.
+_CARD_SKIP = {"n_threads", "batch_tokens", "trust_remote_code", "device"}
 
 
 # Settings that do nothing unless the model runs on vLLM: a card listing them for transformers would mislead.
@@ -167,8 +168,8 @@ _SAMPLED_JUDGE_ONLY = {"n", "temperature", "max_tokens"}
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     skip = set(_CARD_SKIP)
-    if "engine" in data and data["engine"] != "vllm":
-        skip |= _VLLM_ONLY
+    if "engine" in data:  # a model's settings: show the window option its engine reads
+        skip |= _VLLM_ONLY if data["engine"] != "vllm" else {"n_ctx"}
     for key, value in data.items():
         if key in skip:
             continue
