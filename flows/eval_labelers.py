@@ -192,10 +192,10 @@ def _stored(table: pa.Table, schema: pa.Schema, area: WorkArea, role: str) -> Sh
     for batch in table.to_batches():
         digest.update(batch.serialize())
     uri = join_uri(area.root, "inputs", f"{digest.hexdigest()[:32]}.{role}.parquet")
-    if sha256_of(uri) is None or area.fresh:
-        write_table(table, uri, schema, what=f"eval {role}")
-    checksum = sha256_of(uri)
-    assert checksum is not None
+    checksum = None if area.fresh else sha256_of(uri)
+    if checksum is None:
+        checksum = sha256_of(write_table(table, uri, schema, what=f"eval {role}"))
+        assert checksum is not None
     return ShardResult(uri, table.num_rows, StageStats(role), checksum)
 
 

@@ -158,10 +158,9 @@ class PointwiseJudge(Labeler):
         return scores
 
     def _sampled(
-        self, prompts: list[tuple[dict[str, Any], str]], judged: list[list[Message]]
+        self, prompts: list[tuple[dict[str, Any], str]], conversations: list[list[Message]]
     ) -> list[Score]:
         params = SamplingParams(self.config.n, self.config.temperature, 1.0, self.config.max_tokens)
-        conversations = judged
         seeds = [derive_seed("judge", p[c.PROMPT_ID], text) for p, text in prompts]
         scores = []
         for (_, text), result in zip(

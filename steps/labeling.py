@@ -157,8 +157,6 @@ def build_labeler(config: LabelerConfig) -> Labeler:
 
 # n_ctx stays: a scorer fails responses past it as too_long, so it shapes the labels.
 _CARD_SKIP = {"n_threads", "batch_tokens", "trust_remote_code", "device"}
-
-
 # Settings that do nothing unless the model runs on vLLM: a card listing them for transformers would mislead.
 _VLLM_ONLY = {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"}
 # A pointwise judge in expected mode reads score probabilities; it samples nothing.

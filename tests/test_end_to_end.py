@@ -19,7 +19,7 @@ import pytest
 from huggingface_hub import DatasetCard
 
 from schemas import columns as c
-from tests.conftest import ROOT
+from tests.conftest import ROOT, smollm2_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.model
 
@@ -182,27 +182,10 @@ def test_run_and_artifact_recorded_on_the_running_server(runs: dict[str, object]
 
 def test_trl_dpo_trainer_consumes_rows_unchanged(runs: dict[str, object], tmp_path: Path) -> None:
     """One DPO step on a tiny random model with the policy's tokenizer: the format is what TRL expects."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from steps.engines import resolve_model
-    from steps.engines.transformers_engine import materialise
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        materialise(resolve_model("smollm2-135m-instruct", "transformers"))
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-    )
-    model = LlamaForCausalLM(config)
+    tokenizer = smollm2_tokenizer()
+    model = tiny_llama(tokenizer, max_positions=1024)
     ds = datasets.load_dataset(str(runs["a"]), split="train")
     args = DPOConfig(
         output_dir=str(tmp_path),
