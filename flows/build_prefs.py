@@ -33,8 +33,9 @@ from schemas.recipe import Recipe, RecipeError, load_recipe
 from steps import stages
 from steps.base import ShardResult, StageStats, join_uri, merge_stats
 from steps.engines import ModelSpecError
+from steps.engines.native_check import EngineCrashError, check_models
 from steps.hub import HubError, push_dataset
-from steps.labeling import preflight
+from steps.labeling import preflight, recipe_models
 from steps.prompts import PromptSourceError, check_prompts, source_label
 from steps.publish import funnel_steps, publish
 from steps.resume import WorkArea
@@ -75,6 +76,8 @@ def prepare(
     )
     preflight(loaded)  # every model of the recipe (policy, labelers, pair judge), errors name the key
     check_prompts(loaded.prompts)
+    # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139).
+    check_models([model for _, model in recipe_models(loaded)])
     out = loaded.output_uri()
     work_uri = work or join_uri(out, WORK_DIR)
     check_writable(out, "output")
@@ -509,9 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise RecipeError("--limit must be at least 1")
-        _, _, work_uri = prepare(args.recipe, args.output, args.limit, args.seed, args.work)
+        loaded, _, work_uri = prepare(args.recipe, args.output, args.limit, args.seed, args.work)
+        engine_check = check_models([model for _, model in recipe_models(loaded)])  # prepare's result
+        if engine_check is not None:
+            print(engine_check.describe(), file=sys.stderr)
         check_placement(args.model_deployment, args.batch_shards, args.dask, work_uri)
-    except (RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError) as exc:
+    except (
+        RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError, EngineCrashError
+    ) as exc:  # fmt: skip
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

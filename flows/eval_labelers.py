@@ -26,7 +26,9 @@ from schemas import columns as c
 from schemas.recipe import Recipe, RecipeError, load_recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, join_uri, read_table, write_table
-from steps.engines import derive_seed
+from steps.engines import ModelSpecError, derive_seed
+from steps.engines.native_check import EngineCrashError, check_models
+from steps.labeling import preflight, recipe_models
 from steps.pairing import AGG, aggregate_scores
 from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
 from steps.resume import WorkArea, sha256_of
@@ -320,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         pairs, skipped = read_pairs(args.pairs, args.limit)
         if not pairs:
             raise PairsFileError(f"no usable pairs in {args.pairs} (skipped: {dict(skipped)})")
-    except (RecipeError, PairsFileError) as exc:
+        preflight(recipe)
+        # The labelers' models only: the policy is not loaded here.
+        engine_check = check_models([m for key, m in recipe_models(recipe) if key != "policy.model"])
+        if engine_check is not None:
+            print(engine_check.describe(), file=sys.stderr)
+    except (RecipeError, PairsFileError, ModelSpecError, EngineCrashError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(pairs)} pairs from {args.pairs}; skipped: {dict(sorted(skipped.items())) or 'none'}")

@@ -107,3 +107,20 @@ def tiny_llama(tokenizer: Any, max_positions: int = 2048, **overrides: Any) -> A
         **overrides,
     )
     return LlamaForCausalLM(config)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop the suite with the guard's message if the installed llama.cpp crashes on this CPU.
+
+    Tests load llama.cpp in the pytest process; a broken build would end the suite with a
+    segfault at the first of them and no word of why.
+    """
+    from steps.engines.models import ModelSpecError, smollm2_gguf
+    from steps.engines.native_check import EngineCrashError, check_llama_cpp
+
+    try:
+        check_llama_cpp(str(smollm2_gguf()))
+    except ModelSpecError:
+        return  # no default model: the tests that need it say so themselves
+    except EngineCrashError as exc:
+        pytest.exit(f"the installed llama.cpp cannot run the tests on this machine:\n{exc}", returncode=2)

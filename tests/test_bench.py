@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bench import __main__ as bench_main
-from bench import bleu, distilabel_side, sampling, scaling, scoring, writer
+from bench import bleu, distilabel_side, portability, sampling, scaling, scoring, writer
 from bench.common import format_table
 
 ROW_KEYS = {"bench", "metric", "workload", "ours", "baseline", "unit", "ratio", "target", "direction", "met"}
@@ -100,3 +100,20 @@ def test_distilabel_side_without_its_virtualenv_runs_our_side(tmp_path: Path) ->
     assert details["ours"]["generations"] == distilabel_side.N_GENERATIONS
     assert 0 <= details["ours"]["pairs"] <= 1
     assert not absent.exists()  # --no-install never creates it
+
+
+@pytest.mark.model
+def test_portability_runs_both_builds_in_their_own_processes(tmp_path: Path) -> None:
+    """The portable wheel stands in for the native one: the mechanism runs without a 7-minute compile."""
+    from steps.engines import llama_build
+
+    record = llama_build.read_record()
+    if record is None:
+        pytest.skip("llama-cpp-python was not installed by `make` (no build record to find its wheel)")
+    args = ["--quick", "--native-wheel", str(record["wheel"]), "--out", str(tmp_path)]
+    assert portability.main(args) == 0
+    details = load(tmp_path, "portability")["details"]
+    assert details["libraries"]["native"].startswith(str(tmp_path / ".llama-native"))
+    assert not details["libraries"]["portable"].startswith(str(tmp_path))
+    assert all(tokens[0] > 0 for tokens in details["tokens"].values())
+    assert details["identical_texts"] == details["texts"] == 2  # the same build twice: the same texts
