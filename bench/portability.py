@@ -65,7 +65,8 @@ def worker(prompts: int, n: int, max_tokens: int, threads: int) -> dict[str, Any
 
 def native_site(wheel: Path, out: Path) -> Path:
     """The wheel unpacked into a folder of its own (no dependencies): put first on PYTHONPATH to use it."""
-    target = out / ".llama-native" / wheel.stem
+    # Named after the wheel's folder: portable and native wheels of one version share a file name.
+    target = out / ".llama-native" / f"{wheel.parent.name}-{wheel.stem}"
     if not (target / "llama_cpp").is_dir():
         log(f"portability: unpacking {wheel.name} into {target}")
         subprocess.run(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import time
@@ -507,8 +508,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class _QuietConsole(logging.Filter):
+    """Prefect's console lines that repeat ours: a task's "Completed" state (failures still show) and
+    the second line of the temporary-server notice. The API handler (the UI) keeps everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message == "Finished in state Completed()":
+            return False
+        if message.startswith("Starting temporary server on ") and "\n" in message:
+            record.msg, record.args = message.split("\n", 1)[0], None
+        return True
+
+
+def quiet_console() -> None:
+    """Attach the filter to Prefect's console handlers (set up when prefect was imported)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _QuietConsole) for f in handler.filters
+            ):
+                handler.addFilter(_QuietConsole())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_console()
     try:
         if args.limit is not None and args.limit < 1:
             raise RecipeError("--limit must be at least 1")

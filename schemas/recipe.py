@@ -246,6 +246,11 @@ class PairingConfig(_Strict):
     rule: Literal["best_vs_worst", "best_vs_random"] = "best_vs_worst"
     min_margin: float = Field(0.0, ge=0.0, description="chosen must beat rejected by more than this")
     judge: PairJudgeConfig | None = Field(None, description="pairwise verdict on each candidate pair")
+    finished_only: bool = Field(
+        False,
+        description="answers cut at max_tokens are never chosen or rejected (judges would compare "
+        "unfinished texts, and DPO would teach the model to stop mid-sentence)",
+    )
 
 
 class LengthGuard(_Strict):

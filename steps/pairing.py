@@ -105,10 +105,18 @@ def _conversation(texts: pa.Array) -> pa.Array:
 
 
 def _no_pair_reasons(
-    responses: pl.DataFrame, scored: pl.DataFrame, labels: pl.DataFrame, paired: pl.DataFrame, margin: float
+    responses: pl.DataFrame,
+    scored: pl.DataFrame,
+    labels: pl.DataFrame,
+    paired: pl.DataFrame,
+    margin: float,
+    finished_only: bool = False,
 ) -> pl.DataFrame:
     """One reason code per prompt that had responses but produced no pair."""
-    texts = responses.group_by(c.PROMPT_ID).agg(pl.col(NORM).n_unique().alias("distinct_texts"))
+    texts = responses.group_by(c.PROMPT_ID).agg(
+        pl.col(NORM).n_unique().alias("distinct_texts"),
+        (pl.col(AGG).is_not_null() & pl.col(c.TRUNCATED)).sum().alias("cut"),
+    )
     unpaired = texts.join(paired.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
     per_prompt = scored.group_by(c.PROMPT_ID).agg(
         pl.len().alias("n"),
@@ -127,6 +135,8 @@ def _no_pair_reasons(
     reason = (
         pl.when(pl.col("distinct_texts") == 1)
         .then(pl.lit("identical_samples"))
+        .when((pl.col("n").fill_null(0) < 2) & (pl.col("cut") > 0) & finished_only)
+        .then(pl.lit("fewer_than_two_finished"))
         .when(pl.col("n").is_null() | (pl.col("n") == 0))
         .then(pl.concat_str(pl.lit("unscored:"), pl.col("label_reason").fill_null("unknown")))
         .when(pl.col("n") < 2)
@@ -160,6 +170,10 @@ def make_pairs(
         .alias(NORM)
     )
     scored = joined.filter(pl.col(AGG).is_not_null())
+    if recipe.pairing.finished_only:
+        # Left out after aggregation: the z-scores still see every answer the policy gave.
+        stats.counts["cut_answers_not_paired"] = int(scored.get_column(c.TRUNCATED).sum())
+        scored = scored.filter(~pl.col(c.TRUNCATED))
 
     chosen = (
         scored.sort([c.PROMPT_ID, AGG, c.SAMPLE_INDEX], descending=[False, True, False])
@@ -183,7 +197,7 @@ def make_pairs(
     picked = picked.join(
         evidence(scores, picked, list(weights), recipe.consistency.rank_signals), on=c.PROMPT_ID, how="left"
     )
-    reasons = _no_pair_reasons(joined, scored, labels_df, picked, margin)
+    reasons = _no_pair_reasons(joined, scored, labels_df, picked, margin, recipe.pairing.finished_only)
     for reason, count in reasons.group_by(c.REASON).len().iter_rows():
         stats.drop(reason, count)
     for pid, reason in reasons.head(50).iter_rows():

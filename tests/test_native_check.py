@@ -168,7 +168,7 @@ def test_the_installed_build_decodes_here(isolated_cache: Path) -> None:
     result = native_check.check_llama_cpp(str(smollm2_gguf()))
     assert not result.cached
     assert "AVX" in result.system_info or "NEON" in result.system_info
-    assert "decodes here (checked now)" in result.describe()
+    assert "decodes on this CPU (checked now)" in result.describe()
 
 
 def test_portable_flags_never_ask_for_native_code(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -134,3 +134,39 @@ def test_single_signal_aggregate_is_raw_score() -> None:
     frame = aggregate_scores(labels_for(resp, {"bleu": [7.0, None]}), {"bleu": 1.0})
     assert frame.sort(c.RESPONSE_ID).get_column(AGG).to_list() == [7.0, None]
     assert isinstance(frame, pl.DataFrame)
+
+
+def cut(resp: pa.Table, indices: set[int]) -> pa.Table:
+    """Mark the answers at ``indices`` as cut at max_tokens."""
+    flags = [i in indices for i in resp.column(c.SAMPLE_INDEX).to_pylist()]
+    reasons = ["length" if f else "stop" for f in flags]
+    resp = resp.set_column(resp.schema.get_field_index(c.TRUNCATED), c.TRUNCATED, pa.array(flags))
+    return resp.set_column(resp.schema.get_field_index(c.FINISH_REASON), c.FINISH_REASON, pa.array(reasons))
+
+
+def run_cut(scores: list[float], indices: set[int], **pairing: object) -> tuple[pa.Table, dict[str, int], dict]:
+    prompts = prompts_table(["p"])
+    resp = cut(responses(prompts, ["a", "b", "c", "d"]), indices)
+    recipe = make_recipe(pairing=pairing)
+    table, stats = make_pairs(prompts, resp, labels_for(resp, {"bleu": scores}), recipe)
+    return table, dict(stats.drops), dict(stats.counts)
+
+
+def test_finished_only_pairs_the_best_and_worst_finished_answers() -> None:
+    # b (5.0) and c (0.5) are the extremes but cut; among the finished a (1.0) and d (3.0) pair.
+    table, drops, counts = run_cut([1.0, 5.0, 0.5, 3.0], {1, 2}, finished_only=True)
+    [row] = table.to_pylist()
+    assert (row[c.CHOSEN][0][c.CONTENT], row[c.REJECTED][0][c.CONTENT]) == ("d", "a")
+    assert row[c.side_column(c.FINISH_REASON, c.CHOSEN)] == row[c.side_column(c.FINISH_REASON, c.REJECTED)] == "stop"
+    assert drops == {} and counts["cut_answers_not_paired"] == 2
+    # Off (the default), the cut answers pair as before.
+    table, _, counts = run_cut([1.0, 5.0, 0.5, 3.0], {1, 2})
+    assert [table.to_pylist()[0][k][0][c.CONTENT] for k in (c.CHOSEN, c.REJECTED)] == ["b", "c"]
+    assert "cut_answers_not_paired" not in counts
+
+
+def test_finished_only_with_one_finished_answer_names_the_reason() -> None:
+    table, drops, _ = run_cut([1.0, 5.0, 0.5, 3.0], {0, 1, 2}, finished_only=True)
+    assert table.num_rows == 0 and drops == {"fewer_than_two_finished": 1}
+    table, drops, _ = run_cut([1.0, 5.0, 0.5, 3.0], {0, 1, 2, 3}, finished_only=True)
+    assert table.num_rows == 0 and drops == {"fewer_than_two_finished": 1}

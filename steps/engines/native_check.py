@@ -64,9 +64,14 @@ class CheckResult:
     cached: bool
 
     def describe(self) -> str:
-        how = "cached" if self.cached else "checked now"
-        built = _build_flags()
-        return f"llama.cpp build {self.library} decodes here ({how}); {built}; {self.system_info}"
+        """One line: which build (portable or native, by the install record) and what it uses."""
+        record = llama_build.read_record()
+        kind = "portable" if record is not None and not record["native"] else "native"
+        kind = kind if record is not None else "a build not made by `make`"
+        parts = [part.strip() for part in self.system_info.split("|")]
+        features = [part.split("=")[0].strip() for part in parts if part.endswith("= 1")]
+        how = "checked earlier for this build" if self.cached else "checked now"
+        return f"llama.cpp: {kind} build using {' '.join(features) or 'no SIMD'}; decodes on this CPU ({how})"
 
 
 _CHECKED: dict[str, CheckResult] = {}

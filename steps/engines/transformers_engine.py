@@ -16,7 +16,9 @@ directory and later loads read the safetensors copy.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 import os
 import shutil
 from collections.abc import Sequence
@@ -222,6 +224,12 @@ def _eos_ids(*sources: int | list[int] | None) -> list[int]:
     return sorted(ids)
 
 
+@functools.cache
+def _cache_keyword(decoder_type: type) -> str:
+    """``cache`` on transformers >= 5.x, ``past_key_values`` before: the old name warns on every call now."""
+    return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
+
+
 class TransformersEngine:
     engine_name = "transformers"
 
@@ -237,7 +245,10 @@ class TransformersEngine:
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        # A "Loading weights" bar per model load reads as noise between our per-shard progress lines.
+        hf_logging.disable_progress_bar()
         self.model_id = model.model_id
         location = materialise(model)
         if device == "auto":
@@ -330,14 +341,16 @@ class TransformersEngine:
         mask = torch.zeros((rows, 1, width, cached + width), dtype=self.model.dtype)
         mask[:, 0, :, cached:].masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
         self.tokens_processed += real
-        out = self.model.get_decoder()(
+        decoder = self.model.get_decoder()
+        name = _cache_keyword(type(decoder))
+        out = decoder(
             input_ids=ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=mask.to(self.device),
-            past_key_values=cache,
             use_cache=keep,
+            **{name: cache},
         )
-        return out.last_hidden_state, out.past_key_values if keep else None
+        return out.last_hidden_state, getattr(out, name) if keep else None
 
     def _read(self, trie: _Trie, hidden: Any, where: list[tuple[int, int, int]], out: dict[int, Any]) -> None:
         """Log-probs of each node's read tokens, the LM head and softmax run on those rows only."""
