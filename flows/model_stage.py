@@ -21,6 +21,8 @@ from prefect import flow, get_run_logger
 from schemas.recipe import Recipe
 from steps import stages
 from steps.base import ShardResult, StageStats
+from steps.engines.native_check import check_models
+from steps.labeling import recipe_models
 from steps.resume import WorkArea, sha256_of
 
 MODEL_STAGES = ("sampling", "labeling")
@@ -63,6 +65,11 @@ def model_stage(
     if stage not in MODEL_STAGES:
         raise ValueError(f"stage must be one of {MODEL_STAGES}, got {stage!r}")
     config = Recipe.model_validate(recipe)
+    # The worker's llama.cpp may be another build than the triggering machine's: check it here too,
+    # so a broken build fails the batch with the guard's message instead of crashing the worker.
+    engine_check = check_models([model for _, model in recipe_models(config)])
+    if engine_check is not None:
+        get_run_logger().info(engine_check.describe())
     area = WorkArea(work, fresh=fresh)
     # Labeling reads the responses sampling just wrote; with ``fresh`` they must be found, not redone.
     responses_area = WorkArea(work) if stage == "labeling" else area

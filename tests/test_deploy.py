@@ -184,7 +184,7 @@ def test_prefect_yaml_defines_the_scheduled_and_the_gpu_deployment() -> None:
 
 def test_prefects_own_cli_lists_what_the_server_holds(stack: dict[str, Any]) -> None:
     """`prefect ... ls` send null filter fields; a server on fastapi>=0.151 answered them with HTTP 422."""
-    env = stack["env"]
+    env = {**stack["env"], "COLUMNS": "250"}  # rich cuts table cells to the terminal's width
     pools = run_cli(["work-pool", "ls"], env)
     assert "cpu" in pools and "gpu" in pools
     deployments = run_cli(["deployment", "ls"], env)

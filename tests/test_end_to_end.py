@@ -138,11 +138,20 @@ def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, ob
         for shard in sorted((out / ".work" / "labels").glob("*.data.parquet"))
         for row in pq.read_table(shard).to_pylist()
     ]
+    # The default recipe pairs finished answers only (pairing.finished_only).
+    finished = {
+        row[c.RESPONSE_ID]
+        for shard in sorted((out / ".work" / "sampling").glob("*.data.parquet"))
+        for row in pq.read_table(shard, columns=[c.RESPONSE_ID, c.TRUNCATED]).to_pylist()
+        if not row[c.TRUNCATED]
+    }
     by_prompt: dict[str, set[float]] = {}
+    n_finished: dict[str, set[str]] = {}
     for label in labels:
-        if label[c.SCORE] is not None:
+        if label[c.SCORE] is not None and label[c.RESPONSE_ID] in finished:
             by_prompt.setdefault(label[c.PROMPT_ID], set()).add(label[c.SCORE])
-    varied = {pid for pid, scores in by_prompt.items() if len(scores) > 1}
+            n_finished.setdefault(label[c.PROMPT_ID], set()).add(label[c.RESPONSE_ID])
+    varied = {pid for pid, scores in by_prompt.items() if len(scores) > 1 and len(n_finished[pid]) > 1}
     kept = set(datasets.load_dataset(str(out), split="train")["prompt_id"])
     manifest = json.loads((out / "manifest.json").read_text())
     dropped = (
@@ -152,6 +161,11 @@ def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, ob
     )
     assert not kept & dropped  # one candidate pair per prompt, in exactly one config
     assert varied and varied <= kept | dropped
+    # ... and every prompt without two finished answers is counted under its own reason.
+    prompts = {label[c.PROMPT_ID] for label in labels}
+    short = {pid for pid in prompts if len(n_finished.get(pid, ())) < 2}
+    drops = manifest["stats"]["stages"]["pairing"]["drops"]
+    assert drops.get("fewer_than_two_finished", 0) == len(short)
 
 
 def test_same_command_twice_gives_identical_rows(runs: dict[str, object]) -> None:
@@ -168,6 +182,23 @@ def test_progress_is_visible_and_output_path_printed(runs: dict[str, object]) ->
     assert f"Dataset ready: {runs['a']}" in log
     assert "temporary server" in log  # ephemeral mode out of the box
     assert "temporary server" not in str(runs["log_b"])  # used the running server instead
+
+
+def test_console_says_which_llama_build_and_holds_no_library_noise(runs: dict[str, object]) -> None:
+    log = str(runs["log_a"])
+    assert "llama.cpp: portable build using" in log and "decodes on this CPU" in log
+    for noise in ("Loading weights", "Finished in state Completed()", "FutureWarning", "docs.prefect.io"):
+        assert noise not in log, noise
+
+
+def test_default_recipe_pairs_only_finished_answers(runs: dict[str, object]) -> None:
+    out = runs["a"]
+    assert isinstance(out, Path)
+    for config in ("default", "dropped"):
+        if config == "dropped" and not json.loads((out / "manifest.json").read_text())["splits"]["dropped"]:
+            continue
+        rows = datasets.load_dataset(str(out), config, split="train").to_list()
+        assert all(r["chosen_finish_reason"] == r["rejected_finish_reason"] == "stop" for r in rows)
 
 
 def test_run_and_artifact_recorded_on_the_running_server(runs: dict[str, object]) -> None:

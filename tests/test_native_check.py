@@ -65,6 +65,13 @@ def child_env(tmp_path: Path, stand_in_root: Path) -> dict[str, str]:
     return env
 
 
+def use(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
+    """Make ``root``'s stand-in the llama_cpp that this process finds and its child imports."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), str(ROOT)]))
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
 @pytest.fixture
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PREFSMITH_CACHE", str(tmp_path / "cache"))
@@ -116,9 +123,7 @@ def test_eval_labelers_stops_the_same_way(tmp_path: Path) -> None:
 def test_a_passing_build_is_checked_once_per_library_checksum(
     tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    good = stand_in(tmp_path, "return None", name="good")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(good), str(ROOT)]))
-    monkeypatch.syspath_prepend(str(good))
+    good = use(monkeypatch, stand_in(tmp_path, "return None", name="good"))
     first = native_check.check_llama_cpp("model.gguf")
     assert not first.cached
     assert "AVX2 = 1" in first.system_info
@@ -143,9 +148,7 @@ def test_a_passing_build_is_checked_once_per_library_checksum(
 def test_a_build_that_fails_without_a_signal_names_the_error(
     tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    failing = stand_in(tmp_path, "raise RuntimeError('llama_decode returned -1')", name="failing")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(failing), str(ROOT)]))
-    monkeypatch.syspath_prepend(str(failing))
+    use(monkeypatch, stand_in(tmp_path, "raise RuntimeError('llama_decode returned -1')", name="failing"))
     with pytest.raises(native_check.EngineCrashError, match=r"failed \(exit 1\)") as caught:
         native_check.check_llama_cpp("model.gguf")
     assert "llama_decode returned -1" in str(caught.value)
