@@ -185,3 +185,13 @@ def test_portable_flags_never_ask_for_native_code(monkeypatch: pytest.MonkeyPatc
     # A native wheel is filed under this CPU, a portable one is not: another CPU never reuses it.
     assert llama_build.build_id(llama_build.NATIVE) != llama_build.build_id(llama_build.X86_64_PORTABLE)
     assert "-native-" in llama_build.build_id(llama_build.NATIVE)
+
+
+def test_a_cpu_without_avx2_is_told_to_build_for_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_check, "_has_avx2", lambda: False)
+    monkeypatch.setattr(llama_build.platform, "machine", lambda: "x86_64")
+    remedy = native_check._remedy()
+    assert "no AVX2" in remedy and "PREFSMITH_LLAMA_NATIVE=1 make install" in remedy
+    assert "-DGGML_NATIVE=ON" in remedy
+    monkeypatch.setattr(native_check, "_has_avx2", lambda: True)
+    assert llama_build.reinstall_command() in native_check._remedy()

@@ -92,10 +92,10 @@ def wheel_root() -> Path:
     return Path(base) / "wheels"
 
 
-def reinstall_command(python: str | None = None) -> str:
+def reinstall_command(python: str | None = None, native: bool = False) -> str:
     """The one command that replaces whatever llama-cpp-python is installed with a portable build."""
     py = python or sys.executable
-    args = " ".join(cmake_args(native=False))
+    args = " ".join(cmake_args(native=native))
     return (
         f"CMAKE_ARGS={shlex.quote(args)} {shlex.quote(py)} -m pip install --force-reinstall --no-deps "
         f"--no-cache-dir --no-binary llama-cpp-python llama-cpp-python=={LLAMA_CPP_VERSION}"

@@ -184,10 +184,29 @@ def check_llama_cpp(model_path: str, n_threads: int = 2) -> CheckResult:
     raise EngineCrashError(
         f"llama.cpp {what} while decoding one token with {model_path} in a test process, before this "
         f"run loaded any model.\n  {cause}.\n  library: {library}\n  {_build_flags()}; {features}\n"
-        f"  this CPU: {_cpu_name()}\n"
-        f"Reinstall a portable build of llama-cpp-python (AVX2 on x86-64, baseline on arm64):\n"
+        f"  this CPU: {_cpu_name()}\n{_remedy()}"
+    )
+
+
+def _remedy() -> str:
+    """The portable build needs AVX2 on x86-64; a CPU without it gets a build for itself instead."""
+    if llama_build.cmake_args(native=False) == llama_build.X86_64_PORTABLE and not _has_avx2():
+        return (
+            "This CPU has no AVX2, which the portable x86-64 build needs. Build llama.cpp for this CPU:\n"
+            f"  {llama_build.NATIVE_ENV}=1 make install   (or: {llama_build.reinstall_command(native=True)})"
+        )
+    return (
+        "Reinstall a portable build of llama-cpp-python (AVX2 on x86-64, baseline on arm64):\n"
         f"  {llama_build.reinstall_command()}"
     )
+
+
+def _has_avx2() -> bool:
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return True  # unknown: assume the common case and suggest the portable build
+    return "avx2" in flags.split()
 
 
 def check_models(models: list[ModelConfig]) -> CheckResult | None:
