@@ -286,10 +286,11 @@ class PairwiseJudge(Labeler):
             if i not in position:
                 scores.append(Score(None, "empty_response"))
                 continue
+            # Keyed by the opponent, whichever side of the pair this reply was on.
             wins = {
-                f"{j}": round(v.p_first if a == i else 1 - v.p_first, 6)
-                for (a, j), v in ok.items()
-                if i in (a, j)
+                f"{b if a == i else a}": round(v.p_first if a == i else 1 - v.p_first, 6)
+                for (a, b), v in ok.items()
+                if i in (a, b)
             }
             scores.append(Score(strengths[position[i]], details={"swap_agreement": agree, "p_beats": wins}))
         return scores

@@ -193,6 +193,11 @@ def test_pairwise_round_robin_labeler(monkeypatch: pytest.MonkeyPatch) -> None:
     # the two pairs with "good" agree across orders; (bad, worse) flips with position
     assert good.details["swap_agreement"] == pytest.approx(2 / 3)
     assert empty.value is None
+    # p_beats: P(this reply beats opponent k), keyed by the opponent, whichever order the pair had.
+    assert set(good.details["p_beats"]) == {"1", "2"}
+    assert set(bad.details["p_beats"]) == {"0", "2"} and set(worse.details["p_beats"]) == {"0", "1"}
+    assert bad.details["p_beats"]["0"] == pytest.approx(1 - good.details["p_beats"]["1"])
+    assert good.details["p_beats"]["1"] > 0.5 > bad.details["p_beats"]["0"]
 
 
 @pytest.mark.parametrize(
