@@ -16,8 +16,8 @@ from typing import Any
 from bench.common import Row, column_map, finish, interleave, log, median_ratio, parser, total_seconds
 from bench.data import prompts_table, responses_table
 from schemas import columns as c
-from schemas.recipe import BleuLabeler
-from steps.labeling import build_labeler
+from schemas.recipe import BleuConfig
+from steps.labelers.registry import build_labeler
 
 NAME = "bleu"
 PER_PROMPT = 4
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"bleu: {len(jobs)} responses, {len(refs)} prompts, references per prompt {n_refs}")
 
     def labeler_scores(variant: str) -> dict[str, float | None]:
-        labeler = build_labeler(BleuLabeler(kind="bleu", variant=variant))  # type: ignore[arg-type]
+        labeler = build_labeler(BleuConfig(kind="bleu", variant=variant))  # type: ignore[arg-type]
         table, _ = labeler.label(prompts, responses)
         return column_map(table, c.RESPONSE_ID, c.SCORE)
 

@@ -170,10 +170,10 @@ def _job(args: argparse.Namespace) -> dict[str, Any]:
 
 def ours_worker(cfg: dict[str, Any], out_dir: Path) -> None:
     started = time.perf_counter()
-    from schemas.recipe import BleuLabeler, ModelConfig, Recipe, SamplingConfig
+    from schemas.recipe import BleuConfig, ModelConfig, Recipe, SamplingConfig
     from steps.base import write_table
     from steps.engines import load_engine
-    from steps.labeling import Labeler, Score
+    from steps.labelers.base import Labeler, PromptGroup, Score
     from steps.pairing import make_pairs
     from steps.prompts import load_prompts
     from steps.sampling import sample_table, sampling_params
@@ -183,8 +183,8 @@ def ours_worker(cfg: dict[str, Any], out_dir: Path) -> None:
 
         signal = "length"
 
-        def score_prompt(self, prompt: dict[str, Any], responses: list[str]) -> list[Score]:
-            return [Score(float(len(text))) for text in responses]
+        def score_prompt(self, group: PromptGroup) -> list[Score]:
+            return [Score(float(len(text))) for text in group.responses]
 
     recipe = Recipe(
         name="bench-side-by-side",
@@ -194,7 +194,7 @@ def ours_worker(cfg: dict[str, Any], out_dir: Path) -> None:
             n=cfg["n"], temperature=cfg["temperature"], top_p=cfg["top_p"], max_tokens=cfg["max_tokens"]
         ),
         # make_pairs reads only each labeler's name and weight: this entry names the length signal.
-        labelers=[BleuLabeler(kind="bleu", name="length")],
+        labelers=[BleuConfig(kind="bleu", name="length")],
     )
     prompts, _ = load_prompts(recipe.prompts, recipe.limit)
     engine = load_engine(recipe.policy)

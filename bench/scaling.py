@@ -80,7 +80,7 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
             for i, p in enumerate(prompts)
         ]
     elif stage == "labeling":
-        from steps.labeling import label_shard
+        from steps.labelers.registry import label_shard
 
         responses = _shards(work, "responses")
         results = [

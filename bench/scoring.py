@@ -26,11 +26,11 @@ from typing import Any
 from bench.common import Row, column_map, finish, interleave, log, median_ratio, parser, ratio, total_seconds
 from bench.data import responses_table
 from schemas import columns as c
-from schemas.recipe import BuiltinPrompts, DensityRatioLabeler, FollowUpLabeler, load_recipe
-from steps.density_ratio import side_context
+from schemas.recipe import BuiltinPrompts, DensityRatioConfig, FollowUpConfig, load_recipe
 from steps.engines import load_engine
-from steps.follow_up import load_followups
-from steps.labeling import build_labeler
+from steps.labelers.density_ratio import side_context
+from steps.labelers.follow_up import load_followups
+from steps.labelers.registry import build_labeler
 from steps.prompts import load_prompts
 
 NAME = "scoring"
@@ -78,7 +78,7 @@ class RawScorer:
 
 
 def _density(
-    args: argparse.Namespace, config: DensityRatioLabeler, n_prompts: int, rounds: int
+    args: argparse.Namespace, config: DensityRatioConfig, n_prompts: int, rounds: int
 ) -> dict[str, Any]:
     prompts, _ = load_prompts(BuiltinPrompts(), limit=n_prompts)
     responses = responses_table(prompts, 2 if args.quick else 4, seed=1)
@@ -136,9 +136,9 @@ def _density(
 
 
 def _followup(args: argparse.Namespace, n_prompts: int) -> dict[str, Any]:
-    probe = FollowUpLabeler(kind="follow_up", per_dimension=2)
+    probe = FollowUpConfig(kind="follow_up", per_dimension=2)
     dims = list(load_followups(probe))[: K_FOLLOWUPS // 4]  # 2 positive + 2 negative per dimension
-    config = FollowUpLabeler(kind="follow_up", dimensions=dims, per_dimension=2)
+    config = FollowUpConfig(kind="follow_up", dimensions=dims, per_dimension=2)
     followups = [
         (polarity, text)
         for dim in load_followups(config).values()
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     recipe = load_recipe("default")
-    density_config = next(cfg for cfg in recipe.labelers if isinstance(cfg, DensityRatioLabeler))
+    density_config = next(cfg for cfg in recipe.labelers if isinstance(cfg, DensityRatioConfig))
     engine = load_engine(density_config.strong.model)
     dtype, device = str(engine.model.dtype).removeprefix("torch."), str(engine.device)
     log(f"scoring: {engine.model_id} on {device}, {dtype}, {torch.get_num_threads()} torch threads")

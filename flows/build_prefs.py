@@ -36,7 +36,7 @@ from steps.base import ShardResult, StageStats, join_uri, merge_stats
 from steps.engines import ModelSpecError
 from steps.engines.native_check import EngineCrashError, check_models
 from steps.hub import HubError, push_dataset
-from steps.labeling import preflight, recipe_models
+from steps.labelers.checks import preflight, recipe_models
 from steps.prompts import PromptSourceError, check_prompts, source_label
 from steps.publish import funnel_steps, publish
 from steps.resume import WorkArea

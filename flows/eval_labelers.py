@@ -28,7 +28,7 @@ from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, join_uri, read_table, write_table
 from steps.engines import ModelSpecError, derive_seed
 from steps.engines.native_check import EngineCrashError, check_models
-from steps.labeling import preflight, recipe_models
+from steps.labelers.checks import preflight, recipe_models
 from steps.pairing import AGG, aggregate_scores
 from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
 from steps.resume import WorkArea, sha256_of

@@ -22,7 +22,7 @@ from schemas.recipe import Recipe
 from steps import stages
 from steps.base import ShardResult, StageStats
 from steps.engines.native_check import check_models
-from steps.labeling import recipe_models
+from steps.labelers.checks import recipe_models
 from steps.resume import WorkArea, sha256_of
 
 MODEL_STAGES = ("sampling", "labeling")

@@ -143,7 +143,7 @@ class ContrastSide(_Strict):
     exemplar: Exemplar | None = None
 
 
-class DensityRatioLabeler(_Strict):
+class DensityRatioConfig(_Strict):
     """log p_strong(y|x) - log p_weak(y|x) over response tokens (CDR, DESIGN.md §2)."""
 
     kind: Literal["density_ratio"]
@@ -154,13 +154,13 @@ class DensityRatioLabeler(_Strict):
     reduce: Literal["sum", "mean"] = "sum"
 
     @model_validator(mode="after")
-    def _sides_differ(self) -> DensityRatioLabeler:
+    def _sides_differ(self) -> DensityRatioConfig:
         if self.strong == self.weak:
             raise ValueError("strong and weak are identical, so every ratio would be 0")
         return self
 
 
-class FollowUpLabeler(_Strict):
+class FollowUpConfig(_Strict):
     """Likelihood of positive minus negative follow-up user turns (FLR, DESIGN.md §2)."""
 
     kind: Literal["follow_up"]
@@ -172,7 +172,7 @@ class FollowUpLabeler(_Strict):
     per_dimension: int | None = Field(None, ge=1, description="first k positive and k negative per dimension")
 
 
-class PointwiseJudgeLabeler(_Strict):
+class PointwiseJudgeConfig(_Strict):
     """An additive 0-5 rubric judged by a model (Self-Rewarding LMs)."""
 
     kind: Literal["judge_pointwise"]
@@ -185,7 +185,7 @@ class PointwiseJudgeLabeler(_Strict):
     max_tokens: int = Field(256, ge=8)
 
 
-class PairwiseJudgeLabeler(_Strict):
+class PairwiseJudgeConfig(_Strict):
     """Round-robin pairwise verdicts (both orders) fitted to per-response Bradley-Terry scores."""
 
     kind: Literal["judge_pairwise"]
@@ -221,7 +221,7 @@ class SamplingConfig(_Strict):
         return value
 
 
-class BleuLabeler(_Strict):
+class BleuConfig(_Strict):
     """Smoothed sentence BLEU-4 against the prompt's references (DESIGN.md §2)."""
 
     kind: Literal["bleu"] = "bleu"
@@ -231,7 +231,7 @@ class BleuLabeler(_Strict):
 
 
 LabelerConfig = Annotated[
-    BleuLabeler | DensityRatioLabeler | FollowUpLabeler | PointwiseJudgeLabeler | PairwiseJudgeLabeler,
+    BleuConfig | DensityRatioConfig | FollowUpConfig | PointwiseJudgeConfig | PairwiseJudgeConfig,
     Field(discriminator="kind"),
 ]
 
@@ -300,7 +300,7 @@ class Recipe(_Strict):
     limit: int | None = Field(None, ge=1, description="use only the first N prompts")
     policy: PolicyConfig = PolicyConfig()
     sampling: SamplingConfig = SamplingConfig()
-    labelers: list[LabelerConfig] = Field(default_factory=lambda: [BleuLabeler()], min_length=1)
+    labelers: list[LabelerConfig] = Field(default_factory=lambda: [BleuConfig()], min_length=1)
     pairing: PairingConfig = PairingConfig()
     consistency: ConsistencyConfig = ConsistencyConfig()
     output: OutputConfig = OutputConfig()

@@ -1,4 +1,7 @@
-"""LLM judges: a pointwise 0-5 rubric and a pairwise verdict read from token probabilities.
+"""LLM judges: the prompts, parsing and verdicts of a pointwise 0-5 rubric and a pairwise comparison.
+
+The labelers that use them are ``steps.labelers.judge_pointwise`` and ``judge_pairwise``; the
+pair judge of ``pairing.judge`` (``PairJudge``) reads each candidate pair after pairing.
 
 Responses are data, never instructions: every quoted text sits between
 BEGIN/END markers carrying a nonce that the quoted texts do not contain, so no
@@ -23,10 +26,9 @@ from statistics import fmean
 from typing import Any
 
 from schemas import columns as c
-from schemas.recipe import ModelConfig, PairwiseJudgeLabeler, PointwiseJudgeLabeler
-from steps.engines import Failed, OptionRequest, SamplingParams, derive_seed, load_engine
+from schemas.recipe import ModelConfig
+from steps.engines import Failed, OptionRequest, load_engine
 from steps.engines.base import Message
-from steps.labeling import Labeler, Score, regroup
 
 RUBRIC = """You are grading how well an AI assistant answered a user. Use this additive scale, \
 starting from 0 points:
@@ -124,66 +126,6 @@ def normalised(logprobs: dict[str, float]) -> dict[str, float]:
     return {k: w / total for k, w in weights.items()}
 
 
-class PointwiseJudge(Labeler):
-    def __init__(self, config: PointwiseJudgeLabeler) -> None:
-        self.signal = config.name
-        self.config = config
-        self.engine = load_engine(config.model)
-
-    def score_prompts(self, items: list[tuple[dict[str, Any], list[str]]]) -> list[list[Score]]:
-        prompts = [(p, text) for p, responses in items for text in responses]
-        judged = [
-            pointwise_prompt(p[c.MESSAGES], text, responses) for p, responses in items for text in responses
-        ]
-        if self.config.mode == "expected":
-            flat = self._expected(prompts, judged)
-        else:
-            flat = self._sampled(prompts, judged)
-        return regroup(items, flat)
-
-    def _expected(
-        self, prompts: list[tuple[dict[str, Any], str]], judged: list[list[Message]]
-    ) -> list[Score]:
-        requests = [OptionRequest(conversation, SCORE_PREFILL, SCORE_OPTIONS) for conversation in judged]
-        scores = []
-        for (_, text), result in zip(prompts, self.engine.option_logprobs(requests), strict=True):
-            if not text.strip():
-                scores.append(Score(None, "empty_response"))
-            elif isinstance(result, Failed):
-                scores.append(Score(None, result.reason))
-            else:
-                probs = normalised(result)
-                expected = sum(int(k) * p for k, p in probs.items())
-                scores.append(Score(expected, details={"probs": {k: round(v, 6) for k, v in probs.items()}}))
-        return scores
-
-    def _sampled(
-        self, prompts: list[tuple[dict[str, Any], str]], conversations: list[list[Message]]
-    ) -> list[Score]:
-        params = SamplingParams(self.config.n, self.config.temperature, 1.0, self.config.max_tokens)
-        seeds = [derive_seed("judge", p[c.PROMPT_ID], text) for p, text in prompts]
-        scores = []
-        for (_, text), result in zip(
-            prompts, self.engine.generate(conversations, params, seeds), strict=True
-        ):
-            if not text.strip():
-                scores.append(Score(None, "empty_response"))
-                continue
-            if isinstance(result, Failed):
-                scores.append(Score(None, result.reason))
-                continue
-            ratings = [parse_score(j.text) for j in result]
-            parsed = [r for r in ratings if r is not None]
-            details = {"ratings": ratings, "parsed": len(parsed), "judged": len(ratings)}
-            missed = len(ratings) - len(parsed)
-            unparsed = {"judgement_unparseable": missed} if missed else {}
-            if not parsed:
-                scores.append(Score(None, "judge_unparseable", details, unparsed))
-            else:  # the unparsed verdicts are left out of the mean, never read as a rating
-                scores.append(Score(fmean(parsed), details=details, counts=unparsed))
-        return scores
-
-
 @dataclass(frozen=True)
 class Verdict:
     """P(first reply wins) combined over both orders, and whether the two orders agree."""
@@ -243,57 +185,6 @@ def bradley_terry(
         scale = math.exp(fmean(math.log(s) for s in updated))
         strength = [s / scale for s in updated]
     return [math.log(s) for s in strength]
-
-
-class PairwiseJudge(Labeler):
-    """Round-robin over a prompt's replies; each reply's score is its Bradley-Terry log-strength."""
-
-    def __init__(self, config: PairwiseJudgeLabeler) -> None:
-        self.signal = config.name
-        self.engine = load_engine(config.model)
-
-    def score_prompts(self, items: list[tuple[dict[str, Any], list[str]]]) -> list[list[Score]]:
-        jobs, index = [], []
-        for k, (prompt, responses) in enumerate(items):
-            live = [i for i, text in enumerate(responses) if text.strip()]
-            for i, j in itertools.combinations(live, 2):
-                jobs.append((prompt[c.MESSAGES], responses[i], responses[j]))
-                index.append((k, i, j))
-        verdicts = judge_pairs(self.engine, jobs)
-        per_prompt: dict[int, dict[tuple[int, int], Verdict | Failed]] = {}
-        for (k, i, j), verdict in zip(index, verdicts, strict=True):
-            per_prompt.setdefault(k, {})[(i, j)] = verdict
-        return [
-            self._prompt_scores(responses, per_prompt.get(k, {})) for k, (_, responses) in enumerate(items)
-        ]
-
-    def _prompt_scores(
-        self, responses: list[str], verdicts: dict[tuple[int, int], Verdict | Failed]
-    ) -> list[Score]:
-        failed = [v for v in verdicts.values() if isinstance(v, Failed)]
-        ok = {pair: v for pair, v in verdicts.items() if isinstance(v, Verdict)}
-        if failed or not ok:
-            reason = failed[0].reason if failed else "fewer_than_two_replies"
-            return [Score(None, "empty_response" if not t.strip() else reason) for t in responses]
-        live = sorted({i for pair in ok for i in pair})
-        position = {i: n for n, i in enumerate(live)}
-        strengths = bradley_terry(
-            len(live), {(position[i], position[j]): v.p_first for (i, j), v in ok.items()}
-        )
-        agree = fmean(1.0 if v.swap_agree else 0.0 for v in ok.values())
-        scores = []
-        for i in range(len(responses)):
-            if i not in position:
-                scores.append(Score(None, "empty_response"))
-                continue
-            # Keyed by the opponent, whichever side of the pair this reply was on.
-            wins = {
-                f"{b if a == i else a}": round(v.p_first if a == i else 1 - v.p_first, 6)
-                for (a, b), v in ok.items()
-                if i in (a, b)
-            }
-            scores.append(Score(strengths[position[i]], details={"swap_agreement": agree, "p_beats": wins}))
-        return scores
 
 
 class PairJudge:

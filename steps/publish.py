@@ -11,7 +11,7 @@ from schemas.records import dropped_schema, pairs_schema
 from steps import faults, plots
 from steps.card import render_card
 from steps.engines import resolve_model
-from steps.labeling import labeler_settings
+from steps.labelers.settings import labeler_settings
 from steps.resume import CODE_VERSIONS, sha256_of
 from steps.writer import (
     FORMAT_VERSION,

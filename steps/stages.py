@@ -1,6 +1,6 @@
 """Each stage of the data path as a resumable shard job: what its key is made of, and how it runs.
 
-The steps themselves (``steps.sampling``, ``steps.labeling``, ``steps.pairing``,
+The steps themselves (``steps.sampling``, ``steps.labelers``, ``steps.pairing``,
 ``steps.consistency``) know nothing about resuming; this module says, per stage,
 which settings shape its output (they go into the shard key, see
 ``steps.resume``) and hands the step the URIs to write. Labels are kept per
@@ -16,12 +16,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.recipe import BleuLabeler, Recipe
+from schemas.recipe import BleuConfig, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, parquet_rows, read_table, write_table
 from steps.consistency import consistency_stage
 from steps.engines import resolve_model
-from steps.labeling import build_labeler
+from steps.labelers.registry import build_labeler
 from steps.pairing import pair_shard
 from steps.prompts import stream_prompts
 from steps.resume import Done, WorkArea, shaping_settings
@@ -69,7 +69,7 @@ def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
 
 def reads_a_model(config: Any) -> bool:
     """Whether a labeler loads a model (and so belongs on a model pool), as opposed to CPU-only BLEU."""
-    return not isinstance(config, BleuLabeler)
+    return not isinstance(config, BleuConfig)
 
 
 def label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> Done:

@@ -23,9 +23,9 @@ import yaml
 
 from schemas import columns as c
 from schemas.recipe import (
-    BleuLabeler,
+    BleuConfig,
     FilePrompts,
-    PointwiseJudgeLabeler,
+    PointwiseJudgeConfig,
     PolicyConfig,
     RecipeError,
     load_recipe,
@@ -35,7 +35,10 @@ from steps import judges
 from steps.engines import Failed, ModelSpecError, SamplingParams, load_engine
 from steps.engines.base import Completion, Conversation, Message, OptionRequest
 from steps.engines.context import fit_prompt, truncated
-from steps.labeling import BleuLabel, Labeler, Score, preflight
+from steps.labelers import judge_pointwise
+from steps.labelers.base import Labeler, PromptGroup, Score
+from steps.labelers.bleu import BleuLabeler
+from steps.labelers.checks import preflight
 from steps.pairing import judge_candidates, make_pairs
 from steps.prompts import PromptSourceError, check_prompts, load_prompts
 from steps.sampling import sample_table, sampling_params
@@ -272,9 +275,9 @@ def test_prompt_longer_than_the_model_context() -> None:
         signal = "bleu"
         contexts: ClassVar[list[list[Message]]] = []
 
-        def score_prompt(self, prompt: dict[str, Any], texts: list[str]) -> list[Score]:
-            self.contexts.append(prompt[c.MESSAGES])
-            return [Score(float(len(t))) for t in texts]
+        def score_prompt(self, group: PromptGroup) -> list[Score]:
+            self.contexts.append(group.prompt[c.MESSAGES])
+            return [Score(float(len(t))) for t in group.responses]
 
     labels, _ = Recorder().label(prompts, resp)
     assert Recorder.contexts[1] == truncated(LONG_CHAT, 2)  # labelers read what the policy answered
@@ -411,8 +414,8 @@ def test_all_responses_of_a_prompt_identical() -> None:
 class NonFinite(Labeler):
     signal = "bleu"
 
-    def score_prompt(self, prompt: dict[str, Any], texts: list[str]) -> list[Score]:
-        return [Score(v) for v in (float("nan"), float("inf"), float("-inf"), 1.0, 2.0)][: len(texts)]
+    def score_prompt(self, group: PromptGroup) -> list[Score]:
+        return [Score(v) for v in (float("nan"), float("inf"), float("-inf"), 1.0, 2.0)][: len(group.responses)]
 
 
 def test_nan_or_inf_from_a_labeler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -472,7 +475,7 @@ class CannedJudge:
 
 def test_unparseable_judge_output(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        judges,
+        judge_pointwise,
         "load_engine",
         lambda config: CannedJudge(
             [
@@ -485,9 +488,9 @@ def test_unparseable_judge_output(monkeypatch: pytest.MonkeyPatch) -> None:
             ]
         ),
     )
-    config = PointwiseJudgeLabeler(kind="judge_pointwise", mode="sampled", n=3)
+    config = PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=3)
     prompts = prompts_table(["p"])
-    labels, stats = judges.PointwiseJudge(config).label(prompts, responses(prompts, ["one", "two"]))
+    labels, stats = judge_pointwise.PointwiseJudgeLabeler(config).label(prompts, responses(prompts, ["one", "two"]))
     first, second = labels.to_pylist()
     assert first[c.SCORE] == 4.0 and first[c.REASON] is None  # the mean of the parsed verdicts only
     assert json.loads(first[c.DETAILS])["ratings"] == [4, None, None]
@@ -508,7 +511,7 @@ def test_missing_references_for_bleu(tmp_path: Path) -> None:
     loaded, _ = load_prompts(jsonl(tmp_path / "p.jsonl", rows))
     assert loaded.column(c.REFERENCES).to_pylist() == [[], [], ["ref"]]
     prompts = with_refs(prompts_table(["a", "b", "c"]), loaded.column(c.REFERENCES).to_pylist())
-    labels, stats = BleuLabel(BleuLabeler()).label(prompts, responses(prompts, ["ref", "x"]))
+    labels, stats = BleuLabeler(BleuConfig()).label(prompts, responses(prompts, ["ref", "x"]))
     scores = labels.column(c.SCORE).to_pylist()
     assert scores[:4] == [None] * 4 and scores[4] == 100.0
     assert labels.column(c.REASON).to_pylist()[:4] == ["no_references"] * 4

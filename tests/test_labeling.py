@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas.recipe import BleuLabeler
+from schemas.recipe import BleuConfig
 from schemas.records import LABELS, RESPONSES
 from steps.bleu import bleuberi_bleu, sacrebleu_bleu
-from steps.labeling import BleuLabel, Labeler, Score
+from steps.labelers.base import Labeler, PromptGroup, Score
+from steps.labelers.bleu import BleuLabeler
 from tests.test_sampling import prompts_table
 
 
@@ -52,7 +52,7 @@ def test_bleu_labels_match_the_bleu_functions_per_variant() -> None:
     prompts = with_refs(prompts_table(["p"]), [["the cat sat on the mat", "a cat was on the mat"]])
     texts = ["the cat sat on the mat", "a dog", ""]
     for variant, fn in (("bleuberi", bleuberi_bleu), ("sacrebleu", sacrebleu_bleu)):
-        labels, stats = BleuLabel(BleuLabeler(variant=variant)).label(prompts, responses(prompts, texts))
+        labels, stats = BleuLabeler(BleuConfig(variant=variant)).label(prompts, responses(prompts, texts))
         assert labels.schema == LABELS
         expected = [fn(t, ["the cat sat on the mat", "a cat was on the mat"]) for t in texts]
         assert labels.column(c.SCORE).to_pylist() == expected
@@ -62,7 +62,7 @@ def test_bleu_labels_match_the_bleu_functions_per_variant() -> None:
 
 def test_prompt_without_references_gets_null_with_reason() -> None:
     prompts = with_refs(prompts_table(["p", "q"]), [[], ["ref"]])
-    labels, stats = BleuLabel(BleuLabeler()).label(prompts, responses(prompts, ["ref", "x"]))
+    labels, stats = BleuLabeler(BleuConfig()).label(prompts, responses(prompts, ["ref", "x"]))
     rows = labels.to_pylist()
     assert [r[c.SCORE] is None for r in rows] == [True, True, False, False]
     assert [r[c.REASON] for r in rows[:2]] == ["no_references", "no_references"]
@@ -73,13 +73,13 @@ def test_prompt_without_references_gets_null_with_reason() -> None:
 class Broken(Labeler):
     signal = "broken"
 
-    def score_prompt(self, prompt: dict[str, Any], texts: list[str]) -> list[Score]:
+    def score_prompt(self, group: PromptGroup) -> list[Score]:
         return [
             Score(float("nan")),
             Score(float("inf")),
             Score(None, "judge_unparseable"),
             Score(2.0, details={"k": 1}),
-        ][: len(texts)]
+        ][: len(group.responses)]
 
 
 def test_non_finite_scores_become_null_with_reason_and_details_are_json() -> None:

@@ -10,15 +10,17 @@ import pytest
 
 from schemas import columns as c
 from schemas.recipe import (
-    DensityRatioLabeler,
-    FollowUpLabeler,
+    DensityRatioConfig,
+    FollowUpConfig,
     ModelConfig,
-    PairwiseJudgeLabeler,
-    PointwiseJudgeLabeler,
+    PairwiseJudgeConfig,
+    PointwiseJudgeConfig,
     RecipeError,
 )
-from steps import density_ratio, follow_up, judges
+from steps import judges
 from steps.engines.base import Completion, Failed, OptionRequest, SamplingParams, ScoreRequest, TokenScores
+from steps.labelers import density_ratio, follow_up, judge_pairwise, judge_pointwise
+from steps.labelers.base import PromptGroup
 
 PROMPT = {c.PROMPT_ID: "p1", c.MESSAGES: [{"role": "user", "content": "Q?"}], c.REFERENCES: []}
 
@@ -50,14 +52,14 @@ def use(monkeypatch: pytest.MonkeyPatch, module: Any, engine: Any) -> None:
 
 def test_density_ratio_sum_and_mean(monkeypatch: pytest.MonkeyPatch) -> None:
     use(monkeypatch, density_ratio, FakeScorer())
-    config = DensityRatioLabeler(kind="density_ratio", strong={"system_prompt": "be good"}, weak={})
-    [[a, b, empty]] = density_ratio.DensityRatio(config).score_prompts([(PROMPT, ["hi there", "x", " "])])
+    config = DensityRatioConfig(kind="density_ratio", strong={"system_prompt": "be good"}, weak={})
+    [[a, b, empty]] = density_ratio.DensityRatioLabeler(config).score_prompts([PromptGroup(PROMPT, ["hi there", "x", " "])])
     # strong adds 2 system words to every token's cost: each token is 0.2 nats less likely
     assert a.value == pytest.approx(-0.4) and b.value == pytest.approx(-0.2)
     assert a.details["strong_logp"] == pytest.approx(-(2 + 5 + 4) / 10)  # "hi"=2+2, "there"=5+2
     assert empty.value is None and empty.reason == "empty_response"
-    mean = DensityRatioLabeler(kind="density_ratio", strong={"system_prompt": "be good"}, reduce="mean")
-    [[a, b, _]] = density_ratio.DensityRatio(mean).score_prompts([(PROMPT, ["hi there", "x", ""])])
+    mean = DensityRatioConfig(kind="density_ratio", strong={"system_prompt": "be good"}, reduce="mean")
+    [[a, b, _]] = density_ratio.DensityRatioLabeler(mean).score_prompts([PromptGroup(PROMPT, ["hi there", "x", ""])])
     assert a.value == pytest.approx(-0.2) and b.value == pytest.approx(-0.2)
 
 
@@ -77,7 +79,7 @@ def test_side_context_merges_criteria_and_exemplar() -> None:
 
 def test_identical_sides_rejected() -> None:
     with pytest.raises(ValueError, match="identical"):
-        DensityRatioLabeler(kind="density_ratio", strong={}, weak={})
+        DensityRatioConfig(kind="density_ratio", strong={}, weak={})
 
 
 def test_follow_up_score_is_mean_positive_minus_mean_negative(
@@ -90,8 +92,8 @@ def test_follow_up_score_is_mean_positive_minus_mean_negative(
     )
     fake = FakeScorer()
     use(monkeypatch, follow_up, fake)
-    labeler = follow_up.FollowUp(FollowUpLabeler(kind="follow_up", followups=str(sets)))
-    [[score, empty]] = labeler.score_prompts([(PROMPT, ["answer", ""])])
+    labeler = follow_up.FollowUpLabeler(FollowUpConfig(kind="follow_up", followups=str(sets)))
+    [[score, empty]] = labeler.score_prompts([PromptGroup(PROMPT, ["answer", ""])])
     # mean token log-prob per follow-up: ok -.2, "good good" -.4, badly -.5, yes -.3, no -.2,
     # "never ever" (-.5 - .4) / 2 = -.45
     assert score.value == pytest.approx((-0.2 - 0.4 - 0.3) / 3 - (-0.5 - 0.2 - 0.45) / 3)
@@ -102,17 +104,17 @@ def test_follow_up_score_is_mean_positive_minus_mean_negative(
 
 
 def test_shipped_followups_and_trimming() -> None:
-    dims = follow_up.load_followups(FollowUpLabeler(kind="follow_up"))
+    dims = follow_up.load_followups(FollowUpConfig(kind="follow_up"))
     assert len(dims) >= 6
     assert all(len(d.positive) >= 3 and len(d.negative) >= 3 for d in dims.values())
     trimmed = follow_up.load_followups(
-        FollowUpLabeler(kind="follow_up", per_dimension=1, dimensions=["relevance"])
+        FollowUpConfig(kind="follow_up", per_dimension=1, dimensions=["relevance"])
     )
     assert list(trimmed) == ["relevance"] and len(trimmed["relevance"].positive) == 1
     with pytest.raises(RecipeError, match="unknown"):
-        follow_up.load_followups(FollowUpLabeler(kind="follow_up", dimensions=["charisma"]))
+        follow_up.load_followups(FollowUpConfig(kind="follow_up", dimensions=["charisma"]))
     with pytest.raises(RecipeError, match="shipped"):
-        follow_up.load_followups(FollowUpLabeler(kind="follow_up", followups="nope"))
+        follow_up.load_followups(FollowUpConfig(kind="follow_up", followups="nope"))
 
 
 class FakeJudge:
@@ -142,9 +144,9 @@ class FakeJudge:
 
 
 def test_pointwise_expected_score(monkeypatch: pytest.MonkeyPatch) -> None:
-    use(monkeypatch, judges, FakeJudge())
-    labeler = judges.PointwiseJudge(PointwiseJudgeLabeler(kind="judge_pointwise", mode="expected"))
-    [[good, bad, empty]] = labeler.score_prompts([(PROMPT, ["a good reply", "meh", ""])])
+    use(monkeypatch, judge_pointwise, FakeJudge())
+    labeler = judge_pointwise.PointwiseJudgeLabeler(PointwiseJudgeConfig(kind="judge_pointwise", mode="expected"))
+    [[good, bad, empty]] = labeler.score_prompts([PromptGroup(PROMPT, ["a good reply", "meh", ""])])
     assert good.value == pytest.approx(0.6 * 5 + 0.08 * (0 + 1 + 2 + 3 + 4))
     assert bad.value == pytest.approx(0.6 * 1 + 0.08 * (0 + 2 + 3 + 4 + 5))
     assert empty.value is None and empty.reason == "empty_response"
@@ -152,14 +154,14 @@ def test_pointwise_expected_score(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pointwise_sampled_parses_strictly_and_never_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     texts = ["Fine.\nScore: 4", "Reasoning...\n**Score: 2**", "I'd give it a 5", "Score: 9"]
-    use(monkeypatch, judges, FakeJudge(texts=texts))
-    labeler = judges.PointwiseJudge(PointwiseJudgeLabeler(kind="judge_pointwise", mode="sampled", n=4))
-    [[score]] = labeler.score_prompts([(PROMPT, ["reply"])])
+    use(monkeypatch, judge_pointwise, FakeJudge(texts=texts))
+    labeler = judge_pointwise.PointwiseJudgeLabeler(PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=4))
+    [[score]] = labeler.score_prompts([PromptGroup(PROMPT, ["reply"])])
     assert score.value == pytest.approx(3.0)
     assert score.details == {"ratings": [4, 2, None, None], "parsed": 2, "judged": 4}
-    use(monkeypatch, judges, FakeJudge(texts=["no rating here", "Score: six"]))
-    labeler = judges.PointwiseJudge(PointwiseJudgeLabeler(kind="judge_pointwise", mode="sampled", n=2))
-    [[score]] = labeler.score_prompts([(PROMPT, ["reply"])])
+    use(monkeypatch, judge_pointwise, FakeJudge(texts=["no rating here", "Score: six"]))
+    labeler = judge_pointwise.PointwiseJudgeLabeler(PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=2))
+    [[score]] = labeler.score_prompts([PromptGroup(PROMPT, ["reply"])])
     assert score.value is None and score.reason == "judge_unparseable"
 
 
@@ -186,9 +188,9 @@ def test_bradley_terry_recovers_order_and_stays_finite() -> None:
 
 
 def test_pairwise_round_robin_labeler(monkeypatch: pytest.MonkeyPatch) -> None:
-    use(monkeypatch, judges, FakeJudge())
-    labeler = judges.PairwiseJudge(PairwiseJudgeLabeler(kind="judge_pairwise"))
-    [[good, bad, worse, empty]] = labeler.score_prompts([(PROMPT, ["good", "bad", "worse", "  "])])
+    use(monkeypatch, judge_pairwise, FakeJudge())
+    labeler = judge_pairwise.PairwiseJudgeLabeler(PairwiseJudgeConfig(kind="judge_pairwise"))
+    [[good, bad, worse, empty]] = labeler.score_prompts([PromptGroup(PROMPT, ["good", "bad", "worse", "  "])])
     assert good.value > bad.value and good.value > worse.value
     # the two pairs with "good" agree across orders; (bad, worse) flips with position
     assert good.details["swap_agreement"] == pytest.approx(2 / 3)
@@ -342,11 +344,11 @@ def test_density_ratio_with_two_different_models(monkeypatch: pytest.MonkeyPatch
         return strong if config.model == "big.gguf" else weak
 
     monkeypatch.setattr(density_ratio, "load_engine", load)
-    config = DensityRatioLabeler(
+    config = DensityRatioConfig(
         kind="density_ratio", strong={"model": {"model": "big.gguf"}}, weak={"model": {"model": "small.gguf"}}
     )
-    labeler = density_ratio.DensityRatio(config)
-    [[score]] = labeler.score_prompts([(PROMPT, ["two words"])])
+    labeler = density_ratio.DensityRatioLabeler(config)
+    [[score]] = labeler.score_prompts([PromptGroup(PROMPT, ["two words"])])
     assert loads == ["big.gguf", "small.gguf"]
     assert len(strong.requests) == 1 and len(weak.requests) == 1
     assert score.value == pytest.approx(0.0)  # same fake on both sides, no criteria: ratio 0

@@ -24,8 +24,8 @@ import pytest
 
 from schemas.recipe import ModelConfig, RecipeError, load_recipe
 from steps.engines import Failed, OptionRequest, SamplingParams, ScoreRequest, TokenScores, load_engine
-from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
-from steps.engines.vllm_engine import VllmEngine, VllmMissingError
+from steps.engines.models import ModelSpecError, ResolvedModel, VllmMissingError, resolve_model
+from steps.engines.vllm_engine import VllmEngine
 from tests.conftest import ROOT, smollm2_tokenizer, tiny_llama
 
 FAKES = ROOT / "tests" / "fakes"

@@ -91,10 +91,23 @@ def resolve_model(spec: str, engine: str) -> ResolvedModel:
     )
 
 
+VLLM_INSTALL_HINT = "install it with: pip install 'prefsmith[vllm]' (needs a CUDA GPU)"
+
+
+class VllmMissingError(ModelSpecError):
+    """engine: vllm was asked for but the ``vllm`` package is not installed."""
+
+
+def check_vllm_installed() -> None:
+    """Fail at validation time, without importing vllm (slow, and it initialises CUDA)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VllmMissingError(
+            f"engine vllm needs the vllm package, which is not installed; {VLLM_INSTALL_HINT}"
+        )
+
+
 def _resolve_for_vllm(spec: str) -> ResolvedModel:
     """vLLM reads Hugging Face checkpoints (a directory or a hub id), never a GGUF; vllm must be installed."""
-    from steps.engines.vllm_engine import check_vllm_installed
-
     hint = "engine vllm needs a Hugging Face model directory or hub id"
     if spec == SMOLLM2_ALIAS:
         raise ModelSpecError(

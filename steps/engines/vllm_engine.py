@@ -1,7 +1,7 @@
 """vLLM backend: GPU sampling and scoring behind the same protocol as the other engines.
 
 Importing this module never imports ``vllm`` (an optional extra that needs a
-GPU): ``check_vllm_installed`` answers from the import system's metadata at
+GPU): ``steps.engines.models.check_vllm_installed`` answers from the import system's metadata at
 recipe-validation time, and the engine imports ``vllm`` only when it loads.
 
 Same semantics as the transformers engine, so engines can be swapped:
@@ -25,7 +25,6 @@ position, a dict token id -> Logprob that always holds the actual token.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,26 +40,14 @@ from steps.engines.base import (
     sample_seed,
 )
 from steps.engines.context import Fitted, fit_prompt
-from steps.engines.models import ModelSpecError, ResolvedModel
-
-INSTALL_HINT = "install it with: pip install 'prefsmith[vllm]' (needs a CUDA GPU)"
-
-
-class VllmMissingError(ModelSpecError):
-    """engine: vllm was asked for but the ``vllm`` package is not installed."""
-
-
-def check_vllm_installed() -> None:
-    """Fail at validation time, without importing vllm (slow, and it initialises CUDA)."""
-    if importlib.util.find_spec("vllm") is None:
-        raise VllmMissingError(f"engine vllm needs the vllm package, which is not installed; {INSTALL_HINT}")
+from steps.engines.models import VLLM_INSTALL_HINT, ModelSpecError, ResolvedModel, VllmMissingError
 
 
 def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise VllmMissingError(f"engine vllm could not import vllm ({exc}); {INSTALL_HINT}") from exc
+        raise VllmMissingError(f"engine vllm could not import vllm ({exc}); {VLLM_INSTALL_HINT}") from exc
     return vllm
 
 

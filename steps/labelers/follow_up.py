@@ -18,11 +18,11 @@ from typing import Any
 import yaml
 
 from schemas import columns as c
-from schemas.recipe import FollowUpLabeler, RecipeError
+from schemas.recipe import FollowUpConfig, RecipeError
 from steps.engines import Failed, ScoreRequest, load_engine
-from steps.labeling import Labeler, Score, regroup
+from steps.labelers.base import Labeler, PromptGroup, Score, regroup
 
-FOLLOWUPS_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "followups"
+FOLLOWUPS_DIR = Path(__file__).resolve().parent.parent.parent / "pipelines" / "followups"
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Dimension:
     negative: tuple[str, ...]
 
 
-def load_followups(config: FollowUpLabeler) -> dict[str, Dimension]:
+def load_followups(config: FollowUpConfig) -> dict[str, Dimension]:
     """The follow-up set a recipe names, checked and trimmed as configured; errors name the problem."""
     path = Path(config.followups)
     if path.suffix not in (".yaml", ".yml"):
@@ -62,8 +62,8 @@ def load_followups(config: FollowUpLabeler) -> dict[str, Dimension]:
     return dims
 
 
-class FollowUp(Labeler):
-    def __init__(self, config: FollowUpLabeler) -> None:
+class FollowUpLabeler(Labeler):
+    def __init__(self, config: FollowUpConfig) -> None:
         self.signal = config.name
         self.dimensions = load_followups(config)
         self.engine = load_engine(config.model)
@@ -74,14 +74,14 @@ class FollowUp(Labeler):
             for text in texts
         ]
 
-    def score_prompts(self, items: list[tuple[dict[str, Any], list[str]]]) -> list[list[Score]]:
+    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
         requests, owners = [], []
-        for prompt, responses in items:
-            for text in responses:
+        for group in groups:
+            for text in group.responses:
                 if not text.strip():
                     owners.append(None)
                     continue
-                context = [*prompt[c.MESSAGES], {c.ROLE: "assistant", c.CONTENT: text}]
+                context = [*group.prompt[c.MESSAGES], {c.ROLE: "assistant", c.CONTENT: text}]
                 requests += [ScoreRequest(context, f, "user") for _, _, f in self.followups]
                 owners.append(len(requests) - len(self.followups))
         results = self.engine.score(requests)
@@ -91,7 +91,7 @@ class FollowUp(Labeler):
             else self._score(results[start : start + len(self.followups)])
             for start in owners
         ]
-        return regroup(items, flat)
+        return regroup(groups, flat)
 
     def _score(self, results: list[Any]) -> Score:
         failed = [r for r in results if isinstance(r, Failed)]

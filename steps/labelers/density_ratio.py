@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from schemas import columns as c
-from schemas.recipe import ContrastSide, DensityRatioLabeler
+from schemas.recipe import ContrastSide, DensityRatioConfig
 from steps.engines import Failed, ScoreRequest, load_engine
 from steps.engines.base import Message
-from steps.labeling import Labeler, Score, regroup
+from steps.labelers.base import Labeler, PromptGroup, Score, regroup
 
 
 def side_context(side: ContrastSide, messages: list[Message]) -> list[Message]:
@@ -38,27 +38,27 @@ def side_context(side: ContrastSide, messages: list[Message]) -> list[Message]:
     return head + messages
 
 
-class DensityRatio(Labeler):
-    def __init__(self, config: DensityRatioLabeler) -> None:
+class DensityRatioLabeler(Labeler):
+    def __init__(self, config: DensityRatioConfig) -> None:
         self.signal = config.name
         self.config = config
         self.strong = load_engine(config.strong.model)
         self.weak = load_engine(config.weak.model)  # the same object when both sides share a model
 
-    def score_prompts(self, items: list[tuple[dict[str, Any], list[str]]]) -> list[list[Score]]:
+    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
         strong_requests, weak_requests = [], []
-        for prompt, responses in items:
-            strong_ctx = side_context(self.config.strong, prompt[c.MESSAGES])
-            weak_ctx = side_context(self.config.weak, prompt[c.MESSAGES])
-            strong_requests += [ScoreRequest(strong_ctx, text) for text in responses]
-            weak_requests += [ScoreRequest(weak_ctx, text) for text in responses]
+        for group in groups:
+            strong_ctx = side_context(self.config.strong, group.prompt[c.MESSAGES])
+            weak_ctx = side_context(self.config.weak, group.prompt[c.MESSAGES])
+            strong_requests += [ScoreRequest(strong_ctx, text) for text in group.responses]
+            weak_requests += [ScoreRequest(weak_ctx, text) for text in group.responses]
         if self.strong is self.weak:
             both = self.strong.score(strong_requests + weak_requests)
             strong, weak = both[: len(strong_requests)], both[len(strong_requests) :]
         else:
             strong, weak = self.strong.score(strong_requests), self.weak.score(weak_requests)
         flat = [self._score(s, w) for s, w in zip(strong, weak, strict=True)]
-        return regroup(items, flat)
+        return regroup(groups, flat)
 
     def _score(self, strong: Any, weak: Any) -> Score:
         for side in (strong, weak):

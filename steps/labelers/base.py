@@ -1,0 +1,117 @@
+"""The labeler base: one score per response and signal, or None with a reason.
+
+The base class owns the loop over a shard's prompts, the NaN/inf guard, the counts and the
+LABELS contract; a labeler only says how to score a prompt's responses (a ``PromptGroup``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from schemas import columns as c
+from schemas.records import LABELS
+from steps.base import StageStats
+from steps.engines.context import truncated
+
+
+@dataclass(frozen=True)
+class Score:
+    """A response's score, or None with the reason; ``counts`` are events worth a line in the stats.
+
+    (A judge that parsed 2 of 3 sampled verdicts still scores, but the third
+    verdict is dropped, never defaulted: ``counts={"judgement_unparseable": 1}``.)
+    """
+
+    value: float | None
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One prompt row, with the conversation as the policy saw it, and the texts of its responses."""
+
+    prompt: dict[str, Any]
+    responses: list[str]
+
+
+def regroup(groups: list[PromptGroup], flat: list[Score]) -> list[list[Score]]:
+    """Split a flat list of scores (all responses of all prompts, in order) back per prompt."""
+    out, start = [], 0
+    for group in groups:
+        out.append(flat[start : start + len(group.responses)])
+        start += len(group.responses)
+    return out
+
+
+class Labeler(ABC):
+    """Scores the responses of a shard's prompts; subclasses say how, the base keeps the contract.
+
+    Reference-based labelers override ``score_prompt`` (one prompt at a time);
+    model-reading labelers override ``score_prompts`` to batch a whole shard
+    through their engine in one go.
+    """
+
+    signal: str
+
+    def score_prompt(self, group: PromptGroup) -> list[Score]:
+        raise NotImplementedError
+
+    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
+        return [self.score_prompt(group) for group in groups]
+
+    def label(self, prompts: pa.Table, responses: pa.Table) -> tuple[pa.Table, StageStats]:
+        stats = StageStats(f"label:{self.signal}", rows_in=responses.num_rows)
+        by_prompt: dict[str, list[tuple[str, str]]] = {}
+        turns_dropped: dict[str, int] = {}
+        for pid, rid, text, dropped in zip(
+            responses.column(c.PROMPT_ID).to_pylist(),
+            responses.column(c.RESPONSE_ID).to_pylist(),
+            responses.column(c.TEXT).to_pylist(),
+            responses.column(c.PROMPT_TURNS_DROPPED).to_pylist(),
+            strict=True,
+        ):
+            by_prompt.setdefault(pid, []).append((rid, text))
+            turns_dropped[pid] = dropped
+        rows: dict[str, list[Any]] = {name: [] for name in LABELS.names}
+        items = [
+            (as_seen(p, turns_dropped[p[c.PROMPT_ID]]), by_prompt[p[c.PROMPT_ID]])
+            for p in prompts.to_pylist()
+            if p[c.PROMPT_ID] in by_prompt
+        ]
+        all_scores = self.score_prompts([PromptGroup(p, [text for _, text in group]) for p, group in items])
+        for (prompt, group), scores in zip(items, all_scores, strict=True):
+            if len(scores) != len(group):
+                raise RuntimeError(f"labeler {self.signal} returned {len(scores)} scores for {len(group)}")
+            for (rid, _), score in zip(group, scores, strict=True):
+                stats.counts.update(score.counts)
+                value, reason = score.value, score.reason
+                if value is not None and not math.isfinite(value):
+                    value, reason = None, "non_finite_score"
+                if value is None:
+                    reason = reason or "unscored"
+                    stats.drop(reason, example=f"response {rid}")
+                rows[c.PROMPT_ID].append(prompt[c.PROMPT_ID])
+                rows[c.RESPONSE_ID].append(rid)
+                rows[c.SIGNAL].append(self.signal)
+                rows[c.SCORE].append(value)
+                rows[c.REASON].append(reason if value is None else None)
+                rows[c.DETAILS].append(json.dumps(score.details, sort_keys=True) if score.details else None)
+        table = pa.Table.from_pydict(rows, schema=LABELS)
+        stats.rows_out = table.num_rows - table.column(c.SCORE).null_count
+        stats.counts["scored"] = stats.rows_out
+        return table, stats
+
+
+def as_seen(prompt: dict[str, Any], turns_dropped: int) -> dict[str, Any]:
+    """The prompt row with the conversation the policy answered (its oldest turns left out, if any)."""
+    if not turns_dropped:
+        return prompt
+    return {**prompt, c.MESSAGES: truncated(prompt[c.MESSAGES], turns_dropped)}

@@ -1,0 +1,23 @@
+"""BLEU against the prompt's reference answers as a labeler (the BLEU itself is ``steps.bleu``)."""
+
+from __future__ import annotations
+
+from schemas import columns as c
+from schemas.recipe import BleuConfig
+from steps.bleu import BleuScorer
+from steps.labelers.base import Labeler, PromptGroup, Score
+
+
+class BleuLabeler(Labeler):
+    """BLEU of each response against the prompt's references (DESIGN.md §2, BLEUBERI)."""
+
+    def __init__(self, config: BleuConfig) -> None:
+        self.signal = config.name
+        self.variant = config.variant
+
+    def score_prompt(self, group: PromptGroup) -> list[Score]:
+        references = group.prompt[c.REFERENCES] or []
+        if not references:
+            return [Score(None, "no_references")] * len(group.responses)
+        scorer = BleuScorer(references, variant=self.variant)
+        return [Score(scorer.score(text)) for text in group.responses]

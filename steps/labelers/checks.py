@@ -1,0 +1,57 @@
+"""Checks of a recipe's labelers before any model loads: every model resolves, every follow-up set reads."""
+
+from __future__ import annotations
+
+import yaml
+
+from schemas.recipe import (
+    DensityRatioConfig,
+    FollowUpConfig,
+    ModelConfig,
+    PairwiseJudgeConfig,
+    PointwiseJudgeConfig,
+    Recipe,
+    RecipeError,
+)
+
+
+def preflight(recipe: Recipe) -> None:
+    """Everything the run needs that can be checked without loading a model; errors name the recipe key.
+
+    Covers every model of the recipe (policy, labelers, pair judge) and the
+    follow-up sets, so a typo in the fourth labeler fails in milliseconds, not
+    after the policy has sampled every prompt.
+    """
+    from steps.engines import ModelSpecError, resolve_model
+    from steps.labelers.follow_up import load_followups
+
+    for key, model in recipe_models(recipe):
+        try:
+            resolve_model(model.model, model.engine)
+        except ModelSpecError as exc:
+            raise ModelSpecError(f"{key}: {exc}") from None
+    for i, config in enumerate(recipe.labelers):
+        if isinstance(config, FollowUpConfig):
+            try:
+                load_followups(config)
+            except yaml.YAMLError as exc:
+                raise RecipeError(
+                    f"labelers.{i}.followups: {config.followups!r} is not valid YAML "
+                    f"(only plain YAML is read, no Python tags): {exc}"
+                ) from None
+
+
+def recipe_models(recipe: Recipe) -> list[tuple[str, ModelConfig]]:
+    """Every model the recipe would load, with the key path that names it."""
+    found = [("policy.model", recipe.policy)]
+    for i, config in enumerate(recipe.labelers):
+        if isinstance(config, DensityRatioConfig):
+            found += [
+                (f"labelers.{i}.strong.model.model ({config.name})", config.strong.model),
+                (f"labelers.{i}.weak.model.model ({config.name})", config.weak.model),
+            ]
+        elif isinstance(config, FollowUpConfig | PointwiseJudgeConfig | PairwiseJudgeConfig):
+            found.append((f"labelers.{i}.model.model ({config.name})", config.model))
+    if recipe.pairing.judge is not None:
+        found.append(("pairing.judge.model.model", recipe.pairing.judge.model))
+    return found
