@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
 
 from flows.model_stage import shard_ref
+from schemas import reasons as r
 from schemas.recipe import Recipe, RecipeError, load_recipe
 from steps import stages
 from steps.base import ShardResult, StageStats, join_uri, merge_stats
@@ -103,7 +104,7 @@ def require_responses(sampled: StageStats) -> None:
     examples = "".join(f"\n  {reason}: {text}" for reason, text in sorted(sampled.examples.items()))
     hint = (
         "\nraise policy.n_ctx, shorten the prompts or set sampling.too_long: truncate_left"
-        if "prompt_too_long" in sampled.drops
+        if r.PROMPT_TOO_LONG in sampled.drops
         else ""
     )
     raise NothingSampledError(

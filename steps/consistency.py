@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.recipe import ConsistencyConfig, Recipe
 from schemas.records import conform, dropped_schema, pairs_schema
 from steps.base import StageStats, read_table
@@ -120,24 +121,24 @@ def rules_expr(config: ConsistencyConfig, signals: list[str], threshold: float |
     Being row-wise is what lets the stage apply it one shard at a time.
     """
     m = len(signals)
-    checks: list[tuple[pl.Expr, str]] = [(_normalised(c.CHOSEN) == _normalised(c.REJECTED), "identical_pair")]
+    checks: list[tuple[pl.Expr, str]] = [(_normalised(c.CHOSEN) == _normalised(c.REJECTED), r.IDENTICAL_PAIR)]
     if config.min_agree is not None:
         agreeing = (pl.col(c.AGREEMENT) * m).round(0)
-        checks.append((agreeing.is_null() | (agreeing < config.min_agree), "sign_disagreement"))
+        checks.append((agreeing.is_null() | (agreeing < config.min_agree), r.SIGN_DISAGREEMENT))
     if config.require_swap_agreement:
-        checks.append((pl.col(c.JUDGE_SWAP_AGREE).fill_null(False).not_(), "judge_swap_disagreement"))
+        checks.append((pl.col(c.JUDGE_SWAP_AGREE).fill_null(False).not_(), r.JUDGE_SWAP_DISAGREEMENT))
     if config.drop_mislabeled:
-        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) <= 0, "likely_mislabeled"))
+        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) <= 0, r.LIKELY_MISLABELED))
     if threshold is not None and math.isfinite(threshold):
-        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) < threshold, "ambiguous"))
+        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) < threshold, r.AMBIGUOUS))
     if config.min_rank_consistency is not None:
         low = pl.col(c.CONSISTENCY).is_null() | (pl.col(c.CONSISTENCY) < config.min_rank_consistency)
-        checks.append((low, "rank_inconsistent"))
+        checks.append((low, r.RANK_INCONSISTENT))
     if config.length_guard is not None:
         guard = config.length_guard
         ratio = _length(c.CHOSEN) / pl.max_horizontal(_length(c.REJECTED), pl.lit(1))
         checks.append(
-            ((ratio >= guard.max_ratio) & (pl.col(c.AGREEMENT) < guard.unless_agreement), "length_only")
+            ((ratio >= guard.max_ratio) & (pl.col(c.AGREEMENT) < guard.unless_agreement), r.LENGTH_ONLY)
         )
     reason = pl.lit(None, dtype=pl.String)
     for condition, code in reversed(checks):

@@ -26,6 +26,7 @@ from statistics import fmean
 from typing import Any
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.recipe import ModelConfig
 from steps.engines import Failed, OptionRequest, load_engine
 from steps.engines.base import Message
@@ -155,7 +156,7 @@ def judge_pairs(engine: Any, jobs: Sequence[tuple[Sequence[Message], str, str]])
         p_ab = normalised(ab)[" A"]
         p_ba = normalised(ba)[" B"]
         if not (math.isfinite(p_ab) and math.isfinite(p_ba)):  # NaN/inf log-probs: no verdict, not 0.5
-            verdicts.append(Failed("non_finite_verdict", f"option log-probs {ab} / {ba}"))
+            verdicts.append(Failed(r.NON_FINITE_VERDICT, f"option log-probs {ab} / {ba}"))
             continue
         verdicts.append(Verdict((p_ab + p_ba) / 2, (p_ab > 0.5) == (p_ba > 0.5), p_ab, p_ba))
     return verdicts

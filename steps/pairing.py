@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.recipe import ModelConfig, Recipe
 from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_schema
 from steps.base import ShardResult, StageStats, read_table, write_table
@@ -77,7 +78,7 @@ def judge_candidates(table: pa.Table, model: ModelConfig, stats: StageStats) -> 
         for row in table.select([c.PROMPT, c.CHOSEN, c.REJECTED]).to_pylist()
     ]
     verdicts = [
-        v if not isinstance(v, Verdict) or math.isfinite(v.p_first) else Failed("non_finite_verdict", "")
+        v if not isinstance(v, Verdict) or math.isfinite(v.p_first) else Failed(r.NON_FINITE_VERDICT, "")
         for v in PairJudge(model).judge(jobs)
     ]
     p_chosen = [v.p_first if isinstance(v, Verdict) else None for v in verdicts]
@@ -134,18 +135,18 @@ def _no_pair_reasons(
     )
     reason = (
         pl.when(pl.col("distinct_texts") == 1)
-        .then(pl.lit("identical_samples"))
+        .then(pl.lit(r.IDENTICAL_SAMPLES))
         .when((pl.col("n").fill_null(0) < 2) & (pl.col("cut") > 0) & finished_only)
-        .then(pl.lit("fewer_than_two_finished"))
+        .then(pl.lit(r.FEWER_THAN_TWO_FINISHED))
         .when(pl.col("n").is_null() | (pl.col("n") == 0))
-        .then(pl.concat_str(pl.lit("unscored:"), pl.col("label_reason").fill_null("unknown")))
+        .then(pl.concat_str(pl.lit(r.UNSCORED_PREFIX), pl.col("label_reason").fill_null("unknown")))
         .when(pl.col("n") < 2)
-        .then(pl.lit("fewer_than_two_scored"))
+        .then(pl.lit(r.FEWER_THAN_TWO_SCORED))
         .when(pl.col("spread") == 0)
-        .then(pl.lit("all_tied"))
+        .then(pl.lit(r.ALL_TIED))
         .when(pl.col("beyond_margin") == 0)
-        .then(pl.lit("below_margin"))
-        .otherwise(pl.lit("identical_text"))
+        .then(pl.lit(r.BELOW_MARGIN))
+        .otherwise(pl.lit(r.IDENTICAL_TEXT))
     )
     return frame.with_columns(reason.alias(c.REASON)).select(c.PROMPT_ID, c.REASON).sort(c.PROMPT_ID)
 
@@ -172,7 +173,7 @@ def make_pairs(
     scored = joined.filter(pl.col(AGG).is_not_null())
     if recipe.pairing.finished_only:
         # Left out after aggregation: the z-scores still see every answer the policy gave.
-        stats.counts["cut_answers_not_paired"] = int(scored.get_column(c.TRUNCATED).sum())
+        stats.counts[r.CUT_ANSWERS_NOT_PAIRED] = int(scored.get_column(c.TRUNCATED).sum())
         scored = scored.filter(~pl.col(c.TRUNCATED))
 
     chosen = (

@@ -92,3 +92,19 @@ def test_each_labeler_module_imports_first(name: str) -> None:
     """Imported first in a fresh interpreter: no module relies on another having been imported before."""
     done = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_reason_codes_are_spelled_once() -> None:
+    """No reason code of schemas/reasons.py appears as a string literal in steps/ or flows/."""
+    from schemas import reasons
+
+    names = [name for name in vars(reasons) if name.isupper()]
+    codes = {getattr(reasons, name) for name in names}
+    assert len(codes) == len(names), "two constants share a code"
+    found = []
+    for package in ("steps", "flows"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and node.value in codes:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert found == []

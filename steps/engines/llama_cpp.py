@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from schemas import reasons as r
 from steps.engines.base import (
     Completion,
     Conversation,
@@ -153,16 +154,16 @@ class LlamaCppEngine:
             turn = {"role": request.role, "content": request.continuation}
             full = self._tokenize([*request.context, turn], False)
             if full[: len(header)] != header:
-                results.append(Failed("template_boundary", "chat template changes earlier tokens"))
+                results.append(Failed(r.TEMPLATE_BOUNDARY, "chat template changes earlier tokens"))
                 continue
             end = len(header)
             while end < len(full) and not self._is_special(full[end]):
                 end += 1
             if end > self._n_ctx:
-                results.append(Failed("too_long", f"{end} tokens exceed context {self._n_ctx}"))
+                results.append(Failed(r.TOO_LONG, f"{end} tokens exceed context {self._n_ctx}"))
                 continue
             if end == len(header):
-                results.append(Failed("empty_continuation", "nothing to score"))
+                results.append(Failed(r.EMPTY_CONTINUATION, "nothing to score"))
                 continue
             # Keep whatever prefix of the cache is still valid (llama.cpp truncates the rest).
             keep = common_prefix(list(llm.input_ids[: llm.n_tokens]), full[:end])

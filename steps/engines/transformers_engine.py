@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from schemas import reasons as r
 from steps.engines.base import (
     Completion,
     Conversation,
@@ -303,16 +304,16 @@ class TransformersEngine:
         header = self._header(request.context, request.role)
         full = self._ids([*request.context, {"role": request.role, "content": request.continuation}], False)
         if tuple(full[: len(header)]) != header:
-            return Failed("template_boundary", "chat template changes earlier tokens when a turn is added")
+            return Failed(r.TEMPLATE_BOUNDARY, "chat template changes earlier tokens when a turn is added")
         content = []
         for token in full[len(header) :]:
             if token in self._special:  # the end-of-turn marker the template appends
                 break
             content.append(token)
         if len(header) + len(content) > self.n_ctx:
-            return Failed("too_long", f"{len(header) + len(content)} tokens exceed context {self.n_ctx}")
+            return Failed(r.TOO_LONG, f"{len(header) + len(content)} tokens exceed context {self.n_ctx}")
         if not content:
-            return Failed("empty_continuation", "nothing to score")
+            return Failed(r.EMPTY_CONTINUATION, "nothing to score")
         return _Tokenized(header, content)
 
     # ------------------------------------------------------------ scoring
@@ -492,7 +493,7 @@ class TransformersEngine:
                 results[i] = split
                 continue
             if not split.prefix:  # the first token has no state to be predicted from
-                results[i] = Failed("no_context", "the chat template puts nothing before the continuation")
+                results[i] = Failed(r.NO_CONTEXT, "the chat template puts nothing before the continuation")
                 continue
             nodes = trie.add(split.content, trie.end_of(split.prefix))
             for node in nodes:
@@ -502,7 +503,7 @@ class TransformersEngine:
         for i, nodes, content in planned:
             values = [read[trie.parent[n]][trie.token[n]] for n in nodes]
             results[i] = TokenScores(list(content), values)
-        return [r if r is not None else Failed("internal", "request not scored") for r in results]
+        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
 
     def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
         """Next-token log-probs of each option after the assistant's ``prefill``, shared prefixes run once.
@@ -526,7 +527,7 @@ class TransformersEngine:
         read = self._run(trie) if planned else {}
         for i, last, options in planned:
             results[i] = {option: read[last][token] for option, token in options.items()}
-        return [r if r is not None else Failed("internal", "request not scored") for r in results]
+        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
 
     def _option_ids(self, request: OptionRequest) -> tuple[list[int], dict[str, int]] | Failed:
         header = self._header(request.context, "assistant")
@@ -535,11 +536,11 @@ class TransformersEngine:
         for option in request.options:
             ids = self.tokenizer(request.prefill + option, add_special_tokens=False)["input_ids"]
             if ids[: len(base)] != base or len(ids) != len(base) + 1:
-                return Failed("option_not_single_token", f"option {option!r} after {request.prefill!r}")
+                return Failed(r.OPTION_NOT_SINGLE_TOKEN, f"option {option!r} after {request.prefill!r}")
             option_ids[option] = ids[-1]
         seq = list(header) + list(base)
         if len(seq) > self.n_ctx:
-            return Failed("too_long", f"{len(seq)} tokens exceed context {self.n_ctx}")
+            return Failed(r.TOO_LONG, f"{len(seq)} tokens exceed context {self.n_ctx}")
         return seq, option_ids
 
     # ------------------------------------------------------------ sampling

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from schemas import reasons as r
 from steps.engines.base import (
     Completion,
     Conversation,
@@ -117,18 +118,18 @@ class VllmEngine:
         header = self._header(request.context, request.role)
         full = self._ids([*request.context, {"role": request.role, "content": request.continuation}], False)
         if tuple(full[: len(header)]) != header:
-            return Failed("template_boundary", "chat template changes earlier tokens when a turn is added")
+            return Failed(r.TEMPLATE_BOUNDARY, "chat template changes earlier tokens when a turn is added")
         content = []
         for token in full[len(header) :]:
             if token in self._special:  # the end-of-turn marker the template appends
                 break
             content.append(token)
         if not content:
-            return Failed("empty_continuation", "nothing to score")
+            return Failed(r.EMPTY_CONTINUATION, "nothing to score")
         seq = list(header) + content
         # vLLM must also generate one token after the prompt, so the prompt gets n_ctx - 1.
         if len(seq) + 1 > self.n_ctx:
-            return Failed("too_long", f"{len(seq)} tokens (+1 generated) exceed context {self.n_ctx}")
+            return Failed(r.TOO_LONG, f"{len(seq)} tokens (+1 generated) exceed context {self.n_ctx}")
         return seq, len(header)
 
     # ------------------------------------------------------------ vLLM calls
@@ -194,10 +195,10 @@ class VllmEngine:
             for (i, seq, start), entries in zip(ready, tables, strict=True):
                 values = [self._logprob_at(entries, seq, pos) for pos in range(start, len(seq))]
                 if any(v is None for v in values):
-                    results[i] = Failed("engine_error", "vLLM returned no log-prob for a continuation token")
+                    results[i] = Failed(r.ENGINE_ERROR, "vLLM returned no log-prob for a continuation token")
                 else:
                     results[i] = TokenScores(seq[start:], [float(v) for v in values if v is not None])
-        return [r if r is not None else Failed("internal", "request not scored") for r in results]
+        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
 
     def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
         """Next-token log-probs of each single-token option after the assistant's ``prefill``.
@@ -221,13 +222,13 @@ class VllmEngine:
             for (i, option, ids), entries in zip(ready, tables, strict=True):
                 value = self._logprob_at(entries, ids, len(ids) - 1)
                 if value is None:
-                    results[i] = Failed("engine_error", f"vLLM returned no log-prob for option {option!r}")
+                    results[i] = Failed(r.ENGINE_ERROR, f"vLLM returned no log-prob for option {option!r}")
                 elif not isinstance(results[i], Failed):
                     chosen.setdefault(i, {})[option] = value
             for i, values in chosen.items():
                 if results[i] is None:
                     results[i] = values
-        return [r if r is not None else Failed("internal", "request not scored") for r in results]
+        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
 
     def _option_ids(self, request: OptionRequest) -> tuple[list[int], dict[str, int]] | Failed:
         header = self._header(request.context, "assistant")
@@ -236,12 +237,12 @@ class VllmEngine:
         for option in request.options:
             ids = list(self.tokenizer(request.prefill + option, add_special_tokens=False)["input_ids"])
             if ids[: len(base)] != base or len(ids) != len(base) + 1:
-                return Failed("option_not_single_token", f"option {option!r} after {request.prefill!r}")
+                return Failed(r.OPTION_NOT_SINGLE_TOKEN, f"option {option!r} after {request.prefill!r}")
             option_ids[option] = int(ids[-1])
         seq = list(header) + base
         # + the option token + the one token vLLM generates
         if len(seq) + 2 > self.n_ctx:
-            return Failed("too_long", f"{len(seq)} tokens (+2) exceed context {self.n_ctx}")
+            return Failed(r.TOO_LONG, f"{len(seq)} tokens (+2) exceed context {self.n_ctx}")
         return seq, option_ids
 
     def generate(
@@ -287,12 +288,12 @@ class VllmEngine:
             )
             for (i, fitted, seed), out in zip(batch, outputs, strict=True):
                 results[i] = self._completions(out, fitted, seed, params.n)
-        return [r if r is not None else Failed("internal", "conversation not sampled") for r in results]
+        return [r if r is not None else Failed(r.INTERNAL, "conversation not sampled") for r in results]
 
     def _completions(self, out: Any, fitted: Fitted, seed: int, n: int) -> list[Completion] | Failed:
         samples = sorted(out.outputs, key=lambda o: o.index)
         if len(samples) != n:
-            return Failed("engine_error", f"vLLM returned {len(samples)} samples, expected {n}")
+            return Failed(r.ENGINE_ERROR, f"vLLM returned {len(samples)} samples, expected {n}")
         completions = []
         for sample in samples:
             ids = list(sample.token_ids)
@@ -304,7 +305,7 @@ class VllmEngine:
             elif sample.finish_reason == "length":
                 finish = "length"
             else:
-                return Failed("engine_error", f"vLLM finished a sample with {sample.finish_reason!r}")
+                return Failed(r.ENGINE_ERROR, f"vLLM finished a sample with {sample.finish_reason!r}")
             completions.append(
                 Completion(sample.text, len(ids), finish, len(fitted.prompt_ids), seed, fitted.turns_dropped)
             )

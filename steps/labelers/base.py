@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.records import LABELS
 from steps.base import StageStats
 from steps.engines.context import truncated
@@ -94,9 +95,9 @@ class Labeler(ABC):
                 stats.counts.update(score.counts)
                 value, reason = score.value, score.reason
                 if value is not None and not math.isfinite(value):
-                    value, reason = None, "non_finite_score"
+                    value, reason = None, r.NON_FINITE_SCORE
                 if value is None:
-                    reason = reason or "unscored"
+                    reason = reason or r.UNSCORED
                     stats.drop(reason, example=f"response {rid}")
                 rows[c.PROMPT_ID].append(prompt[c.PROMPT_ID])
                 rows[c.RESPONSE_ID].append(rid)

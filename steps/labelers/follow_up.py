@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.recipe import FollowUpConfig, RecipeError
 from steps.engines import Failed, ScoreRequest, load_engine
 from steps.labelers.base import Labeler, PromptGroup, Score, regroup
@@ -86,7 +87,7 @@ class FollowUpLabeler(Labeler):
                 owners.append(len(requests) - len(self.followups))
         results = self.engine.score(requests)
         flat = [
-            Score(None, "empty_response")
+            Score(None, r.EMPTY_RESPONSE)
             if start is None
             else self._score(results[start : start + len(self.followups)])
             for start in owners

@@ -7,6 +7,7 @@ from statistics import fmean
 from typing import Any
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.recipe import PointwiseJudgeConfig
 from steps.engines import Failed, OptionRequest, SamplingParams, derive_seed, load_engine
 from steps.engines.base import Message
@@ -38,7 +39,7 @@ class PointwiseJudgeLabeler(Labeler):
         scores = []
         for (_, text), result in zip(prompts, self.engine.option_logprobs(requests), strict=True):
             if not text.strip():
-                scores.append(Score(None, "empty_response"))
+                scores.append(Score(None, r.EMPTY_RESPONSE))
             elif isinstance(result, Failed):
                 scores.append(Score(None, result.reason))
             else:
@@ -57,7 +58,7 @@ class PointwiseJudgeLabeler(Labeler):
             prompts, self.engine.generate(conversations, params, seeds), strict=True
         ):
             if not text.strip():
-                scores.append(Score(None, "empty_response"))
+                scores.append(Score(None, r.EMPTY_RESPONSE))
                 continue
             if isinstance(result, Failed):
                 scores.append(Score(None, result.reason))
@@ -66,9 +67,9 @@ class PointwiseJudgeLabeler(Labeler):
             parsed = [r for r in ratings if r is not None]
             details = {"ratings": ratings, "parsed": len(parsed), "judged": len(ratings)}
             missed = len(ratings) - len(parsed)
-            unparsed = {"judgement_unparseable": missed} if missed else {}
+            unparsed = {r.JUDGEMENT_UNPARSEABLE: missed} if missed else {}
             if not parsed:
-                scores.append(Score(None, "judge_unparseable", details, unparsed))
+                scores.append(Score(None, r.JUDGE_UNPARSEABLE, details, unparsed))
             else:  # the unparsed verdicts are left out of the mean, never read as a rating
                 scores.append(Score(fmean(parsed), details=details, counts=unparsed))
         return scores
