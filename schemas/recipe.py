@@ -30,6 +30,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# What a setting does, carried by the field itself (``json_schema_extra``) so that every list of
+# "speed-only", "vllm-only" or "not on the card" settings is derived here, never kept by hand:
+#   shapes_output=False  changes speed (or only the aggregation), never what a stage writes: a change
+#                        must not invalidate finished shards, and the card does not list it;
+#   engine="vllm"        does nothing unless the model runs on vLLM (rejected for other engines);
+#   on_card=False        shapes nothing a dataset user needs to know (where or how safely it ran);
+#   shapes_labels=False  a labeler setting the labels do not depend on (only the aggregate does).
+SPEED_ONLY: dict[str, Any] = {"shapes_output": False}
+AGGREGATE_ONLY: dict[str, Any] = {"shapes_labels": False}
+VLLM: dict[str, Any] = {"engine": "vllm"}
+OFF_CARD: dict[str, Any] = {"on_card": False}
+
+
+def tagged(model: type[BaseModel], **tags: Any) -> frozenset[str]:
+    """The fields of ``model`` whose metadata carries every one of ``tags``."""
+    out = set()
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if all(extra.get(key) == value for key, value in tags.items()):
+            out.add(name)
+    return frozenset(out)
+
+
 class BuiltinPrompts(_Strict):
     """Prompts shipped in ``pipelines/prompts/<name>.jsonl``."""
 
@@ -67,18 +90,28 @@ class ModelConfig(_Strict):
     model: str = "smollm2-135m-instruct"
     engine: Literal["llama_cpp", "transformers", "vllm"] = "llama_cpp"
     n_ctx: int = Field(2048, ge=128)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=OFF_CARD)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="auto (the checkpoint's dtype) is vllm only, and its default there"
     )
-    n_threads: int | None = Field(None, ge=1)
-    trust_remote_code: bool = False
-    batch_tokens: int = Field(4096, ge=64, description="token budget of one scoring batch")
+    n_threads: int | None = Field(None, ge=1, json_schema_extra=SPEED_ONLY)
+    trust_remote_code: bool = Field(False, json_schema_extra=OFF_CARD)
+    batch_tokens: int = Field(
+        4096, ge=64, description="token budget of one scoring batch", json_schema_extra=SPEED_ONLY
+    )
     # vllm only (engine: vllm); one engine per process, see steps/engines/gpu_pool.py for several GPUs
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split across")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory")
-    max_model_len: int | None = Field(None, ge=128, description="vllm: context length (default: the model's)")
-    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (faster start, slower decoding)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm: GPUs one model is split across", json_schema_extra=VLLM
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory", json_schema_extra=VLLM
+    )
+    max_model_len: int | None = Field(
+        None, ge=128, description="vllm: context length (default: the model's)", json_schema_extra=VLLM
+    )
+    enforce_eager: bool = Field(
+        False, description="vllm: no CUDA graphs (faster start, slower decoding)", json_schema_extra=VLLM
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -91,9 +124,9 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _engine_options_match(self) -> ModelConfig:
         if self.engine != "vllm":
-            vllm_only = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager")
             # Compared with the defaults, not model_fields_set: overrides revalidate a full dump.
-            given = [k for k in vllm_only if getattr(self, k) != type(self).model_fields[k].default]
+            fields = type(self).model_fields
+            given = [k for k in sorted(VLLM_ONLY) if getattr(self, k) != fields[k].default]
             if given:
                 raise ValueError(f"{', '.join(given)}: vllm options, but engine is {self.engine}")
             if self.dtype == "auto":
@@ -102,6 +135,8 @@ class ModelConfig(_Strict):
             raise ValueError("engine vllm runs on CUDA GPUs; use engine: transformers for device: cpu")
         return self
 
+
+VLLM_ONLY = tagged(ModelConfig, **VLLM)
 
 # The policy is the model whose on-policy samples become the responses.
 PolicyConfig = ModelConfig
@@ -148,7 +183,7 @@ class DensityRatioConfig(_Strict):
 
     kind: Literal["density_ratio"]
     name: str = "density_ratio"
-    weight: float = Field(1.0, gt=0.0)
+    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
     strong: ContrastSide = ContrastSide(system_prompt=DEFAULT_CRITERIA)
     weak: ContrastSide = ContrastSide()
     reduce: Literal["sum", "mean"] = "sum"
@@ -165,7 +200,7 @@ class FollowUpConfig(_Strict):
 
     kind: Literal["follow_up"]
     name: str = "follow_up"
-    weight: float = Field(1.0, gt=0.0)
+    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
     followups: str = Field("default", description="a set in pipelines/followups/ or a YAML path")
     dimensions: list[str] | None = Field(None, description="only these dimensions (default: all)")
@@ -177,7 +212,7 @@ class PointwiseJudgeConfig(_Strict):
 
     kind: Literal["judge_pointwise"]
     name: str = "judge"
-    weight: float = Field(1.0, gt=0.0)
+    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
     mode: Literal["expected", "sampled"] = "expected"
     n: int = Field(3, ge=1, description="judgements sampled per response (mode: sampled)")
@@ -190,7 +225,7 @@ class PairwiseJudgeConfig(_Strict):
 
     kind: Literal["judge_pairwise"]
     name: str = "pairwise"
-    weight: float = Field(1.0, gt=0.0)
+    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
 
 
@@ -227,13 +262,22 @@ class BleuConfig(_Strict):
     kind: Literal["bleu"] = "bleu"
     name: str = "bleu"
     variant: Literal["bleuberi", "sacrebleu"] = "bleuberi"
-    weight: float = Field(1.0, gt=0.0)
+    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
 
 
 LabelerConfig = Annotated[
     BleuConfig | DensityRatioConfig | FollowUpConfig | PointwiseJudgeConfig | PairwiseJudgeConfig,
     Field(discriminator="kind"),
 ]
+
+
+_LABELER_CONFIGS = (BleuConfig, DensityRatioConfig, FollowUpConfig, PointwiseJudgeConfig, PairwiseJudgeConfig)
+# Left out of the resume keys of every stage: changing them must not invalidate finished shards.
+NOT_SHAPING = tagged(ModelConfig, **SPEED_ONLY).union(
+    *(tagged(config, **AGGREGATE_ONLY) for config in _LABELER_CONFIGS)
+)
+# Left out of what the card says about a model.
+OFF_CARD_SETTINGS = tagged(ModelConfig, **SPEED_ONLY) | tagged(ModelConfig, **OFF_CARD)
 
 
 class PairJudgeConfig(_Strict):

@@ -29,6 +29,7 @@ from typing import Any
 
 import fsspec
 
+from schemas.recipe import NOT_SHAPING
 from steps.base import ShardResult, StageStats, join_uri
 
 log = logging.getLogger(__name__)
@@ -50,14 +51,12 @@ CODE_VERSIONS: dict[str, int] = {
 }
 
 MARKER_SUFFIX = ".done.json"
-# Settings that change how fast a stage runs, never what it writes: changing them must not invalidate work.
-_NOT_SHAPING = frozenset({"n_threads", "batch_tokens", "weight"})
 
 
 def shaping_settings(value: Any) -> Any:
     """A config dump without the keys that only affect speed (or, for labels, the pairing weight)."""
     if isinstance(value, dict):
-        return {k: shaping_settings(v) for k, v in value.items() if k not in _NOT_SHAPING}
+        return {k: shaping_settings(v) for k, v in value.items() if k not in NOT_SHAPING}
     if isinstance(value, list | tuple):
         return [shaping_settings(v) for v in value]
     return value

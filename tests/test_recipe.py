@@ -132,3 +132,16 @@ def test_cli_rejects_typo_in_recipe(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "sampling.nn: unknown key" in proc.stderr
+
+
+def test_setting_lists_come_from_the_settings_metadata() -> None:
+    """Resume keys, the card and the vLLM check read one source: each field's own tags."""
+    from schemas.recipe import NOT_SHAPING, OFF_CARD_SETTINGS, VLLM_ONLY, ModelConfig
+
+    assert NOT_SHAPING == {"n_threads", "batch_tokens", "weight"}
+    assert OFF_CARD_SETTINGS == {"n_threads", "batch_tokens", "trust_remote_code", "device"}
+    assert VLLM_ONLY == {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"}
+    assert VLLM_ONLY < set(ModelConfig.model_fields)
+    for option, value in [("tensor_parallel_size", 2), ("enforce_eager", True)]:
+        with pytest.raises(ValueError, match=f"{option}: vllm options, but engine is transformers"):
+            ModelConfig(engine="transformers", **{option: value})

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.recipe import FollowUpConfig, LabelerConfig, PointwiseJudgeConfig
+from schemas.recipe import OFF_CARD_SETTINGS, VLLM_ONLY, FollowUpConfig, LabelerConfig, PointwiseJudgeConfig
 
-# n_ctx stays: a scorer fails responses past it as too_long, so it shapes the labels.
-_CARD_SKIP = {"n_threads", "batch_tokens", "trust_remote_code", "device"}
-# Settings that do nothing unless the model runs on vLLM: a card listing them for transformers would mislead.
-_VLLM_ONLY = {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"}
+# From the settings' own metadata (schemas.recipe): n_ctx stays, since a scorer fails responses past
+# it as too_long; vLLM-only settings are left out for other engines, where they would mislead.
 # A pointwise judge in expected mode reads score probabilities; it samples nothing.
 _SAMPLED_JUDGE_ONLY = {"n", "temperature", "max_tokens"}
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    skip = set(_CARD_SKIP)
+    skip = set(OFF_CARD_SETTINGS)
     if "engine" in data:  # a model's settings: show the window option its engine reads
-        skip |= _VLLM_ONLY if data["engine"] != "vllm" else {"n_ctx"}
+        skip |= VLLM_ONLY if data["engine"] != "vllm" else {"n_ctx"}
     for key, value in data.items():
         if key in skip:
             continue
