@@ -4,7 +4,7 @@ A labeler is only worth its compute if it picks the response people pick. This
 tool feeds human-labelled pairs through the very code the pipeline uses
 (``build_labeler`` → ``Labeler.label`` → ``aggregate_scores``), so the number
 measured is the number the pipeline gets, and sets each one against the
-"longer wins" baseline that BLEUBERI reports at 65% (DESIGN.md §2).
+"longer wins" baseline that BLEUBERI reports at 65% (docs/design.md, BLEU against references).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ PAIR_RULE = "pair_rule"
 # Pairwise judge on the candidate pair: P(chosen wins) over both orders, and order agreement
 JUDGE_P_CHOSEN = "judge_p_chosen"
 JUDGE_SWAP_AGREE = "judge_swap_agree"
-# Consistency evidence per pair (DESIGN.md §2)
+# Consistency evidence per pair (docs/design.md, Aggregation and consistency)
 AGREEMENT = "agreement"  # share of signals preferring chosen (k/m)
 STRENGTH_MEAN = "strength_mean"  # mean over signals of the z-scored chosen-rejected difference
 STRENGTH_STD = "strength_std"

@@ -149,7 +149,7 @@ _RESERVED_NAMES = frozenset(PROMPTS.names) | frozenset(RESPONSES.names) | frozen
 class ScorerModelConfig(ModelConfig):
     """A model a labeler reads: transformers unless the recipe says otherwise.
 
-    On CPU transformers' prefill is 2-4x llama.cpp's (DESIGN.md §3). A labeler
+    On CPU transformers' prefill is 2-4x llama.cpp's (docs/design.md, Engines). A labeler
     given only part of a model (``model: {model: ...}``) keeps that default.
     """
 
@@ -179,7 +179,7 @@ class ContrastSide(_Strict):
 
 
 class DensityRatioConfig(_Strict):
-    """log p_strong(y|x) - log p_weak(y|x) over response tokens (CDR, DESIGN.md §2)."""
+    """log p_strong(y|x) - log p_weak(y|x) over response tokens (CDR; docs/design.md, Density ratio)."""
 
     kind: Literal["density_ratio"]
     name: str = "density_ratio"
@@ -196,7 +196,7 @@ class DensityRatioConfig(_Strict):
 
 
 class FollowUpConfig(_Strict):
-    """Likelihood of positive minus negative follow-up user turns (FLR, DESIGN.md §2)."""
+    """Likelihood of positive minus negative follow-up user turns (docs/design.md, Follow-up likelihood)."""
 
     kind: Literal["follow_up"]
     name: str = "follow_up"
@@ -257,7 +257,7 @@ class SamplingConfig(_Strict):
 
 
 class BleuConfig(_Strict):
-    """Smoothed sentence BLEU-4 against the prompt's references (DESIGN.md §2)."""
+    """Smoothed sentence BLEU-4 against the prompt's references (docs/design.md, BLEU against references)."""
 
     kind: Literal["bleu"] = "bleu"
     name: str = "bleu"
@@ -305,7 +305,7 @@ class LengthGuard(_Strict):
 
 
 class ConsistencyConfig(_Strict):
-    """Which pairs deserve to be kept (DESIGN.md §2, aggregation and consistency). Each rule is optional."""
+    """Which pairs deserve to be kept (docs/design.md, Aggregation and consistency). Each rule is optional."""
 
     min_agree: int | None = Field(None, ge=1, description="at least k signals prefer chosen")
     require_swap_agreement: bool = False

@@ -138,10 +138,10 @@ def test_setting_lists_come_from_the_settings_metadata() -> None:
     """Resume keys, the card and the vLLM check read one source: each field's own tags."""
     from schemas.recipe import NOT_SHAPING, OFF_CARD_SETTINGS, VLLM_ONLY, ModelConfig
 
-    assert NOT_SHAPING == {"n_threads", "batch_tokens", "weight"}
-    assert OFF_CARD_SETTINGS == {"n_threads", "batch_tokens", "trust_remote_code", "device"}
-    assert VLLM_ONLY == {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"}
-    assert VLLM_ONLY < set(ModelConfig.model_fields)
+    assert {"n_threads", "batch_tokens", "weight"} == NOT_SHAPING
+    assert {"n_threads", "batch_tokens", "trust_remote_code", "device"} == OFF_CARD_SETTINGS
+    assert {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"} == VLLM_ONLY
+    assert set(ModelConfig.model_fields) > VLLM_ONLY
     for option, value in [("tensor_parallel_size", 2), ("enforce_eager", True)]:
         with pytest.raises(ValueError, match=f"{option}: vllm options, but engine is transformers"):
             ModelConfig(engine="transformers", **{option: value})

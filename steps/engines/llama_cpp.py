@@ -1,4 +1,4 @@
-"""llama.cpp backend: the CPU default for sampling (≈100 tok/s on 2 cores, DESIGN.md §3)."""
+"""llama.cpp backend: the CPU default for sampling (≈100 tok/s on 2 cores, docs/design.md, Engines)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from steps.labelers.base import Labeler, PromptGroup, Score
 
 
 class BleuLabeler(Labeler):
-    """BLEU of each response against the prompt's references (DESIGN.md §2, BLEUBERI)."""
+    """BLEU of each response against the prompt's references (docs/design.md, BLEU against references)."""
 
     def __init__(self, config: BleuConfig) -> None:
         self.signal = config.name
