@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 LLAMA_MODE := $(if $(filter 1 true yes on,$(PREFSMITH_LLAMA_NATIVE)),native,portable)
 LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_MODE)
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test test-fast lint bench install clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# The inner loop: in-process tests only (no model file, no server, no subprocess).
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m unit
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

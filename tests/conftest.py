@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -16,6 +17,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect stops its temporary server from an atexit hook and logs it to the console, whose stream
+# pytest has closed by then: without this, every run ends in a "--- Logging error ---" traceback.
+logging.raiseExceptions = False
 # Prefect's temporary server gets 20 s to start by default; a busy 2-core CI machine can need more.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,3 +128,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return  # no default model: the tests that need it say so themselves
     except EngineCrashError as exc:
         pytest.exit(f"the installed llama.cpp cannot run the tests on this machine:\n{exc}", returncode=2)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test gets one lane: ``model`` or ``integration`` as marked, else ``unit`` (make test-fast).
+
+    A test that runs a Prefect flow (it asks for ``prefect_home``, directly or through a fixture)
+    starts Prefect's temporary server: integration.
+    """
+    for item in items:
+        if item.get_closest_marker("model"):
+            continue
+        if "prefect_home" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+        elif not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.unit)

@@ -569,6 +569,7 @@ def test_unknown_labeler_kind_engine_or_model_path(
     assert key in str(info.value)
 
 
+@pytest.mark.integration
 def test_unknown_model_path_cli_exit_code_and_followup_yaml(tmp_path: Path) -> None:
     """The CLI exits 2 naming the key, before Prefect starts; an unsafe follow-up set is a recipe error."""
     missing = str(tmp_path / "missing-judge.gguf")

@@ -87,6 +87,7 @@ def test_the_cycle_finder_finds_one() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", [n for n in modules() if n.startswith("steps.labelers")])
 def test_each_labeler_module_imports_first(name: str) -> None:
     """Imported first in a fresh interpreter: no module relies on another having been imported before."""

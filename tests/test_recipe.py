@@ -105,6 +105,7 @@ def test_recipe_is_immutable() -> None:
         recipe.limit = 3  # type: ignore[misc]
 
 
+@pytest.mark.integration
 def test_cli_rejects_bad_config_before_prefect_or_model(tmp_path: Path) -> None:
     """A wrong model path fails before Prefect starts, a model loads or the output is touched."""
     path = write(tmp_path, {"name": "t", "policy": {"model": str(tmp_path / "missing.gguf")}})
@@ -121,6 +122,7 @@ def test_cli_rejects_bad_config_before_prefect_or_model(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.integration
 def test_cli_rejects_typo_in_recipe(tmp_path: Path) -> None:
     path = write(tmp_path, {"name": "t", "sampling": {"nn": 4}})
     proc = subprocess.run(

@@ -246,6 +246,7 @@ def test_engine_uses_only_api_present_from_the_lower_bound_to_the_latest(
 # ------------------------------------------------------------------ optional extra, lazily imported
 
 
+@pytest.mark.integration
 def test_importing_prefsmith_never_imports_vllm() -> None:
     """Even with a vllm importable, our modules load without it (it initialises CUDA and takes seconds)."""
     code = (

@@ -69,7 +69,8 @@ class CheckResult:
         kind = "portable" if record is not None and not record["native"] else "native"
         kind = kind if record is not None else "a build not made by `make`"
         parts = [part.strip() for part in self.system_info.split("|")]
-        features = [part.split("=")[0].strip() for part in parts if part.endswith("= 1")]
+        # "CPU : SSE3 = 1 | AVX = 1 | …": the backend's name leads the first entry.
+        features = [part.split("=")[0].split(":")[-1].strip() for part in parts if part.endswith("= 1")]
         how = "checked earlier for this build" if self.cached else "checked now"
         return f"llama.cpp: {kind} build using {' '.join(features) or 'no SIMD'}; decodes on this CPU ({how})"
 
