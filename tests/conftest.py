@@ -87,7 +87,7 @@ def smollm2_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     from steps.engines import resolve_model
-    from steps.engines.transformers_engine import materialise
+    from steps.engines.gguf_cache import materialise
 
     return AutoTokenizer.from_pretrained(materialise(resolve_model("smollm2-135m-instruct", "transformers")))
 

@@ -157,9 +157,9 @@ def test_transformers_generation_is_seeded() -> None:
 
 
 def test_trie_merges_shared_prefixes_and_orders_parents_first() -> None:
-    from steps.engines.transformers_engine import _Trie
+    from steps.engines.token_trie import TokenTrie
 
-    trie = _Trie()
+    trie = TokenTrie()
     a, b, c = trie.add([1, 2, 3]), trie.add([1, 2, 4, 5]), trie.add([6])
     assert a[:2] == b[:2] and a[2] != b[2] and c[0] not in a + b
     assert trie.end_of((1, 2)) == a[1] and trie.end_of(()) == 0
@@ -174,7 +174,7 @@ def test_trie_merges_shared_prefixes_and_orders_parents_first() -> None:
 
 
 def test_row_plans_pack_to_save_padding_but_not_to_waste_attention() -> None:
-    from steps.engines.transformers_engine import plan_rows
+    from steps.engines.token_trie import plan_rows
 
     # one long and one short branch under a long cached prompt: one packed row, no padding
     assert plan_rows({1: 200, 2: 60}, cached=400, row_tokens=512, batch_tokens=4096) == [[[1, 2]]]
@@ -227,8 +227,8 @@ def _plain_forward(hf: Any, request: ScoreRequest) -> tuple[list[int], list[floa
     import torch
 
     full = _full_ids(hf, list(request.context), {"role": request.role, "content": request.continuation})
-    start = len(hf._header(request.context, request.role))
-    end = next(k for k in range(start, len(full)) if full[k] in hf._special)
+    start = len(hf.chat.header(request.context, request.role))
+    end = next(k for k in range(start, len(full)) if hf.chat.is_special(full[k]))
     with torch.no_grad():
         logprobs = torch.log_softmax(hf.model(torch.tensor([full])).logits[0].double(), -1)
     return full[start:end], [float(logprobs[k - 1, full[k]]) for k in range(start, end)]
@@ -264,7 +264,7 @@ def test_trie_scoring_equals_a_plain_forward_per_request(
         tokens, expected = _plain_forward(hf, request)
         assert not isinstance(scores, Failed) and scores.token_ids == tokens
         assert max(abs(a - b) for a, b in zip(scores.logprobs, expected, strict=True)) <= 1e-4
-        sequence = [*hf._header(request.context, request.role), *tokens]
+        sequence = [*hf.chat.header(request.context, request.role), *tokens]
         distinct.update(tuple(sequence[:k]) for k in range(1, len(sequence) + 1))
     if row_tokens < 512:  # the trie was split
         assert len(row_sizes) > 1
@@ -284,7 +284,7 @@ def test_every_distinct_prefix_runs_exactly_once() -> None:
     sequences = []
     for request in requests:
         tokens, _ = _plain_forward(hf, request)
-        sequences.append([*hf._header(request.context, request.role), *tokens])
+        sequences.append([*hf.chat.header(request.context, request.role), *tokens])
     distinct = {tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)}
     before = hf.tokens_processed
     hf.score(requests)
@@ -293,7 +293,7 @@ def test_every_distinct_prefix_runs_exactly_once() -> None:
     options = [
         OptionRequest(judges.pointwise_prompt(SLEEP, a), "Score: ", judges.SCORE_OPTIONS) for a in ANSWERS
     ]
-    sequences = [hf._option_ids(request)[0] for request in options]
+    sequences = [hf.chat.options(request)[0] for request in options]
     distinct = {tuple(s[:k]) for s in sequences for k in range(1, len(s) + 1)}
     before = hf.tokens_processed
     hf.option_logprobs(options)

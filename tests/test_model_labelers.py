@@ -290,7 +290,7 @@ def test_follow_ups_reuse_the_shared_prefix(hf: Any) -> None:
     for request in requests:
         separate += hf.score([request])
     used_separate = hf.tokens_processed - before
-    prefix = len(hf._header(context, "user"))
+    prefix = len(hf.chat.header(context, "user"))
     content = sum(len(s.token_ids) for s in shared)
     assert used_shared == prefix + content  # the prefix ran once
     assert used_separate == len(followups) * prefix + content

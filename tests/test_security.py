@@ -207,8 +207,8 @@ def test_trust_remote_code_is_off_unless_the_recipe_says_so(
 def test_gguf_conversion_never_trusts_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 
+    from steps.engines.gguf_cache import materialise
     from steps.engines.models import resolve_model
-    from steps.engines.transformers_engine import materialise
 
     seen: list[dict[str, Any]] = []
 

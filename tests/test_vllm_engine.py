@@ -399,7 +399,7 @@ def test_prompt_too_long_left_truncation_keeps_recent_turns(fake_vllm: Any, tiny
     params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=16, too_long="truncate_left")
     [result] = engine.generate([[*old, *CONV]], params, [1])
     assert isinstance(result, list) and {c.prompt_turns_dropped for c in result} == {2}
-    assert engine.llm.calls[-1][0][0]["prompt_token_ids"] == engine._ids(CONV, add_generation_prompt=True)
+    assert engine.llm.calls[-1][0][0]["prompt_token_ids"] == engine.chat.ids(CONV, add_generation_prompt=True)
 
 
 # ------------------------------------------------------------------ scoring

@@ -6,7 +6,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from schemas import reasons as r
 from steps.engines.base import (
     Completion,
     Conversation,
@@ -18,7 +17,7 @@ from steps.engines.base import (
     render_chat,
     sample_seed,
 )
-from steps.engines.context import fit_prompt
+from steps.engines.chat import ChatTokens
 from steps.engines.models import ResolvedModel
 
 
@@ -51,6 +50,7 @@ class LlamaCppEngine:
         self._bos = self._token_text(self._llm.token_bos())
         self._eos = self._token_text(self._llm.token_eos())
         self._add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") == "true"
+        self.chat = ChatTokens(self._tokenize, self._encode_text, self._is_special, n_ctx)
 
     def close(self) -> None:
         """Free native memory now; llama.cpp's own finaliser fails at interpreter exit."""
@@ -71,18 +71,15 @@ class LlamaCppEngine:
         # The template already writes BOS where the model wants it.
         return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
+    def _encode_text(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
     def generate(
         self, conversations: Sequence[Conversation], params: SamplingParams, seeds: Sequence[int]
     ) -> list[list[Completion] | Failed]:
         results: list[list[Completion] | Failed] = []
         for conversation, base_seed in zip(conversations, seeds, strict=True):
-            fitted = fit_prompt(
-                conversation,
-                lambda conv: self._tokenize(conv, add_generation_prompt=True),
-                self._n_ctx,
-                params.max_tokens,
-                params.too_long,
-            )
+            fitted = self.chat.fit(conversation, params)
             if isinstance(fitted, Failed):
                 results.append(fitted)
                 continue
@@ -137,11 +134,6 @@ class LlamaCppEngine:
     def _is_special(self, token: int) -> bool:
         return self._llm.detokenize([token], special=False) == b"" and bool(self._token_text(token))
 
-    def _header(self, context: Conversation, role: str) -> list[int]:
-        a = self._tokenize([*context, {"role": role, "content": "x"}], False)
-        b = self._tokenize([*context, {"role": role, "content": "y"}], False)
-        return a[: common_prefix(a, b)]
-
     def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
         """One request at a time; consecutive requests with the same context reuse its KV cache."""
         import numpy as np
@@ -150,21 +142,13 @@ class LlamaCppEngine:
         llm.reset()
         results: list[TokenScores | Failed] = []
         for request in requests:
-            header = self._header(request.context, request.role)
-            turn = {"role": request.role, "content": request.continuation}
-            full = self._tokenize([*request.context, turn], False)
-            if full[: len(header)] != header:
-                results.append(Failed(r.TEMPLATE_BOUNDARY, "chat template changes earlier tokens"))
+            split = self.chat.split(request)
+            if isinstance(split, Failed):
+                results.append(split)
                 continue
-            end = len(header)
-            while end < len(full) and not self._is_special(full[end]):
-                end += 1
-            if end > self._n_ctx:
-                results.append(Failed(r.TOO_LONG, f"{end} tokens exceed context {self._n_ctx}"))
-                continue
-            if end == len(header):
-                results.append(Failed(r.EMPTY_CONTINUATION, "nothing to score"))
-                continue
+            header, content = split
+            full = [*header, *content]
+            end = len(full)
             # Keep whatever prefix of the cache is still valid (llama.cpp truncates the rest).
             keep = common_prefix(list(llm.input_ids[: llm.n_tokens]), full[:end])
             keep = min(keep, len(header))

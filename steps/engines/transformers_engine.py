@@ -8,21 +8,16 @@ attention, so there is almost no padding either. Only the positions whose
 log-probs are needed go through the LM head, so memory does not scale with the
 vocabulary times the batch.
 
-Loading a GGUF through transformers dequantises it (15–20 s for the default
-model on 2 cores), so the converted weights are saved once under the cache
-directory and later loads read the safetensors copy.
+The token trie and its row planner are ``steps.engines.token_trie``; reading a GGUF through
+transformers (dequantised once, cached) is ``steps.engines.gguf_cache``.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import inspect
-import os
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from schemas import reasons as r
@@ -34,11 +29,12 @@ from steps.engines.base import (
     SamplingParams,
     ScoreRequest,
     TokenScores,
-    common_prefix,
     sample_seed,
 )
-from steps.engines.context import fit_prompt
+from steps.engines.chat import hf_chat_tokens
+from steps.engines.gguf_cache import materialise
 from steps.engines.models import ResolvedModel
+from steps.engines.token_trie import Item, TokenTrie, plan_rows
 
 # Rows of the LM head + softmax at once: 256 x 49k vocabulary is 50 MB of float32 logits.
 _HEAD_ROWS = 256
@@ -46,58 +42,9 @@ _HEAD_ROWS = 256
 # Attention is dense inside a row (masked keys still cost), so rows stay short: on 2 CPU
 # cores 512 scored the default labelers 0-25% faster than 1024 (eval_labelers, 16 pairs).
 ROW_TOKENS = 512
-# Estimated work of a forward pass, in units of one token through the layers: each key a
-# token attends to adds about 4 * head dims * layers FLOPs against 2 * parameters for the
-# token itself (~3e-4 for SmolLM2-135M); each pass has a fixed cost of a few tokens.
-_KEY_COST = 4e-4
-_SLOT_COST = 8.0
 # A subtree's short root stretch (up to this many tokens) may be repeated in several rows
 # rather than run as a cached path of its own (see TransformersEngine._frontier).
 _INLINE_TOKENS = 8
-# (the uncached nodes above a subtree's root, that root): one unit of a packed row
-_Item = tuple[tuple[int, ...], int]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PREFSMITH_CACHE", Path.home() / ".cache" / "prefsmith"))
-
-
-def _gguf_cache_key(path: Path) -> str:
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def materialise(model: ResolvedModel) -> str:
-    """A directory or hub id ``from_pretrained`` can read; GGUFs are converted once and cached."""
-    if model.kind != "gguf":
-        return model.location
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = f"{Path(model.location).stem}-{_gguf_cache_key(model.path)}"
-    target = cache_dir() / "converted" / name
-    if (target / "config.json").is_file() and (target / ".complete").is_file():
-        return str(target)
-    folder, filename = str(model.path.parent), model.path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype="float32")
-    # The loaded weights are already dequantised, but transformers still flags the
-    # model as GGUF-quantised and refuses to save it: copy them into a plain model.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    weights = AutoModelForCausalLM.from_config(config, dtype="float32")
-    weights.load_state_dict(loaded.state_dict())
-    weights.generation_config = loaded.generation_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    weights.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / ".complete").write_text("ok\n")
-    if target.exists():  # another process won the race; theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    return str(target)
 
 
 class _Tokenized:
@@ -108,110 +55,6 @@ class _Tokenized:
     def __init__(self, prefix: tuple[int, ...], content: list[int]) -> None:
         self.prefix = prefix
         self.content = content
-
-
-class _Trie:
-    """Every token sequence of one call, merged on shared prefixes: one node per distinct prefix.
-
-    A node is a token at a position (its depth); its hidden state depends only on
-    its ancestors, so each node is run exactly once whichever requests share it.
-    ``reads[n]`` are the token ids whose log-probs are read from node ``n``'s
-    output (the next token of a scored continuation, or a judge's options).
-    Node 0 is the empty root.
-    """
-
-    def __init__(self) -> None:
-        self.token: list[int] = [-1]
-        self.parent: list[int] = [-1]
-        self.depth: list[int] = [-1]
-        self.children: list[dict[int, int]] = [{}]
-        self.reads: dict[int, set[int]] = {}
-        self._ends: dict[tuple[int, ...], int] = {}
-        self.size: list[int] = []
-
-    def add(self, tokens: Sequence[int], start: int = 0) -> list[int]:
-        """The node of each token of ``tokens`` placed below node ``start``, creating what is missing."""
-        nodes, node = [], start
-        for token in tokens:
-            child = self.children[node].get(token)
-            if child is None:
-                child = len(self.token)
-                self.children[node][token] = child
-                self.token.append(token)
-                self.parent.append(node)
-                self.depth.append(self.depth[node] + 1)
-                self.children.append({})
-            nodes.append(child)
-            node = child
-        return nodes
-
-    def end_of(self, prefix: tuple[int, ...]) -> int:
-        """The node that ends ``prefix`` (0 for an empty one); many requests share few prefixes."""
-        if prefix not in self._ends:
-            self._ends[prefix] = self.add(prefix)[-1] if prefix else 0
-        return self._ends[prefix]
-
-    def read(self, node: int, token: int) -> None:
-        self.reads.setdefault(node, set()).add(token)
-
-    def seal(self) -> None:
-        """Subtree sizes (children are always numbered after their parent)."""
-        self.size = [1] * len(self.token)
-        for node in range(len(self.token) - 1, 0, -1):
-            self.size[self.parent[node]] += self.size[node]
-
-    def subtree(self, root: int) -> list[int]:
-        """The nodes below and including ``root``, every parent before its children."""
-        order, stack = [], [root]
-        while stack:
-            node = stack.pop()
-            order.append(node)
-            stack.extend(reversed(self.children[node].values()))
-        return order
-
-    def only_child(self, node: int) -> int | None:
-        kids = self.children[node]
-        return next(iter(kids.values())) if len(kids) == 1 else None
-
-
-def plan_rows(
-    sizes: dict[int, int], cached: int, row_tokens: int, batch_tokens: int
-) -> list[list[list[int]]]:
-    """Subtrees packed into rows, rows grouped into batches: the plan with the least estimated work.
-
-    ``sizes`` maps each subtree's root to its node count; every row sees the
-    ``cached`` tokens above the subtrees. A padded slot costs a whole token,
-    while packing several subtrees into one row costs only attention to keys
-    they do not see. So subtrees are packed first-fit (largest first) into rows
-    of a width, for two widths (the largest subtree, and ``row_tokens``), and
-    the plan with the smaller estimate is kept.
-    """
-    order = sorted(sizes, key=sizes.__getitem__, reverse=True)
-    best: tuple[float, list[list[list[int]]]] | None = None
-    for width in sorted({sizes[order[0]], row_tokens}):
-        rows: list[list[int]] = []
-        loads: list[int] = []
-        for root in order:
-            fit = next((i for i, load in enumerate(loads) if load + sizes[root] <= width), None)
-            if fit is None:
-                rows.append([root])
-                loads.append(sizes[root])
-            else:
-                rows[fit].append(root)
-                loads[fit] += sizes[root]
-        batches: list[list[list[int]]] = []
-        cost, batch_width = 0.0, 0
-        for i in sorted(range(len(rows)), key=loads.__getitem__, reverse=True):
-            if not batches or (len(batches[-1]) + 1) * batch_width > batch_tokens:
-                batches.append([])
-                batch_width = loads[i]
-                cost += _SLOT_COST
-            batches[-1].append(rows[i])
-            cost += batch_width * (1 + _KEY_COST * (cached + batch_width))
-        if best is None or cost < best[0]:
-            best = (cost, batches)
-    assert best is not None
-    return best[1]
 
 
 def _eos_ids(*sources: int | list[int] | None) -> list[int]:
@@ -271,50 +114,25 @@ class TransformersEngine:
         # The recipe's n_ctx caps the window, as it does for llama.cpp; a model with a shorter
         # trained window caps it further (positions past it are untrained).
         trained = getattr(self.model.config, "max_position_embeddings", None)
-        self.n_ctx = min(n_ctx, int(trained)) if trained else n_ctx
+        self.chat = hf_chat_tokens(self.tokenizer, min(n_ctx, int(trained)) if trained else n_ctx)
         self.batch_tokens = batch_tokens
         self.row_tokens = min(row_tokens, batch_tokens)
         self.tokens_processed = 0  # every token fed through the network; tests read it
-        self._headers: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
     # ------------------------------------------------------------ tokenisation
 
-    def _ids(self, conversation: Conversation, add_generation_prompt: bool) -> list[int]:
-        ids: Any = self.tokenizer.apply_chat_template(
-            list(conversation), add_generation_prompt=add_generation_prompt, tokenize=True
-        )
-        if not isinstance(ids, list):  # newer versions return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+    @property
+    def n_ctx(self) -> int:
+        """The context window; the chat tokens' limits read the same number."""
+        return self.chat.n_ctx
 
-    def _header(self, context: Conversation, role: str) -> tuple[int, ...]:
-        """Tokens of the context plus the next turn's role header, found from token ids.
-
-        Two different one-word turns share exactly the header, so their common
-        token prefix is it; no string is ever split.
-        """
-        key = (tuple((m["role"], m["content"]) for m in context), role)
-        if key not in self._headers:
-            a = self._ids([*context, {"role": role, "content": "x"}], False)
-            b = self._ids([*context, {"role": role, "content": "y"}], False)
-            self._headers[key] = tuple(a[: common_prefix(a, b)])
-        return self._headers[key]
+    @n_ctx.setter
+    def n_ctx(self, value: int) -> None:
+        self.chat.n_ctx = value
 
     def _split(self, request: ScoreRequest) -> _Tokenized | Failed:
-        header = self._header(request.context, request.role)
-        full = self._ids([*request.context, {"role": request.role, "content": request.continuation}], False)
-        if tuple(full[: len(header)]) != header:
-            return Failed(r.TEMPLATE_BOUNDARY, "chat template changes earlier tokens when a turn is added")
-        content = []
-        for token in full[len(header) :]:
-            if token in self._special:  # the end-of-turn marker the template appends
-                break
-            content.append(token)
-        if len(header) + len(content) > self.n_ctx:
-            return Failed(r.TOO_LONG, f"{len(header) + len(content)} tokens exceed context {self.n_ctx}")
-        if not content:
-            return Failed(r.EMPTY_CONTINUATION, "nothing to score")
-        return _Tokenized(header, content)
+        split = self.chat.split(request)
+        return split if isinstance(split, Failed) else _Tokenized(*split)
 
     # ------------------------------------------------------------ scoring
     #
@@ -353,7 +171,9 @@ class TransformersEngine:
         )
         return out.last_hidden_state, getattr(out, name) if keep else None
 
-    def _read(self, trie: _Trie, hidden: Any, where: list[tuple[int, int, int]], out: dict[int, Any]) -> None:
+    def _read(
+        self, trie: TokenTrie, hidden: Any, where: list[tuple[int, int, int]], out: dict[int, Any]
+    ) -> None:
         """Log-probs of each node's read tokens, the LM head and softmax run on those rows only."""
         import torch
 
@@ -370,7 +190,7 @@ class TransformersEngine:
             for (node, token), value in zip(owners, logprobs[rows, cols].tolist(), strict=True):
                 out.setdefault(node, {})[token] = value
 
-    def _run_rows(self, trie: _Trie, packed: list[list[_Item]], cache: Any, out: dict[int, Any]) -> None:
+    def _run_rows(self, trie: TokenTrie, packed: list[list[Item]], cache: Any, out: dict[int, Any]) -> None:
         """One forward pass over rows of packed subtrees, each token seeing its own ancestors only."""
         import numpy as np
         import torch
@@ -412,7 +232,7 @@ class TransformersEngine:
         hidden, _ = self._forward(*tensors, batch_cache, False, real)
         self._read(trie, hidden, where, out)
 
-    def _run_path(self, trie: _Trie, path: list[int], cache: Any, out: dict[int, Any]) -> Any:
+    def _run_path(self, trie: TokenTrie, path: list[int], cache: Any, out: dict[int, Any]) -> Any:
         """Run one unbranched stretch of the trie on top of ``cache``; returns the cache grown by it."""
         import torch
 
@@ -423,7 +243,7 @@ class TransformersEngine:
         self._read(trie, hidden, [(0, j, n) for j, n in enumerate(path) if n in trie.reads], out)
         return grown
 
-    def _frontier(self, trie: _Trie, node: int) -> tuple[list[_Item], list[_Item]]:
+    def _frontier(self, trie: TokenTrie, node: int) -> tuple[list[Item], list[Item]]:
         """What to run below ``node`` (whose path is cached): subtrees for rows, and larger ones.
 
         A subtree too large for a row whose root stretch branches within
@@ -432,9 +252,9 @@ class TransformersEngine:
         join the rows here, each carrying a copy of that short stretch. Judge
         prompts branch like this on the first characters of their nonce.
         """
-        items: list[_Item] = []
-        big: list[_Item] = []
-        pending: list[_Item] = [((), kid) for kid in trie.children[node].values()]
+        items: list[Item] = []
+        big: list[Item] = []
+        pending: list[Item] = [((), kid) for kid in trie.children[node].values()]
         while pending:
             above, root = pending.pop()
             if len(above) + trie.size[root] <= self.row_tokens:
@@ -449,7 +269,7 @@ class TransformersEngine:
                 big.append((above, root))
         return items, big
 
-    def _run(self, trie: _Trie) -> dict[int, dict[int, float]]:
+    def _run(self, trie: TokenTrie) -> dict[int, dict[int, float]]:
         """Every node once; returns the log-probs read at each node that has reads."""
         import torch
 
@@ -485,7 +305,7 @@ class TransformersEngine:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
         results: list[TokenScores | Failed | None] = [None] * len(requests)
-        trie = _Trie()
+        trie = TokenTrie()
         planned: list[tuple[int, list[int], list[int]]] = []
         for i, request in enumerate(requests):
             split = self._split(request)
@@ -512,10 +332,10 @@ class TransformersEngine:
         request fails (a multi-token option has no single probability to read).
         """
         results: list[dict[str, float] | Failed | None] = [None] * len(requests)
-        trie = _Trie()
+        trie = TokenTrie()
         planned: list[tuple[int, int, dict[str, int]]] = []
         for i, request in enumerate(requests):
-            prepared = self._option_ids(request)
+            prepared = self.chat.options(request)
             if isinstance(prepared, Failed):
                 results[i] = prepared
                 continue
@@ -529,20 +349,6 @@ class TransformersEngine:
             results[i] = {option: read[last][token] for option, token in options.items()}
         return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
 
-    def _option_ids(self, request: OptionRequest) -> tuple[list[int], dict[str, int]] | Failed:
-        header = self._header(request.context, "assistant")
-        base = self.tokenizer(request.prefill, add_special_tokens=False)["input_ids"]
-        option_ids = {}
-        for option in request.options:
-            ids = self.tokenizer(request.prefill + option, add_special_tokens=False)["input_ids"]
-            if ids[: len(base)] != base or len(ids) != len(base) + 1:
-                return Failed(r.OPTION_NOT_SINGLE_TOKEN, f"option {option!r} after {request.prefill!r}")
-            option_ids[option] = ids[-1]
-        seq = list(header) + list(base)
-        if len(seq) > self.n_ctx:
-            return Failed(r.TOO_LONG, f"{len(seq)} tokens exceed context {self.n_ctx}")
-        return seq, option_ids
-
     # ------------------------------------------------------------ sampling
 
     def generate(
@@ -552,13 +358,7 @@ class TransformersEngine:
 
         results: list[list[Completion] | Failed] = []
         for conversation, base_seed in zip(conversations, seeds, strict=True):
-            fitted = fit_prompt(
-                conversation,
-                lambda conv: self._ids(conv, add_generation_prompt=True),
-                self.n_ctx,
-                params.max_tokens,
-                params.too_long,
-            )
+            fitted = self.chat.fit(conversation, params)
             if isinstance(fitted, Failed):
                 results.append(fitted)
                 continue

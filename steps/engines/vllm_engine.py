@@ -37,10 +37,10 @@ from steps.engines.base import (
     SamplingParams,
     ScoreRequest,
     TokenScores,
-    common_prefix,
     sample_seed,
 )
-from steps.engines.context import Fitted, fit_prompt
+from steps.engines.chat import hf_chat_tokens
+from steps.engines.context import Fitted
 from steps.engines.models import VLLM_INSTALL_HINT, ModelSpecError, ResolvedModel, VllmMissingError
 
 
@@ -90,47 +90,30 @@ class VllmEngine:
         self.tokenizer = self.llm.get_tokenizer()
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError(f"{self.model_id} has no chat template in its tokenizer")
-        self.n_ctx = int(self.llm.llm_engine.model_config.max_model_len)
         self._special = set(self.tokenizer.all_special_ids)
-        self._headers: dict[tuple[Any, ...], tuple[int, ...]] = {}
+        self.chat = hf_chat_tokens(self.tokenizer, int(self.llm.llm_engine.model_config.max_model_len))
 
     # ------------------------------------------------------------ tokenisation
 
-    def _ids(self, conversation: Conversation, add_generation_prompt: bool) -> list[int]:
-        ids: Any = self.tokenizer.apply_chat_template(
-            list(conversation), add_generation_prompt=add_generation_prompt, tokenize=True
-        )
-        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+    @property
+    def n_ctx(self) -> int:
+        """The context window (vLLM's max_model_len); the chat tokens' limits read the same number."""
+        return self.chat.n_ctx
 
-    def _header(self, context: Conversation, role: str) -> tuple[int, ...]:
-        """Tokens of the context plus the next turn's role header: what two one-word turns share."""
-        key = (tuple((m["role"], m["content"]) for m in context), role)
-        if key not in self._headers:
-            a = self._ids([*context, {"role": role, "content": "x"}], False)
-            b = self._ids([*context, {"role": role, "content": "y"}], False)
-            self._headers[key] = tuple(a[: common_prefix(a, b)])
-        return self._headers[key]
+    @n_ctx.setter
+    def n_ctx(self, value: int) -> None:
+        self.chat.n_ctx = value
 
     def _split(self, request: ScoreRequest) -> tuple[list[int], int] | Failed:
-        """Token ids of context + continuation content, and where the content starts."""
-        header = self._header(request.context, request.role)
-        full = self._ids([*request.context, {"role": request.role, "content": request.continuation}], False)
-        if tuple(full[: len(header)]) != header:
-            return Failed(r.TEMPLATE_BOUNDARY, "chat template changes earlier tokens when a turn is added")
-        content = []
-        for token in full[len(header) :]:
-            if token in self._special:  # the end-of-turn marker the template appends
-                break
-            content.append(token)
-        if not content:
-            return Failed(r.EMPTY_CONTINUATION, "nothing to score")
-        seq = list(header) + content
-        # vLLM must also generate one token after the prompt, so the prompt gets n_ctx - 1.
-        if len(seq) + 1 > self.n_ctx:
-            return Failed(r.TOO_LONG, f"{len(seq)} tokens (+1 generated) exceed context {self.n_ctx}")
-        return seq, len(header)
+        """Token ids of context + continuation content, and where the content starts.
+
+        vLLM must also generate one token after the prompt, so the sequence gets n_ctx - 1.
+        """
+        split = self.chat.split(request, reserve=1)
+        if isinstance(split, Failed):
+            return split
+        header, content = split
+        return [*header, *content], len(header)
 
     # ------------------------------------------------------------ vLLM calls
 
@@ -210,7 +193,7 @@ class VllmEngine:
         results: list[dict[str, float] | Failed | None] = [None] * len(requests)
         ready: list[tuple[int, str, list[int]]] = []
         for i, request in enumerate(requests):
-            prepared = self._option_ids(request)
+            prepared = self.chat.options(request, reserve=2)  # + the option + one generated token
             if isinstance(prepared, Failed):
                 results[i] = prepared
                 continue
@@ -230,21 +213,6 @@ class VllmEngine:
                     results[i] = values
         return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
 
-    def _option_ids(self, request: OptionRequest) -> tuple[list[int], dict[str, int]] | Failed:
-        header = self._header(request.context, "assistant")
-        base = list(self.tokenizer(request.prefill, add_special_tokens=False)["input_ids"])
-        option_ids = {}
-        for option in request.options:
-            ids = list(self.tokenizer(request.prefill + option, add_special_tokens=False)["input_ids"])
-            if ids[: len(base)] != base or len(ids) != len(base) + 1:
-                return Failed(r.OPTION_NOT_SINGLE_TOKEN, f"option {option!r} after {request.prefill!r}")
-            option_ids[option] = int(ids[-1])
-        seq = list(header) + base
-        # + the option token + the one token vLLM generates
-        if len(seq) + 2 > self.n_ctx:
-            return Failed(r.TOO_LONG, f"{len(seq)} tokens (+2) exceed context {self.n_ctx}")
-        return seq, option_ids
-
     def generate(
         self, conversations: Sequence[Conversation], params: SamplingParams, seeds: Sequence[int]
     ) -> list[list[Completion] | Failed]:
@@ -258,13 +226,7 @@ class VllmEngine:
         batch: list[tuple[int, Fitted, int]] = []
         requests: list[Any] = []
         for i, (conversation, base_seed) in enumerate(zip(conversations, seeds, strict=True)):
-            fitted = fit_prompt(
-                conversation,
-                lambda conv: self._ids(conv, add_generation_prompt=True),
-                self.n_ctx,
-                params.max_tokens,
-                params.too_long,
-            )
+            fitted = self.chat.fit(conversation, params)
             if isinstance(fitted, Failed):
                 results[i] = fitted
                 continue
