@@ -4,164 +4,45 @@ Each stage runs as one Prefect task per shard and hands the next stage a URI.
 The recipe, the model spec and the output location are validated before
 Prefect starts or any model loads, so a typo costs a second.
 
-Placement (README "Run on a schedule and on GPU pools"): with a model
-deployment, sampling and the model-reading labelers run as one run of the
-``model-stage`` deployment per batch of shards, on whichever work pool it is
-bound to; they write into the shared work location and this flow then finds
-those shards finished. With ``dask``, the CPU stages (BLEU labeling, pairing)
-run concurrently on a Dask cluster through ``prefect_dask.DaskTaskRunner``.
+What runs before it (``flows.checks``), where the stages run (``flows.placement``), the run
+summary (``flows.summary``) and the console filter (``flows.console``) have their own modules;
+this one reads as the data path, then the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import TaskRunner
 
-from flows.model_stage import shard_ref
-from schemas import reasons as r
-from schemas.recipe import Recipe, RecipeError, load_recipe
+from flows.checks import NothingSampledError, OutputError, prepare, require_responses
+from flows.console import quiet_console
+from flows.placement import (
+    DEFAULT_BATCH_SHARDS,
+    ModelPoolError,
+    PlacementError,
+    check_placement,
+    dask_runner,
+    run_model_batches,
+)
+from flows.summary import summary_markdown
+from schemas.recipe import Recipe, RecipeError
 from steps import stages
-from steps.base import ShardResult, StageStats, join_uri, merge_stats
+from steps.base import ShardResult, StageStats, merge_stats
 from steps.engines import ModelSpecError
 from steps.engines.native_check import EngineCrashError, check_models
 from steps.hub import HubError, push_dataset
-from steps.labelers.checks import preflight, recipe_models
-from steps.prompts import PromptSourceError, check_prompts, source_label
-from steps.publish import funnel_steps, publish
+from steps.labelers.checks import recipe_models
+from steps.prompts import PromptSourceError, source_label
+from steps.publish import publish
 from steps.resume import WorkArea
-
-WORK_DIR = ".work"
-
-
-class OutputError(RuntimeError):
-    """The output or work location cannot be written; raised before any model loads."""
-
-
-def check_writable(uri: str, what: str) -> None:
-    """Create the location and write/remove a probe, so a read-only target fails now, not after hours."""
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-        fs.makedirs(path, exist_ok=True)
-        probe = f"{path.rstrip('/')}/.prefsmith-probe-{os.getpid()}"
-        with fs.open(probe, "wb") as handle:
-            handle.write(b"ok")
-        fs.rm(probe)
-    except (OSError, ValueError) as exc:
-        raise OutputError(
-            f"{what} {uri!r} is not writable ({type(exc).__name__}: {exc}); "
-            f"choose another location with --output/--work or fix its permissions"
-        ) from exc
-
-
-def prepare(
-    recipe: str = "default",
-    output: str | None = None,
-    limit: int | None = None,
-    seed: int | None = None,
-    work: str | None = None,
-) -> tuple[Recipe, str, str]:
-    """Everything that can be wrong with the request, checked without loading a model."""
-    loaded = load_recipe(recipe).with_overrides(
-        **{"limit": limit, "sampling.seed": seed, "output.uri": output}
-    )
-    preflight(loaded)  # every model of the recipe (policy, labelers, pair judge), errors name the key
-    check_prompts(loaded.prompts)
-    # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139).
-    check_models([model for _, model in recipe_models(loaded)])
-    out = loaded.output_uri()
-    work_uri = work or join_uri(out, WORK_DIR)
-    check_writable(out, "output")
-    check_writable(work_uri, "work location")
-    return loaded, out, work_uri
-
-
-class PlacementError(ValueError):
-    """``--model-deployment``/``--dask`` cannot work as given; raised before any model loads."""
-
-
-class NothingSampledError(RuntimeError):
-    """Sampling dropped every prompt: publishing an empty dataset would hide that."""
-
-
-def require_responses(sampled: StageStats) -> None:
-    """Stop before labeling when no prompt got a response, naming each drop reason and an example."""
-    if sampled.rows_out > 0:
-        return
-    counted = sampled.drops.most_common()
-    reasons = ", ".join(f"{reason} x{count}" for reason, count in counted) or "none recorded"
-    examples = "".join(f"\n  {reason}: {text}" for reason, text in sorted(sampled.examples.items()))
-    hint = (
-        "\nraise policy.n_ctx, shorten the prompts or set sampling.too_long: truncate_left"
-        if r.PROMPT_TOO_LONG in sampled.drops
-        else ""
-    )
-    raise NothingSampledError(
-        f"sampling produced no response: all {sampled.rows_in} prompt(s) were dropped ({reasons}){examples}"
-        f"{hint}\nnothing was published; the previous dataset (if any) is unchanged"
-    )
-
-
-class ModelPoolError(RuntimeError):
-    """A model-stage batch did not complete on its work pool; its finished shards are kept."""
-
-
-MODEL_FLOW = "model-stage"
-DEFAULT_BATCH_SHARDS = 8
-
-
-def deployment_name(model_deployment: str) -> str:
-    """``flow/deployment`` as Prefect wants it; a bare name means a deployment of ``model-stage``."""
-    return model_deployment if "/" in model_deployment else f"{MODEL_FLOW}/{model_deployment}"
-
-
-def check_placement(
-    model_deployment: str | None, batch_shards: int, dask: str | None, work_uri: str
-) -> str:
-    """Validate where stages run; returns the work location as every worker must name it.
-
-    A model pool's workers run in their own processes (other machines, usually), so a relative
-    local path would point somewhere else for them: it is made absolute here, and the work
-    location must be storage they share (an object store URI or a shared mount).
-    """
-    if batch_shards < 1:
-        raise PlacementError(f"--batch-shards must be at least 1, got {batch_shards}")
-    if dask is not None and dask != "local" and not dask.strip():
-        raise PlacementError("--dask takes 'local' or a scheduler address such as tcp://10.0.0.5:8786")
-    if model_deployment is None:
-        return work_uri
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        raise PlacementError(
-            f"--model-deployment {model_deployment} needs a Prefect server that the work pool's workers "
-            "poll: start one (prefect server start) and set PREFECT_API_URL, see README "
-            "'Run on a schedule and on GPU pools'"
-        )
-    if "://" not in work_uri or work_uri.startswith("file://"):
-        return str(Path(work_uri.removeprefix("file://")).resolve())
-    return work_uri
-
-
-def dask_runner(dask: str) -> TaskRunner[Any]:
-    """A LocalCluster (one thread per worker process, so models and BLEU never share a GIL) or a scheduler."""
-    from prefect_dask import DaskTaskRunner
-
-    if dask == "local":
-        workers = max(1, min(4, os.cpu_count() or 1))
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
-    return DaskTaskRunner(address=dask)
 
 
 def _log_progress(stage: str, done: int, total: int, result: ShardResult, started: float) -> None:
@@ -251,83 +132,6 @@ def _run_stage(name: str, shards: list[tuple[Any, ...]], fn: Any) -> list[ShardR
     return results
 
 
-def run_model_batches(
-    deployment: str,
-    config: Recipe,
-    work_uri: str,
-    stage: str,
-    prompts: list[ShardResult],
-    batch_shards: int,
-    fresh: bool,
-    job_variables: dict[str, Any] | None,
-) -> None:
-    """One ``model-stage`` deployment run per batch of shards: submit them all, then wait for all.
-
-    The runs write into the shared work location; nothing comes back but their states. A batch
-    that failed fails this flow with a message naming it; its finished shards stay for the rerun.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
-    logger = get_run_logger()
-    name = deployment_name(deployment)
-    recipe = config.model_dump(mode="json")
-    batches = [prompts[i : i + batch_shards] for i in range(0, len(prompts), batch_shards)]
-    submitted = []
-    for i, batch in enumerate(batches, start=1):
-        run = run_deployment(
-            name,
-            parameters={
-                "recipe": recipe,
-                "work": work_uri,
-                "stage": stage,
-                "prompt_shards": [shard_ref(shard) for shard in batch],
-                "fresh": fresh,
-            },
-            flow_run_name=f"{config.name}-{stage}-batch-{i}-of-{len(batches)}",
-            timeout=0,
-            job_variables=job_variables,
-        )
-        submitted.append(run)
-    logger.info(
-        f"{stage}: {len(batches)} batch(es) of up to {batch_shards} shard(s) submitted to deployment "
-        f"{name!r}; waiting for its work pool's workers"
-    )
-    started = time.monotonic()
-    pending = {run.id: i for i, run in enumerate(submitted, start=1)}
-    failures, warned = [], False
-    with get_client(sync_client=True) as client:
-        while pending:
-            for run_id, i in list(pending.items()):
-                run = client.read_flow_run(run_id)
-                if run.state is None or not run.state.is_final():
-                    continue
-                del pending[run_id]
-                first = (i - 1) * batch_shards + 1
-                what = f"batch {i}/{len(batches)} (shards {first}-{first + len(batches[i - 1]) - 1})"
-                if run.state.is_completed():
-                    logger.info(f"{stage} {what} finished on the pool (flow run {run.name})")
-                else:
-                    failures.append(
-                        f"{what}: flow run {run.name} ({run.id}) ended {run.state.name}: "
-                        f"{run.state.message or 'no message'}"
-                    )
-            if pending and not warned and time.monotonic() - started > 120:
-                logger.warning(
-                    f"{stage}: {len(pending)} batch(es) still waiting after 120 s; if their runs stay "
-                    "Scheduled, no worker polls the deployment's work pool (prefect worker start --pool …)"
-                )
-                warned = True
-            if pending:
-                time.sleep(1.0)
-    if failures:
-        raise ModelPoolError(
-            f"{stage} on deployment {name!r}: {len(failures)} of {len(batches)} batch(es) failed:\n  "
-            + "\n  ".join(failures)
-            + "\nShards those batches finished are kept; rerun the same command to do the rest."
-        )
-
-
 @flow(name="cpu-stages")
 def cpu_stages(
     config: Recipe,
@@ -359,35 +163,6 @@ def cpu_stages(
         done_pairs.append(future.result())
         _log_progress("pairing", i, len(pair_futures), done_pairs[-1], started)
     return done_labels, done_pairs
-
-
-def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
-    """The card's headline numbers for the Prefect UI: funnel, drops per stage, length bias."""
-    stages = manifest["stats"]["stages"]
-    kept = manifest["splits"].get("train", 0)
-    lines = [
-        f"# Preference dataset `{manifest['recipe']['name']}`",
-        "",
-        f"Output: `{output}` — **{manifest['splits'].get('train', 0)} pairs** kept, "
-        f"{manifest['splits'].get('dropped', 0)} dropped (config `dropped`), recipe hash "
-        f"`{manifest['recipe']['hash']}`.",
-        "",
-        "Funnel: " + " → ".join(f"{n} {label}" for label, n in funnel_steps(manifest["stats"], kept)),
-        "",
-        "| stage | in | out | drops | seconds |",
-        "|---|---|---|---|---|",
-    ]
-    for name, s in stages.items():
-        drops = ", ".join(f"{k}: {v}" for k, v in s["drops"].items()) or "none"
-        lines.append(f"| {name} | {s['rows_in']} | {s['rows_out']} | {drops} | {s['seconds']:.1f} |")
-    length = manifest["stats"].get("length", {}).get("before", {})
-    if length.get("corr_length_diff_margin") is not None:
-        lines += [
-            "",
-            f"Chosen is longer in {100 * length['chosen_longer_share']:.0f}% of candidate pairs; "
-            f"Spearman(length difference, margin) = {length['corr_length_diff_margin']:.3f}.",
-        ]
-    return "\n".join(lines) + "\n"
 
 
 @flow(name="build-prefs", log_prints=True)
@@ -507,32 +282,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the CPU stages (BLEU labeling, pairing) on Dask: a new LocalCluster or a scheduler address",
     )
     return parser.parse_args(argv)
-
-
-class _QuietConsole(logging.Filter):
-    """Prefect's console lines that repeat ours: a task's "Completed" state (failures still show) and
-    the second line of the temporary-server notice. The API handler (the UI) keeps everything."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message == "Finished in state Completed()":
-            return False
-        if message.startswith("Starting temporary server on ") and "\n" in message:
-            record.msg, record.args = message.split("\n", 1)[0], None
-        return True
-
-
-def quiet_console() -> None:
-    """Attach the filter to Prefect's console handlers (set up when prefect was imported)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)]
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler) and not any(
-                isinstance(f, _QuietConsole) for f in handler.filters
-            ):
-                handler.addFilter(_QuietConsole())
 
 
 def main(argv: list[str] | None = None) -> int:

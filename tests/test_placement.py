@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows import build_prefs as bp
+from flows.placement import check_placement, deployment_name
 from steps import sampling, writer
 from tests.conftest import FakeEngine
 from tests.test_resume import markers, rows, write_recipe
@@ -55,6 +56,6 @@ def test_work_location_is_made_absolute_for_pool_workers(tmp_path: Path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
-        assert bp.check_placement("model-stage", 8, None, "out/.work") == str(tmp_path / "out" / ".work")
-        assert bp.check_placement("model-stage", 8, None, "s3://b/work") == "s3://b/work"
-    assert bp.deployment_name("gpu") == "model-stage/gpu" and bp.deployment_name("a/b") == "a/b"
+        assert check_placement("model-stage", 8, None, "out/.work") == str(tmp_path / "out" / ".work")
+        assert check_placement("model-stage", 8, None, "s3://b/work") == "s3://b/work"
+    assert deployment_name("gpu") == "model-stage/gpu" and deployment_name("a/b") == "a/b"

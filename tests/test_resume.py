@@ -14,6 +14,7 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from flows import build_prefs as bp
+from flows.checks import NothingSampledError
 from schemas import columns as c
 from steps import publish as publish_mod
 from steps import resume, sampling, writer
@@ -345,7 +346,7 @@ def test_a_run_that_samples_nothing_fails_and_leaves_the_old_dataset(
     too_long = tmp_path / "too-long.jsonl"
     too_long.write_text("".join(json.dumps({"prompt": f"TOO_LONG {i}"}) + "\n" for i in range(3)))
     empty = write_recipe(tmp_path, **{"prompts.uri": str(too_long), "prompts.references_column": None})
-    with pytest.raises(bp.NothingSampledError, match=r"all 3 prompt\(s\) were dropped \(prompt_too_long x3\)"):
+    with pytest.raises(NothingSampledError, match=r"all 3 prompt\(s\) were dropped \(prompt_too_long x3\)"):
         run(empty, out)
     assert (out / "manifest.json").read_bytes() == manifest
     assert bp.main(["--recipe", empty, "--output", str(out)]) == 1

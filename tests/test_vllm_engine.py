@@ -266,7 +266,7 @@ def test_missing_vllm_fails_at_validation_with_install_hint(tmp_path: Path) -> N
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "vllm")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: v\npolicy: {engine: vllm, model: HuggingFaceTB/SmolLM2-135M-Instruct}\n")
-    from flows.build_prefs import prepare  # the CLI's checks, run before any model loads
+    from flows.checks import prepare  # the CLI's checks, run before any model loads
 
     with pytest.raises(ModelSpecError, match=r"prefsmith\[vllm\]"):
         prepare(str(recipe))
