@@ -298,3 +298,28 @@ def test_every_distinct_prefix_runs_exactly_once() -> None:
     before = hf.tokens_processed
     hf.option_logprobs(options)
     assert hf.tokens_processed - before == len(distinct) < sum(len(s) for s in sequences) * 0.8
+
+
+@pytest.mark.model
+def test_llama_cpp_reads_judge_options_like_transformers() -> None:
+    """Every engine is an ``Engine``: a judge on llama.cpp reads the same rating probabilities."""
+    from steps import judges
+    from steps.engines import Engine
+
+    llama = load_engine(PolicyConfig(n_ctx=2048, n_threads=2))
+    hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
+    assert isinstance(llama, Engine) and isinstance(hf, Engine)
+    requests = [
+        OptionRequest(judges.pointwise_prompt(SLEEP, a), judges.SCORE_PREFILL, judges.SCORE_OPTIONS) for a in ANSWERS
+    ]
+    ours, reference = llama.option_logprobs(requests), hf.option_logprobs(requests)
+    for a, b in zip(ours, reference, strict=True):
+        assert isinstance(a, dict) and isinstance(b, dict) and set(a) == set(b) == set(judges.SCORE_OPTIONS)
+        # Q4_1 kernels with 8-bit activations against the same weights dequantised to fp32
+        assert max(abs(a[k] - b[k]) for k in a) < 0.15, (a, b)  # measured: 0.07
+    # The second request (same rubric, other reply) reused the first one's cached prefix: same answer alone.
+    [alone] = llama.option_logprobs(requests[1:])
+    assert alone == pytest.approx(ours[1], abs=1e-4)
+    too_long = OptionRequest([{"role": "user", "content": "word " * 3000}], "Score: ", judges.SCORE_OPTIONS)
+    [failed] = llama.option_logprobs([too_long])
+    assert isinstance(failed, Failed) and failed.reason == "too_long"

@@ -16,6 +16,7 @@ from schemas.recipe import ModelConfig
 from steps.engines.base import (
     Chooser,
     Completion,
+    Engine,
     Failed,
     Generator,
     OptionRequest,
@@ -31,6 +32,7 @@ from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
 __all__ = [
     "Chooser",
     "Completion",
+    "Engine",
     "Failed",
     "Generator",
     "ModelSpecError",
@@ -46,11 +48,11 @@ __all__ = [
     "sample_seed",
 ]
 
-_ENGINES: dict[tuple[Any, ...], Any] = {}
+_ENGINES: dict[tuple[Any, ...], Engine] = {}
 _LOCK = threading.Lock()
 
 
-def load_engine(policy: ModelConfig) -> Any:
+def load_engine(policy: ModelConfig) -> Engine:
     """The engine for ``policy``, loaded on first use and reused afterwards."""
     key = (
         policy.model,

@@ -104,6 +104,12 @@ class Chooser(Protocol):
     def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]: ...
 
 
+@runtime_checkable
+class Engine(Generator, Scorer, Chooser, Protocol):
+    """What ``load_engine`` returns: every engine samples, scores continuations and reads options."""
+
+
+
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from anything hashable-by-text: same inputs, same seed, on every machine."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()

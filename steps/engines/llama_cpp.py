@@ -10,6 +10,7 @@ from steps.engines.base import (
     Completion,
     Conversation,
     Failed,
+    OptionRequest,
     SamplingParams,
     ScoreRequest,
     TokenScores,
@@ -133,6 +134,29 @@ class LlamaCppEngine:
 
     def _is_special(self, token: int) -> bool:
         return self._llm.detokenize([token], special=False) == b"" and bool(self._token_text(token))
+
+    def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
+        """Log-probs of each single-token option after the assistant's ``prefill``, at one position."""
+        import numpy as np
+
+        llm = self._scoring_model()
+        llm.reset()
+        results: list[dict[str, float] | Failed] = []
+        for request in requests:
+            prepared = self.chat.options(request)
+            if isinstance(prepared, Failed):
+                results.append(prepared)
+                continue
+            seq, options = prepared
+            # Reuse the cached prefix, but run at least the last token: its logits are the answer.
+            keep = min(common_prefix(list(llm.input_ids[: llm.n_tokens]), seq), len(seq) - 1)
+            llm.n_tokens = keep
+            llm.eval(seq[keep:])
+            logits = np.asarray(llm.scores[len(seq) - 1], dtype=np.float64)
+            top = logits.max()
+            logz = top + np.log(np.exp(logits - top).sum())
+            results.append({option: float(logits[token] - logz) for option, token in options.items()})
+        return results
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
         """One request at a time; consecutive requests with the same context reuse its KV cache."""
