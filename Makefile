@@ -34,7 +34,10 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_STAMP) | $(VPY)
 demo: $(STAMP)
 	$(VPY) -m flows.build_prefs
 
+# Lint and format are part of the suite: CI runs exactly this target.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VPY) -m pytest -q
 
 # The inner loop: in-process tests only (no model file, no server, no subprocess).

@@ -40,9 +40,7 @@ def deployment_name(model_deployment: str) -> str:
     return model_deployment if "/" in model_deployment else f"{MODEL_FLOW}/{model_deployment}"
 
 
-def check_placement(
-    model_deployment: str | None, batch_shards: int, dask: str | None, work_uri: str
-) -> str:
+def check_placement(model_deployment: str | None, batch_shards: int, dask: str | None, work_uri: str) -> str:
     """Validate where stages run; returns the work location as every worker must name it.
 
     A model pool's workers run in their own processes (other machines, usually), so a relative

@@ -274,8 +274,10 @@ def _file_rows(config: FilePrompts) -> Iterator[RawRow]:
 
 def references_named(config: PromptsConfig) -> bool:
     """The recipe named a references column itself: then it must exist (the default may be absent)."""
-    return isinstance(config, FilePrompts) and "references_column" in config.model_fields_set and bool(
-        config.references_column
+    return (
+        isinstance(config, FilePrompts)
+        and "references_column" in config.model_fields_set
+        and bool(config.references_column)
     )
 
 

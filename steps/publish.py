@@ -114,4 +114,3 @@ def publish(
     keep = {run_id} | ({previous["run_id"]} if previous and previous.get("run_id") else set())
     remove_old_runs(output, keep)
     return manifest
-

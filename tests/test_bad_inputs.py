@@ -415,7 +415,9 @@ class NonFinite(Labeler):
     signal = "bleu"
 
     def score_prompt(self, group: PromptGroup) -> list[Score]:
-        return [Score(v) for v in (float("nan"), float("inf"), float("-inf"), 1.0, 2.0)][: len(group.responses)]
+        return [Score(v) for v in (float("nan"), float("inf"), float("-inf"), 1.0, 2.0)][
+            : len(group.responses)
+        ]
 
 
 def test_nan_or_inf_from_a_labeler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -490,7 +492,9 @@ def test_unparseable_judge_output(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     config = PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=3)
     prompts = prompts_table(["p"])
-    labels, stats = judge_pointwise.PointwiseJudgeLabeler(config).label(prompts, responses(prompts, ["one", "two"]))
+    labels, stats = judge_pointwise.PointwiseJudgeLabeler(config).label(
+        prompts, responses(prompts, ["one", "two"])
+    )
     first, second = labels.to_pylist()
     assert first[c.SCORE] == 4.0 and first[c.REASON] is None  # the mean of the parsed verdicts only
     assert json.loads(first[c.DETAILS])["ratings"] == [4, None, None]

@@ -19,7 +19,9 @@ def test_completed_echo_is_dropped_and_failures_are_kept() -> None:
 
 
 def test_temporary_server_notice_keeps_its_first_line() -> None:
-    line = record("Starting temporary server on http://127.0.0.1:8481\nSee https://docs.prefect.io/ for more.")
+    line = record(
+        "Starting temporary server on http://127.0.0.1:8481\nSee https://docs.prefect.io/ for more."
+    )
     assert QuietConsole().filter(line)
     assert line.getMessage() == "Starting temporary server on http://127.0.0.1:8481"
 

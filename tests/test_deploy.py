@@ -64,7 +64,9 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for _, log in self.procs)
+        return "\n".join(
+            f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for _, log in self.procs
+        )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     procs = Processes()
     try:
         server = procs.start(
-            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, base / "server.log"
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            base / "server.log",
         )
         wait_healthy(api, server)
         for pool in ("cpu", "gpu"):
@@ -116,7 +120,9 @@ def wait_healthy(api: str, server: subprocess.Popen[bytes]) -> None:
 
 def run_cli(args: list[str], env: dict[str, str]) -> str:
     proc = subprocess.run([*PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -148,7 +154,9 @@ def flow_runs(stack: dict[str, Any], flow_name: str) -> list[dict[str, Any]]:
 
 def run_logs(stack: dict[str, Any], run_id: str) -> str:
     body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
-    return "\n".join(r["message"] for r in httpx.post(f"{stack['api']}/logs/filter", json=body, timeout=10).json())
+    return "\n".join(
+        r["message"] for r in httpx.post(f"{stack['api']}/logs/filter", json=body, timeout=10).json()
+    )
 
 
 def tiny_recipe(path: Path, model: Path, labelers: list[dict[str, Any]]) -> Path:
@@ -195,25 +203,34 @@ def test_prefects_own_cli_lists_what_the_server_holds(stack: dict[str, Any]) -> 
 
 
 def test_nightly_deployment_runs_its_model_stage_on_the_gpu_pool(
-    stack: dict[str, Any], tiny_model: Path  # noqa: F811
+    stack: dict[str, Any],
+    tiny_model: Path,  # noqa: F811
 ) -> None:
     base: Path = stack["base"]
     model_labeler = {
         "kind": "density_ratio",
         "name": "density_ratio",
-        "strong": {"model": {"model": str(tiny_model), "engine": "transformers", "dtype": "float32",
-                             "device": "cpu"}, "system_prompt": "Answer helpfully."},
-        "weak": {"model": {"model": str(tiny_model), "engine": "transformers", "dtype": "float32",
-                           "device": "cpu"}},
+        "strong": {
+            "model": {
+                "model": str(tiny_model),
+                "engine": "transformers",
+                "dtype": "float32",
+                "device": "cpu",
+            },
+            "system_prompt": "Answer helpfully.",
+        },
+        "weak": {
+            "model": {"model": str(tiny_model), "engine": "transformers", "dtype": "float32", "device": "cpu"}
+        },
         "reduce": "mean",
     }
     recipe = tiny_recipe(base / "pools.yaml", tiny_model, [{"kind": "bleu", "name": "bleu"}, model_labeler])
     out, work = base / "out", base / "work"
-    run_id = trigger(
-        stack, {"recipe": str(recipe), "output": str(out), "work": str(work), "batch_shards": 2}
-    )
+    run_id = trigger(stack, {"recipe": str(recipe), "output": str(out), "work": str(work), "batch_shards": 2})
     run = wait_final(stack, run_id)
-    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{run_logs(stack, run_id)}\n{stack['procs'].logs()}"
+    assert run["state"]["type"] == "COMPLETED", (
+        f"{run['state']}\n{run_logs(stack, run_id)}\n{stack['procs'].logs()}"
+    )
     manifest = writer.verify(str(out))
     assert manifest["splits"]["train"] > 0
 
@@ -231,7 +248,8 @@ def test_nightly_deployment_runs_its_model_stage_on_the_gpu_pool(
 
 
 def test_failed_gpu_batch_fails_the_run_naming_it_and_the_rerun_resumes(
-    stack: dict[str, Any], tiny_model: Path  # noqa: F811
+    stack: dict[str, Any],
+    tiny_model: Path,  # noqa: F811
 ) -> None:
     base: Path = stack["base"]
     recipe = tiny_recipe(base / "bleu.yaml", tiny_model, [{"kind": "bleu", "name": "bleu"}])

@@ -310,7 +310,8 @@ def test_llama_cpp_reads_judge_options_like_transformers() -> None:
     hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
     assert isinstance(llama, Engine) and isinstance(hf, Engine)
     requests = [
-        OptionRequest(judges.pointwise_prompt(SLEEP, a), judges.SCORE_PREFILL, judges.SCORE_OPTIONS) for a in ANSWERS
+        OptionRequest(judges.pointwise_prompt(SLEEP, a), judges.SCORE_PREFILL, judges.SCORE_OPTIONS)
+        for a in ANSWERS
     ]
     ours, reference = llama.option_logprobs(requests), hf.option_logprobs(requests)
     for a, b in zip(ours, reference, strict=True):

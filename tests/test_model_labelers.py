@@ -53,13 +53,17 @@ def use(monkeypatch: pytest.MonkeyPatch, module: Any, engine: Any) -> None:
 def test_density_ratio_sum_and_mean(monkeypatch: pytest.MonkeyPatch) -> None:
     use(monkeypatch, density_ratio, FakeScorer())
     config = DensityRatioConfig(kind="density_ratio", strong={"system_prompt": "be good"}, weak={})
-    [[a, b, empty]] = density_ratio.DensityRatioLabeler(config).score_prompts([PromptGroup(PROMPT, ["hi there", "x", " "])])
+    [[a, b, empty]] = density_ratio.DensityRatioLabeler(config).score_prompts(
+        [PromptGroup(PROMPT, ["hi there", "x", " "])]
+    )
     # strong adds 2 system words to every token's cost: each token is 0.2 nats less likely
     assert a.value == pytest.approx(-0.4) and b.value == pytest.approx(-0.2)
     assert a.details["strong_logp"] == pytest.approx(-(2 + 5 + 4) / 10)  # "hi"=2+2, "there"=5+2
     assert empty.value is None and empty.reason == "empty_response"
     mean = DensityRatioConfig(kind="density_ratio", strong={"system_prompt": "be good"}, reduce="mean")
-    [[a, b, _]] = density_ratio.DensityRatioLabeler(mean).score_prompts([PromptGroup(PROMPT, ["hi there", "x", ""])])
+    [[a, b, _]] = density_ratio.DensityRatioLabeler(mean).score_prompts(
+        [PromptGroup(PROMPT, ["hi there", "x", ""])]
+    )
     assert a.value == pytest.approx(-0.2) and b.value == pytest.approx(-0.2)
 
 
@@ -145,7 +149,9 @@ class FakeJudge:
 
 def test_pointwise_expected_score(monkeypatch: pytest.MonkeyPatch) -> None:
     use(monkeypatch, judge_pointwise, FakeJudge())
-    labeler = judge_pointwise.PointwiseJudgeLabeler(PointwiseJudgeConfig(kind="judge_pointwise", mode="expected"))
+    labeler = judge_pointwise.PointwiseJudgeLabeler(
+        PointwiseJudgeConfig(kind="judge_pointwise", mode="expected")
+    )
     [[good, bad, empty]] = labeler.score_prompts([PromptGroup(PROMPT, ["a good reply", "meh", ""])])
     assert good.value == pytest.approx(0.6 * 5 + 0.08 * (0 + 1 + 2 + 3 + 4))
     assert bad.value == pytest.approx(0.6 * 1 + 0.08 * (0 + 2 + 3 + 4 + 5))
@@ -155,12 +161,16 @@ def test_pointwise_expected_score(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_pointwise_sampled_parses_strictly_and_never_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     texts = ["Fine.\nScore: 4", "Reasoning...\n**Score: 2**", "I'd give it a 5", "Score: 9"]
     use(monkeypatch, judge_pointwise, FakeJudge(texts=texts))
-    labeler = judge_pointwise.PointwiseJudgeLabeler(PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=4))
+    labeler = judge_pointwise.PointwiseJudgeLabeler(
+        PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=4)
+    )
     [[score]] = labeler.score_prompts([PromptGroup(PROMPT, ["reply"])])
     assert score.value == pytest.approx(3.0)
     assert score.details == {"ratings": [4, 2, None, None], "parsed": 2, "judged": 4}
     use(monkeypatch, judge_pointwise, FakeJudge(texts=["no rating here", "Score: six"]))
-    labeler = judge_pointwise.PointwiseJudgeLabeler(PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=2))
+    labeler = judge_pointwise.PointwiseJudgeLabeler(
+        PointwiseJudgeConfig(kind="judge_pointwise", mode="sampled", n=2)
+    )
     [[score]] = labeler.score_prompts([PromptGroup(PROMPT, ["reply"])])
     assert score.value is None and score.reason == "judge_unparseable"
 

@@ -144,7 +144,9 @@ def cut(resp: pa.Table, indices: set[int]) -> pa.Table:
     return resp.set_column(resp.schema.get_field_index(c.FINISH_REASON), c.FINISH_REASON, pa.array(reasons))
 
 
-def run_cut(scores: list[float], indices: set[int], **pairing: object) -> tuple[pa.Table, dict[str, int], dict]:
+def run_cut(
+    scores: list[float], indices: set[int], **pairing: object
+) -> tuple[pa.Table, dict[str, int], dict]:
     prompts = prompts_table(["p"])
     resp = cut(responses(prompts, ["a", "b", "c", "d"]), indices)
     recipe = make_recipe(pairing=pairing)
@@ -157,7 +159,11 @@ def test_finished_only_pairs_the_best_and_worst_finished_answers() -> None:
     table, drops, counts = run_cut([1.0, 5.0, 0.5, 3.0], {1, 2}, finished_only=True)
     [row] = table.to_pylist()
     assert (row[c.CHOSEN][0][c.CONTENT], row[c.REJECTED][0][c.CONTENT]) == ("d", "a")
-    assert row[c.side_column(c.FINISH_REASON, c.CHOSEN)] == row[c.side_column(c.FINISH_REASON, c.REJECTED)] == "stop"
+    assert (
+        row[c.side_column(c.FINISH_REASON, c.CHOSEN)]
+        == row[c.side_column(c.FINISH_REASON, c.REJECTED)]
+        == "stop"
+    )
     assert drops == {} and counts["cut_answers_not_paired"] == 2
     # Off (the default), the cut answers pair as before.
     table, _, counts = run_cut([1.0, 5.0, 0.5, 3.0], {1, 2})

@@ -28,7 +28,10 @@ def test_cpu_stages_on_a_dask_local_cluster_give_the_same_dataset(tmp_path: Path
     assert rows(tmp_path / "dask") == rows(tmp_path / "plain")
     writer.verify(str(tmp_path / "dask"))
     done = markers(tmp_path / "dask" / ".work")
-    assert sum(1 for p in done if p.startswith("pairing/")) == 3 and sum(1 for p in done if p.startswith("labels/")) == 3
+    assert (
+        sum(1 for p in done if p.startswith("pairing/")) == 3
+        and sum(1 for p in done if p.startswith("labels/")) == 3
+    )
     # A rerun on Dask finds every shard finished, wherever it was computed.
     calls = engine.calls
     bp.build_prefs(recipe=recipe, output=str(tmp_path / "dask"), dask="local")
@@ -43,7 +46,14 @@ def test_model_deployment_without_a_server_fails_before_any_model_loads(
 
     monkeypatch.setattr(sampling, "load_engine", no_model)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    argv = ["--recipe", write_recipe(tmp_path), "--output", str(tmp_path / "out"), "--model-deployment", "gpu"]
+    argv = [
+        "--recipe",
+        write_recipe(tmp_path),
+        "--output",
+        str(tmp_path / "out"),
+        "--model-deployment",
+        "gpu",
+    ]
     assert bp.main(argv) == 2
     err = capsys.readouterr().err
     assert "PREFECT_API_URL" in err and "prefect server start" in err
@@ -51,7 +61,9 @@ def test_model_deployment_without_a_server_fails_before_any_model_loads(
     assert "--batch-shards must be at least 1" in capsys.readouterr().err
 
 
-def test_work_location_is_made_absolute_for_pool_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_work_location_is_made_absolute_for_pool_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     monkeypatch.chdir(tmp_path)

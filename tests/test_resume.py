@@ -84,7 +84,14 @@ def test_rerun_reuses_every_shard_and_republishes_nothing(tmp_path: Path, engine
     run(recipe, out)
     first = markers(out / ".work")
     manifest = (out / "manifest.json").read_bytes()
-    assert {stage_of(p) for p in first} == {"prompts", "sampling", "label", "labels", "pairing", "consistency"}
+    assert {stage_of(p) for p in first} == {
+        "prompts",
+        "sampling",
+        "label",
+        "labels",
+        "pairing",
+        "consistency",
+    }
     assert sum(1 for p in first if stage_of(p) == "sampling") == 3  # 6 prompts, 2 per shard
     calls = engine.calls
     run(recipe, out)
@@ -324,7 +331,9 @@ def test_token_never_reaches_outputs_logs_or_prefect(
     real_client = hub.HfHubClient
     monkeypatch.setattr(hub, "HfHubClient", lambda: real_client(api))
     out = tmp_path / "out"
-    assert bp.main(["--recipe", write_recipe(tmp_path), "--output", str(out), "--push-to-hub", "org/prefs"]) == 0
+    assert (
+        bp.main(["--recipe", write_recipe(tmp_path), "--output", str(out), "--push-to-hub", "org/prefs"]) == 0
+    )
     assert "README.md" in api.files and "manifest.json" in api.files
     captured = capsys.readouterr()
     places = {"stdout": captured.out.encode(), "stderr": captured.err.encode()}

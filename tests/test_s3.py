@@ -40,6 +40,7 @@ FAKE_AWS = {
 
 pytestmark = pytest.mark.integration  # a moto S3 server on loopback
 
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -109,7 +109,6 @@ class Engine(Generator, Scorer, Chooser, Protocol):
     """What ``load_engine`` returns: every engine samples, scores continuations and reads options."""
 
 
-
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from anything hashable-by-text: same inputs, same seed, on every machine."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()

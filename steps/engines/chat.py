@@ -111,4 +111,3 @@ def hf_chat_tokens(tokenizer: Any, n_ctx: int) -> ChatTokens:
         return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     return ChatTokens(encode_chat, encode_text, special.__contains__, n_ctx)
-
