@@ -509,3 +509,53 @@ def test_run_on_gpus_groups_for_tensor_parallel_and_propagates_errors(
     with pytest.raises(RuntimeError, match="job 1 failed"):
         run_on_gpus(pool_jobs.fail_on_one, [0, 1, 2], gpus=["0"])
     assert run_on_gpus(pool_jobs.record, [], gpus=["0"]) == []
+
+
+@pytest.mark.integration
+def test_model_stage_spreads_shards_over_one_worker_per_gpu(
+    fake_vllm: Any, tiny_model: Path, tmp_path: Path, prefect_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model-stage deployment on a 2-GPU host: each shard sampled once, by two spawned workers."""
+    import flows.model_stage as ms
+    from flows.model_stage import gpu_workers, model_stage, shard_ref
+    from steps import stages
+    from steps.resume import WorkArea
+    from tests.conftest import make_recipe
+
+    recipe = make_recipe(
+        limit=4,
+        policy={"model": str(tiny_model), "engine": "vllm", "enforce_eager": True},
+        sampling={"n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 6, "seed": 3},
+        labelers=[{"kind": "bleu"}],
+        output={"prompts_per_shard": 1},
+    )
+    assert gpu_workers(recipe, "sampling", ["0"]) is None  # one GPU: nothing to spread
+    assert gpu_workers(recipe, "labeling", ["0", "1"]) is None  # BLEU loads no model
+    assert gpu_workers(recipe, "sampling", ["0", "1", "2"]) == (["0", "1", "2"], 1)
+    work = tmp_path / "work"
+    shards, _ = stages.prompt_shards(recipe, WorkArea(str(work)))
+    params = {
+        "recipe": recipe.model_dump(mode="json"),
+        "work": str(work),
+        "stage": "sampling",
+        "prompt_shards": [shard_ref(s) for s in shards],
+    }
+    pools: list[tuple[int, list[str], int]] = []
+
+    def spy(fn: Any, jobs: list[Any], gpus: list[str], gpus_per_worker: int) -> list[Any]:
+        pools.append((len(jobs), gpus, gpus_per_worker))
+        return run_on_gpus(fn, jobs, gpus=gpus, gpus_per_worker=gpus_per_worker)
+
+    from steps.engines.gpu_pool import run_on_gpus
+
+    monkeypatch.setattr(ms, "run_on_gpus", spy)
+    assert model_stage(**params, gpus=["0", "1"]) == {"shards": 4, "computed": 4, "reused": 0}
+    assert pools == [(4, ["0", "1"], 1)]
+    # The same shards in this process (no pool) are found finished, equal to what the workers wrote.
+    assert model_stage(**params, gpus=[]) == {"shards": 4, "computed": 0, "reused": 4}
+    pooled = {p.name: p.read_bytes() for p in (work / "sampling").glob("*.data.*")}
+    fresh = tmp_path / "fresh"
+    shards_here, _ = stages.prompt_shards(recipe, WorkArea(str(fresh)))
+    here = {**params, "work": str(fresh), "prompt_shards": [shard_ref(s) for s in shards_here]}
+    assert model_stage(**here, gpus=[])["computed"] == 4
+    assert {p.name: p.read_bytes() for p in (fresh / "sampling").glob("*.data.*")} == pooled
