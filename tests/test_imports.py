@@ -109,3 +109,20 @@ def test_reason_codes_are_spelled_once() -> None:
                 if isinstance(node, ast.Constant) and node.value in codes:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert found == []
+
+
+def test_readme_layout_names_every_module() -> None:
+    """README's Layout table is how a reader finds a stage by file name: every module is in it."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") : readme.index("\n## ", readme.index("## Layout") + 1)]
+    missing = []
+    for name, path in modules().items():
+        rel = path.relative_to(ROOT)
+        if rel.name == "__init__.py":
+            continue
+        folder = f"`{rel.parent.as_posix()}/`"
+        listed = f"`{rel.as_posix()}`" in layout
+        in_folder_row = folder in layout and (f"`{rel.name}`" in layout or f"`{rel.stem}`" in layout)
+        if not (listed or in_folder_row):
+            missing.append(name)
+    assert missing == []
