@@ -9,7 +9,6 @@ the CPU stages (BLEU labeling, pairing) run concurrently on a Dask cluster.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ class ModelPoolError(RuntimeError):
 
 
 MODEL_FLOW = "model-stage"
+WAIT_WARNING_S = 120
 
 
 DEFAULT_BATCH_SHARDS = 8
@@ -91,8 +91,8 @@ def run_model_batches(
     The runs write into the shared work location; nothing comes back but their states. A batch
     that failed fails this flow with a message naming it; its finished shards stay for the rerun.
     """
-    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
     logger = get_run_logger()
     name = deployment_name(deployment)
@@ -118,36 +118,53 @@ def run_model_batches(
         f"{stage}: {len(batches)} batch(es) of up to {batch_shards} shard(s) submitted to deployment "
         f"{name!r}; waiting for its work pool's workers"
     )
-    started = time.monotonic()
-    pending = {run.id: i for i, run in enumerate(submitted, start=1)}
-    failures, warned = [], False
-    with get_client(sync_client=True) as client:
-        while pending:
-            for run_id, i in list(pending.items()):
-                run = client.read_flow_run(run_id)
-                if run.state is None or not run.state.is_final():
-                    continue
-                del pending[run_id]
-                first = (i - 1) * batch_shards + 1
-                what = f"batch {i}/{len(batches)} (shards {first}-{first + len(batches[i - 1]) - 1})"
-                if run.state.is_completed():
-                    logger.info(f"{stage} {what} finished on the pool (flow run {run.name})")
-                else:
-                    failures.append(
-                        f"{what}: flow run {run.name} ({run.id}) ended {run.state.name}: "
-                        f"{run.state.message or 'no message'}"
-                    )
-            if pending and not warned and time.monotonic() - started > 120:
-                logger.warning(
-                    f"{stage}: {len(pending)} batch(es) still waiting after 120 s; if their runs stay "
-                    "Scheduled, no worker polls the deployment's work pool (prefect worker start --pool …)"
-                )
-                warned = True
-            if pending:
-                time.sleep(1.0)
+    failures: list[str] = []
+
+    def finished(i: int, run: Any) -> None:
+        first = (i - 1) * batch_shards + 1
+        what = f"batch {i}/{len(batches)} (shards {first}-{first + len(batches[i - 1]) - 1})"
+        if run.state is not None and run.state.is_completed():
+            logger.info(f"{stage} {what} finished on the pool (flow run {run.name})")
+        else:
+            state = run.state.name if run.state is not None else "without a state"
+            message = (run.state.message if run.state is not None else None) or "no message"
+            failures.append(f"{what}: flow run {run.name} ({run.id}) ended {state}: {message}")
+
+    run_coro_as_sync(_await_runs([run.id for run in submitted], finished, stage, logger))
     if failures:
         raise ModelPoolError(
             f"{stage} on deployment {name!r}: {len(failures)} of {len(batches)} batch(es) failed:\n  "
             + "\n  ".join(failures)
             + "\nShards those batches finished are kept; rerun the same command to do the rest."
         )
+
+
+async def _await_runs(run_ids: list[Any], finished: Any, stage: str, logger: Any) -> None:
+    """Wait for every run with Prefect's own ``wait_for_flow_run`` (its state events, no polling).
+
+    ``finished(i, run)`` is called as each ends (1-based, in submission order of ``run_ids``). A
+    run still waiting after ``WAIT_WARNING_S`` gets one warning for all: runs that stay Scheduled
+    mean no worker polls the deployment's work pool.
+    """
+    import asyncio
+
+    from prefect.exceptions import FlowRunWaitTimeout
+    from prefect.flow_runs import wait_for_flow_run
+
+    warned = False
+
+    async def one(i: int, run_id: Any) -> None:
+        nonlocal warned
+        try:
+            run = await wait_for_flow_run(run_id, timeout=WAIT_WARNING_S)
+        except FlowRunWaitTimeout:
+            if not warned:
+                warned = True
+                logger.warning(
+                    f"{stage}: batch(es) still waiting after {WAIT_WARNING_S} s; if their runs stay "
+                    "Scheduled, no worker polls the deployment's work pool (prefect worker start --pool …)"
+                )
+            run = await wait_for_flow_run(run_id, timeout=None)
+        finished(i, run)
+
+    await asyncio.gather(*(one(i, run_id) for i, run_id in enumerate(run_ids, start=1)))
