@@ -93,6 +93,7 @@ def test_cli_stops_with_exit_2_and_the_message_before_prefect_and_output(tmp_pat
     assert "Traceback" not in err
     assert str(broken / "llama_cpp" / "lib" / "libllama.so") in err  # which library
     assert "AVX512 = 1 | AMX_INT8 = 1" in err  # what the build was compiled for, as it reports it
+    assert "compile flags unknown" in err  # not the build `make` recorded: its flags are not claimed
     assert llama_build.reinstall_command(sys.executable) in err  # the exact command that fixes it
     assert not out.exists()  # nothing written to the output (not even the writability probe's folder)
     # Prefect never started: importing it makes its home folder, a server or a run would fill it.
@@ -198,3 +199,15 @@ def test_a_cpu_without_avx2_is_told_to_build_for_itself(monkeypatch: pytest.Monk
     assert "-DGGML_NATIVE=ON" in remedy
     monkeypatch.setattr(native_check, "_has_avx2", lambda: True)
     assert llama_build.reinstall_command() in native_check._remedy()
+
+
+def test_the_install_record_describes_only_the_library_it_was_written_for(tmp_path: Path) -> None:
+    package = tmp_path / "llama_cpp"
+    (package / "lib").mkdir(parents=True)
+    (package / "lib" / "libllama.so").write_bytes(b"portable build")
+    checksum = llama_build.library_checksum(package)
+    record = {"cmake_args": list(llama_build.X86_64_PORTABLE), "native": False, "library_checksum": checksum}
+    (tmp_path / llama_build.BUILD_RECORD).write_text(json.dumps(record))
+    assert llama_build.read_record(checksum, prefix=str(tmp_path)) == record
+    (package / "lib" / "libllama.so").write_bytes(b"pip install llama-cpp-python over it")
+    assert llama_build.read_record(llama_build.library_checksum(package), prefix=str(tmp_path)) is None

@@ -111,3 +111,17 @@ def hf_chat_tokens(tokenizer: Any, n_ctx: int) -> ChatTokens:
         return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     return ChatTokens(encode_chat, encode_text, special.__contains__, n_ctx)
+
+
+class ChatWindow:
+    """An engine whose context window is its chat tokens' limit: one number, set in one place."""
+
+    chat: ChatTokens
+
+    @property
+    def n_ctx(self) -> int:
+        return self.chat.n_ctx
+
+    @n_ctx.setter
+    def n_ctx(self, value: int) -> None:
+        self.chat.n_ctx = value

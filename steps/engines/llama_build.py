@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 LLAMA_CPP_VERSION = "0.3.36"
+LIB_SUFFIXES = (".so", ".dylib", ".dll")
 NATIVE_ENV = "PREFSMITH_LLAMA_NATIVE"
 BUILD_RECORD = "prefsmith-llama-build.json"
 
@@ -137,19 +138,48 @@ def install(python: str) -> Path:
                    check=True)  # fmt: skip
     # Its dependencies (numpy, jinja2, diskcache, typing-extensions) come from the index as usual.
     subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True)
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True,
-                            text=True, check=True).stdout.strip()  # fmt: skip
+    where = (
+        "import importlib.util, sys; print(sys.prefix); "
+        "print(list(importlib.util.find_spec('llama_cpp').submodule_search_locations)[0])"
+    )
+    found = subprocess.run([python, "-c", where], capture_output=True, text=True, check=True)
+    prefix, package = found.stdout.strip().splitlines()[:2]
     record = {"version": LLAMA_CPP_VERSION, "cmake_args": list(args), "native": args == NATIVE,
-              "machine": platform.machine(), "wheel": str(wheel)}  # fmt: skip
+              "machine": platform.machine(), "wheel": str(wheel),
+              "library_checksum": library_checksum(Path(package))}  # fmt: skip
     Path(prefix, BUILD_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return wheel
 
 
-def read_record(prefix: str | None = None) -> dict[str, object] | None:
+def package_libraries(package: Path) -> list[Path]:
+    """The native libraries inside an installed llama_cpp package."""
+    return sorted(p for p in package.rglob("*") if p.is_file() and any(s in p.name for s in LIB_SUFFIXES))
+
+
+def library_checksum(package: Path) -> str:
+    """Checksum of the native code; a package without libraries (a stand-in) hashes its Python files."""
+    digest = hashlib.sha256()
+    for path in package_libraries(package) or sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_record(checksum: str | None = None, prefix: str | None = None) -> dict[str, object] | None:
+    """The install record, or None; with ``checksum``, only if it describes that library.
+
+    A llama_cpp installed over ours by hand (``pip install llama-cpp-python``) must not be
+    reported with our flags.
+    """
     try:
-        return json.loads(Path(prefix or sys.prefix, BUILD_RECORD).read_text())
+        record = json.loads(Path(prefix or sys.prefix, BUILD_RECORD).read_text())
     except (OSError, ValueError):
         return None
+    if checksum is not None and record.get("library_checksum") != checksum:
+        return None
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

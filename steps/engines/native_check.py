@@ -17,7 +17,6 @@ CPU kernels at run time, and the vLLM engine runs on CUDA wheels built the same 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import json
 import os
@@ -32,7 +31,6 @@ from schemas.recipe import ModelConfig
 from steps.engines import llama_build
 
 CHECK_TIMEOUT_S = 300.0
-_LIB_SUFFIXES = (".so", ".dylib", ".dll")
 _OK = "PREFSMITH_DECODE_OK"
 _INFO = "PREFSMITH_SYSTEM_INFO "
 
@@ -62,10 +60,11 @@ class CheckResult:
     library: str
     system_info: str
     cached: bool
+    checksum: str = ""
 
     def describe(self) -> str:
         """One line: which build (portable or native, by the install record) and what it uses."""
-        record = llama_build.read_record()
+        record = llama_build.read_record(self.checksum)
         kind = "portable" if record is not None and not record["native"] else "native"
         kind = kind if record is not None else "a build not made by `make`"
         parts = [part.strip() for part in self.system_info.split("|")]
@@ -95,23 +94,11 @@ def library_files() -> tuple[Path, list[Path]]:
             + llama_build.reinstall_command()
         )
     package = Path(next(iter(spec.submodule_search_locations)))
-    libs = sorted(p for p in package.rglob("*") if p.is_file() and any(s in p.name for s in _LIB_SUFFIXES))
-    return package, libs
+    return package, llama_build.package_libraries(package)
 
 
-def build_checksum(package: Path, libs: list[Path]) -> str:
-    """Checksum of the native code; a package without libraries (a stand-in) hashes its Python files."""
-    digest = hashlib.sha256()
-    for path in libs or sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _build_flags() -> str:
-    record = llama_build.read_record()
+def _build_flags(checksum: str) -> str:
+    record = llama_build.read_record(checksum)
     if record is None:
         return "built outside `make` (compile flags unknown)"
     return f"built with CMAKE_ARGS={' '.join(map(str, record.get('cmake_args', [])))}"
@@ -139,13 +126,13 @@ def _cpu_name() -> str:
 def check_llama_cpp(model_path: str, n_threads: int = 2) -> CheckResult:
     """Raise ``EngineCrashError`` unless a child process decodes with ``model_path``; cached per build."""
     package, libs = library_files()
-    checksum = build_checksum(package, libs)
+    checksum = llama_build.library_checksum(package)
     if checksum in _CHECKED:  # a second call in one process (the flow re-runs prepare) says the same
         return _CHECKED[checksum]
     marker = _cache_dir() / f"llama_cpp-{checksum[:32]}.json"
     try:
         cached = json.loads(marker.read_text())
-        _CHECKED[checksum] = CheckResult(cached["library"], cached["system_info"], cached=True)
+        _CHECKED[checksum] = CheckResult(cached["library"], cached["system_info"], True, checksum)
         return _CHECKED[checksum]
     except (OSError, ValueError, KeyError):
         pass
@@ -172,7 +159,7 @@ def check_llama_cpp(model_path: str, n_threads: int = 2) -> CheckResult:
         tmp = marker.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(record) + "\n")
         tmp.replace(marker)
-        _CHECKED[checksum] = CheckResult(library, info.strip(), cached=False)
+        _CHECKED[checksum] = CheckResult(library, info.strip(), False, checksum)
         return _CHECKED[checksum]
     features = f"the library reports: {info.strip()}" if info else "it died before reporting its features"
     if child.returncode < 0:
@@ -184,7 +171,7 @@ def check_llama_cpp(model_path: str, n_threads: int = 2) -> CheckResult:
         cause = "the installed build does not work here"
     raise EngineCrashError(
         f"llama.cpp {what} while decoding one token with {model_path} in a test process, before this "
-        f"run loaded any model.\n  {cause}.\n  library: {library}\n  {_build_flags()}; {features}\n"
+        f"run loaded any model.\n  {cause}.\n  library: {library}\n  {_build_flags(checksum)}; {features}\n"
         f"  this CPU: {_cpu_name()}\n{_remedy()}"
     )
 

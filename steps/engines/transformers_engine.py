@@ -31,7 +31,7 @@ from steps.engines.base import (
     TokenScores,
     sample_seed,
 )
-from steps.engines.chat import hf_chat_tokens
+from steps.engines.chat import ChatWindow, hf_chat_tokens
 from steps.engines.gguf_cache import materialise
 from steps.engines.models import ResolvedModel
 from steps.engines.token_trie import Item, TokenTrie, plan_rows
@@ -74,7 +74,7 @@ def _cache_keyword(decoder_type: type) -> str:
     return "cache" if "cache" in inspect.signature(decoder_type.forward).parameters else "past_key_values"
 
 
-class TransformersEngine:
+class TransformersEngine(ChatWindow):
     engine_name = "transformers"
 
     def __init__(
@@ -120,15 +120,6 @@ class TransformersEngine:
         self.tokens_processed = 0  # every token fed through the network; tests read it
 
     # ------------------------------------------------------------ tokenisation
-
-    @property
-    def n_ctx(self) -> int:
-        """The context window; the chat tokens' limits read the same number."""
-        return self.chat.n_ctx
-
-    @n_ctx.setter
-    def n_ctx(self, value: int) -> None:
-        self.chat.n_ctx = value
 
     def _split(self, request: ScoreRequest) -> _Tokenized | Failed:
         split = self.chat.split(request)

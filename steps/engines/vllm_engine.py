@@ -39,7 +39,7 @@ from steps.engines.base import (
     TokenScores,
     sample_seed,
 )
-from steps.engines.chat import hf_chat_tokens
+from steps.engines.chat import ChatWindow, hf_chat_tokens
 from steps.engines.context import Fitted
 from steps.engines.models import VLLM_INSTALL_HINT, ModelSpecError, ResolvedModel, VllmMissingError
 
@@ -52,7 +52,7 @@ def _import_vllm() -> Any:
     return vllm
 
 
-class VllmEngine:
+class VllmEngine(ChatWindow):
     engine_name = "vllm"
 
     def __init__(
@@ -94,15 +94,6 @@ class VllmEngine:
         self.chat = hf_chat_tokens(self.tokenizer, int(self.llm.llm_engine.model_config.max_model_len))
 
     # ------------------------------------------------------------ tokenisation
-
-    @property
-    def n_ctx(self) -> int:
-        """The context window (vLLM's max_model_len); the chat tokens' limits read the same number."""
-        return self.chat.n_ctx
-
-    @n_ctx.setter
-    def n_ctx(self, value: int) -> None:
-        self.chat.n_ctx = value
 
     def _split(self, request: ScoreRequest) -> tuple[list[int], int] | Failed:
         """Token ids of context + continuation content, and where the content starts.
