@@ -6,9 +6,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# llama.cpp is compiled portable (x86-64: AVX2/FMA/F16C, any CPU since Haswell / Zen 1; arm64:
-# baseline). PREFSMITH_LLAMA_NATIVE=1 compiles it for this CPU only (-march=native): a little
-# faster here, and it can crash elsewhere or even here (see README, "Which CPUs").
+# llama.cpp is compiled portable, never -march=native (a native build segfaulted at the first
+# decode on an AVX-512/AMX Xeon): steps/engines/llama_build.py passes CMAKE_ARGS
+#   x86-64: -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON
+#           -DGGML_FMA=ON -DGGML_F16C=ON, AVX-512/VNNI/AMX OFF (any CPU since Haswell / Zen 1);
+#   arm64:  -DGGML_NATIVE=OFF (the compiler's baseline),
+# builds with --no-cache-dir into a wheel folder named by those flags, and prints them in the log.
+# PREFSMITH_LLAMA_NATIVE=1 compiles it for this CPU only: no faster on our machines (README,
+# Performance), and it can crash elsewhere or even here (README, "Which CPUs").
 LLAMA_MODE := $(if $(filter 1 true yes on,$(PREFSMITH_LLAMA_NATIVE)),native,portable)
 LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_MODE)
 

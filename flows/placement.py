@@ -9,6 +9,7 @@ the CPU stages (BLEU labeling, pairing) run concurrently on a Dask cluster.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,9 @@ def run_model_batches(
         )
 
 
-async def _await_runs(run_ids: list[Any], finished: Any, stage: str, logger: Any) -> None:
+async def _await_runs(
+    run_ids: list[Any], finished: Callable[[int, Any], None], stage: str, logger: Any
+) -> None:
     """Wait for every run with Prefect's own ``wait_for_flow_run`` (its state events, no polling).
 
     ``finished(i, run)`` is called as each ends (1-based, in submission order of ``run_ids``). A

@@ -211,3 +211,11 @@ def test_the_install_record_describes_only_the_library_it_was_written_for(tmp_pa
     assert llama_build.read_record(checksum, prefix=str(tmp_path)) == record
     (package / "lib" / "libllama.so").write_bytes(b"pip install llama-cpp-python over it")
     assert llama_build.read_record(llama_build.library_checksum(package), prefix=str(tmp_path)) is None
+
+
+def test_make_installs_llama_cpp_through_the_portable_build_script() -> None:
+    """`make` never lets pip build llama.cpp on its own (native, from pip's cache): the script comes first."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert "steps/engines/llama_build.py install --python $(VPY)" in makefile
+    assert "$(STAMP): pyproject.toml Makefile $(LLAMA_STAMP)" in makefile  # before `pip install -e .`
+    assert "-DGGML_NATIVE=OFF" in makefile  # the flags are named where a reader looks first

@@ -7,6 +7,7 @@ which tokens are the continuation, when it is empty, when it does not fit — li
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ class ChatTokens:
 
     def fit(self, conversation: Conversation, params: SamplingParams) -> Fitted | Failed:
         """The prompt ids to sample from, its oldest turns left out if the recipe allows (or a failure)."""
-        encode = lambda conv: self.ids(conv, True)  # noqa: E731
+        encode = functools.partial(self.ids, add_generation_prompt=True)
         return fit_prompt(conversation, encode, self.n_ctx, params.max_tokens, params.too_long)
 
     def header(self, context: Conversation, role: str) -> tuple[int, ...]:

@@ -12,11 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from steps.engines.llama_build import cache_root
 from steps.engines.models import ResolvedModel
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PREFSMITH_CACHE", Path.home() / ".cache" / "prefsmith"))
 
 
 def _gguf_cache_key(path: Path) -> str:
@@ -32,7 +29,7 @@ def materialise(model: ResolvedModel) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = f"{Path(model.location).stem}-{_gguf_cache_key(model.path)}"
-    target = cache_dir() / "converted" / name
+    target = cache_root() / "converted" / name
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return str(target)
     folder, filename = str(model.path.parent), model.path.name

@@ -88,9 +88,13 @@ def build_id(args: tuple[str, ...]) -> str:
     return f"llama-cpp-python-{LLAMA_CPP_VERSION}-{platform.machine()}-{kind}-{digest.hexdigest()[:12]}"
 
 
+def cache_root() -> Path:
+    """Where prefsmith keeps what it builds or converts once (``PREFSMITH_CACHE`` moves it)."""
+    return Path(os.environ.get("PREFSMITH_CACHE") or Path.home() / ".cache" / "prefsmith")
+
+
 def wheel_root() -> Path:
-    base = os.environ.get("PREFSMITH_CACHE") or os.path.join(Path.home(), ".cache", "prefsmith")
-    return Path(base) / "wheels"
+    return cache_root() / "wheels"
 
 
 def reinstall_command(python: str | None = None, native: bool = False) -> str:

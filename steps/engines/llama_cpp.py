@@ -148,14 +148,9 @@ class LlamaCppEngine:
                 results.append(prepared)
                 continue
             seq, options = prepared
-            # Reuse the cached prefix, but run at least the last token: its logits are the answer.
-            keep = min(common_prefix(list(llm.input_ids[: llm.n_tokens]), seq), len(seq) - 1)
-            llm.n_tokens = keep
-            llm.eval(seq[keep:])
-            logits = np.asarray(llm.scores[len(seq) - 1], dtype=np.float64)
-            top = logits.max()
-            logz = top + np.log(np.exp(logits - top).sum())
-            results.append({option: float(logits[token] - logz) for option, token in options.items()})
+            _run_after_cache(llm, seq, len(seq) - 1)  # the last token's logits are the answer
+            logprobs = _log_softmax(np.asarray(llm.scores[len(seq) - 1 : len(seq)], dtype=np.float64))[0]
+            results.append({option: float(logprobs[token]) for option, token in options.items()})
         return results
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
@@ -172,16 +167,27 @@ class LlamaCppEngine:
                 continue
             header, content = split
             full = [*header, *content]
-            end = len(full)
-            # Keep whatever prefix of the cache is still valid (llama.cpp truncates the rest).
-            keep = common_prefix(list(llm.input_ids[: llm.n_tokens]), full[:end])
-            keep = min(keep, len(header))
-            llm.n_tokens = keep
-            llm.eval(full[keep:end])
-            logits = np.asarray(llm.scores[len(header) - 1 : end - 1], dtype=np.float64)
-            ids = full[len(header) : end]
-            top = logits.max(axis=1, keepdims=True)
-            logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-            logprobs = logits[np.arange(len(ids)), ids] - logz
-            results.append(TokenScores(list(ids), [float(x) for x in logprobs]))
+            _run_after_cache(llm, full, len(header))  # the content's logits start at the header's end
+            logits = np.asarray(llm.scores[len(header) - 1 : len(full) - 1], dtype=np.float64)
+            logprobs = _log_softmax(logits)[np.arange(len(content)), content]
+            results.append(TokenScores(list(content), [float(x) for x in logprobs]))
         return results
+
+
+def _run_after_cache(llm: Any, tokens: list[int], limit: int) -> None:
+    """Evaluate ``tokens``, reusing the still-valid prefix of the KV cache up to ``limit`` tokens.
+
+    llama.cpp truncates the cache past ``n_tokens``; tokens after ``limit`` are always run so
+    that their logits are fresh.
+    """
+    keep = min(common_prefix(list(llm.input_ids[: llm.n_tokens]), tokens), limit)
+    llm.n_tokens = keep
+    llm.eval(tokens[keep:])
+
+
+def _log_softmax(logits: Any) -> Any:
+    """Row-wise log-softmax of a (positions, vocabulary) float64 array."""
+    import numpy as np
+
+    top = logits.max(axis=1, keepdims=True)
+    return logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))

@@ -65,8 +65,10 @@ class CheckResult:
     def describe(self) -> str:
         """One line: which build (portable or native, by the install record) and what it uses."""
         record = llama_build.read_record(self.checksum)
-        kind = "portable" if record is not None and not record["native"] else "native"
-        kind = kind if record is not None else "a build not made by `make`"
+        if record is None:
+            kind = "a build not made by `make`"
+        else:
+            kind = "native" if record["native"] else "portable"
         parts = [part.strip() for part in self.system_info.split("|")]
         # "CPU : SSE3 = 1 | AVX = 1 | …": the backend's name leads the first entry.
         features = [part.split("=")[0].split(":")[-1].strip() for part in parts if part.endswith("= 1")]
@@ -75,10 +77,6 @@ class CheckResult:
 
 
 _CHECKED: dict[str, CheckResult] = {}
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("PREFSMITH_CACHE") or Path.home() / ".cache" / "prefsmith") / "native-checks"
 
 
 def library_files() -> tuple[Path, list[Path]]:
@@ -129,7 +127,7 @@ def check_llama_cpp(model_path: str, n_threads: int = 2) -> CheckResult:
     checksum = llama_build.library_checksum(package)
     if checksum in _CHECKED:  # a second call in one process (the flow re-runs prepare) says the same
         return _CHECKED[checksum]
-    marker = _cache_dir() / f"llama_cpp-{checksum[:32]}.json"
+    marker = llama_build.cache_root() / "native-checks" / f"llama_cpp-{checksum[:32]}.json"
     try:
         cached = json.loads(marker.read_text())
         _CHECKED[checksum] = CheckResult(cached["library"], cached["system_info"], True, checksum)
