@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.records import LABELS, PROMPTS, RESPONSES
 
@@ -51,6 +60,21 @@ def tagged(model: type[BaseModel], **tags: Any) -> frozenset[str]:
         if all(extra.get(key) == value for key, value in tags.items()):
             out.add(name)
     return frozenset(out)
+
+
+def _signed_weight(value: float) -> float:
+    """A weight may be negative (an inverted signal is evidence too), but never 0 or non-finite.
+
+    A zero weight would keep a signal in ``agreement`` and ``min_agree`` while it moves nothing;
+    leave the labeler out instead.
+    """
+    if not math.isfinite(value) or value == 0.0:
+        raise ValueError(f"weight {value} must be a finite non-zero number (negative inverts the signal)")
+    return value
+
+
+# A labeler's weight in the aggregate; the sign says which way the signal points (docs/design.md).
+Weight = Annotated[float, AfterValidator(_signed_weight)]
 
 
 class BuiltinPrompts(_Strict):
@@ -183,7 +207,7 @@ class DensityRatioConfig(_Strict):
 
     kind: Literal["density_ratio"]
     name: str = "density_ratio"
-    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
+    weight: Weight = Field(1.0, json_schema_extra=AGGREGATE_ONLY)
     strong: ContrastSide = ContrastSide(system_prompt=DEFAULT_CRITERIA)
     weak: ContrastSide = ContrastSide()
     reduce: Literal["sum", "mean"] = "sum"
@@ -200,7 +224,7 @@ class FollowUpConfig(_Strict):
 
     kind: Literal["follow_up"]
     name: str = "follow_up"
-    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
+    weight: Weight = Field(1.0, json_schema_extra=AGGREGATE_ONLY)
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
     followups: str = Field("default", description="a set in pipelines/followups/ or a YAML path")
     dimensions: list[str] | None = Field(None, description="only these dimensions (default: all)")
@@ -212,7 +236,7 @@ class PointwiseJudgeConfig(_Strict):
 
     kind: Literal["judge_pointwise"]
     name: str = "judge"
-    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
+    weight: Weight = Field(1.0, json_schema_extra=AGGREGATE_ONLY)
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
     mode: Literal["expected", "sampled"] = "expected"
     n: int = Field(3, ge=1, description="judgements sampled per response (mode: sampled)")
@@ -225,7 +249,7 @@ class PairwiseJudgeConfig(_Strict):
 
     kind: Literal["judge_pairwise"]
     name: str = "pairwise"
-    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
+    weight: Weight = Field(1.0, json_schema_extra=AGGREGATE_ONLY)
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
 
 
@@ -262,7 +286,7 @@ class BleuConfig(_Strict):
     kind: Literal["bleu"] = "bleu"
     name: str = "bleu"
     variant: Literal["bleuberi", "sacrebleu"] = "bleuberi"
-    weight: float = Field(1.0, gt=0.0, json_schema_extra=AGGREGATE_ONLY)
+    weight: Weight = Field(1.0, json_schema_extra=AGGREGATE_ONLY)
 
 
 LabelerConfig = Annotated[
