@@ -35,6 +35,7 @@ from flows.placement import (
 from flows.summary import summary_markdown
 from schemas.recipe import Recipe, RecipeError
 from steps import stages
+from steps.aggregate import Aggregation
 from steps.base import ShardResult, StageStats, merge_stats
 from steps.engines import ModelSpecError
 from steps.engines.native_check import EngineCrashError, check_models
@@ -84,9 +85,14 @@ def label_task(
 
 @task(name="pair", cache_policy=NO_CACHE)
 def pair_task(
-    recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult, labels: ShardResult
+    recipe: Recipe,
+    area: WorkArea,
+    prompts: ShardResult,
+    responses: ShardResult,
+    labels: ShardResult,
+    stats_of_run: dict[str, Any] | None = None,
 ) -> ShardResult:
-    return stages.pair(recipe, area, prompts, responses, labels)
+    return stages.pair(recipe, area, prompts, responses, labels, stats_of_run)
 
 
 @task(name="consistency", cache_policy=NO_CACHE)
@@ -152,7 +158,14 @@ def cpu_stages(
         )
     else:
         label_futures = labels
-    pair_futures = pair_task.map(unmapped(config), unmapped(area), prompts, responses, label_futures)
+    stats_of_run = None
+    if Aggregation.of(config).needs_run_stats:
+        # A run-wide scale or length slope: every shard's labels first, then pairing.
+        label_futures = [f if isinstance(f, ShardResult) else f.result() for f in label_futures]
+        stats_of_run = stages.aggregation_stats(config, responses, label_futures)
+    pair_futures = pair_task.map(
+        unmapped(config), unmapped(area), prompts, responses, label_futures, unmapped(stats_of_run)
+    )
     started = time.perf_counter()
     done_labels = labels if labels is not None else [f.result() for f in label_futures]
     if labels is None:
@@ -221,11 +234,16 @@ def build_prefs(
         labels, pairs = cpu_stages.with_options(task_runner=dask_runner(dask))(
             config, area, model_area, prompts, responses, labels
         )
+        stats_of_run = stages.aggregation_stats(config, responses, labels)  # seconds; for stats.json
     else:
         assert labels is not None  # labels go to Dask only together with pairing
+        stats_of_run = stages.aggregation_stats(config, responses, labels)
         pairs = _run_stage(
             "pairing",
-            [(config, area, p, r, lab) for p, r, lab in zip(prompts, responses, labels, strict=True)],
+            [
+                (config, area, p, r, lab, stats_of_run)
+                for p, r, lab in zip(prompts, responses, labels, strict=True)
+            ],
             pair_task,
         )
     kept, dropped, length = consistency_task(config, area, pairs)
@@ -240,6 +258,7 @@ def build_prefs(
         "prompts": {"source": source_label(config.prompts)},
         "stages": {name: s.to_dict() for name, s in stages_.items()},
         "length": length,
+        "aggregation": stats_of_run,
     }
     manifest = publish_task(config, out, kept, dropped, stats)
     create_markdown_artifact(

@@ -14,22 +14,26 @@ import hashlib
 import json
 import sys
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
+import yaml
 
 from schemas import columns as c
-from schemas.recipe import Recipe, RecipeError, load_recipe
+from schemas.recipe import Recipe, RecipeError, load_recipe, resolve_recipe_path
 from schemas.records import LABELS, PROMPTS, RESPONSES
+from steps.aggregate import AGG, Aggregation, aggregate_scores, feature, features, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, join_uri, read_table, write_table
 from steps.engines import ModelSpecError, derive_seed
 from steps.engines.native_check import EngineCrashError, check_models
+from steps.fit_weights import FitResult, fit_weights
 from steps.labelers.checks import preflight, recipe_models
-from steps.pairing import AGG, aggregate_scores
 from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
 from steps.resume import WorkArea, sha256_of
 from steps.stages import label_part
@@ -201,17 +205,28 @@ def _stored(table: pa.Table, schema: pa.Schema, area: WorkArea, role: str) -> Sh
     return ShardResult(uri, table.num_rows, StageStats(role), checksum)
 
 
+@dataclass(frozen=True)
+class Scored:
+    """What the labelers said about the pairs, kept for refitting: labels, sides, texts, prompt groups."""
+
+    labels: pa.Table
+    sides: list[tuple[str, str]]  # (chosen, rejected) response ids per pair
+    lengths: pl.DataFrame  # response id and text, for length control
+    groups: list[str]  # the conversation of each pair: folds split by it
+
+
 def evaluate(
     recipe: Recipe, pairs: list[Pair], source: str, seed: int, area: WorkArea | None = None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One row per labeler, then the aggregate, then the length baseline; and each pair's scores.
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Scored]:
+    """One row per labeler, then the aggregate, then the length baseline; each pair's scores; the labels.
 
     The per-pair (chosen, rejected) scores let any subset be summarised again
     without rerunning the models (``summarise_subset``). With ``area``, each
     labeler's scores are kept there under the pipeline's own resume keys (labeler
     settings without its weight, code version, checksums of the pairs it read):
     a rerun recomputes only labelers whose settings changed, and a weight change
-    costs nothing but the aggregate.
+    costs nothing but the aggregate. The aggregate is the recipe's own (weights,
+    scale, length control), with the run-wide numbers taken over these pairs.
     """
     if area is None:
         with tempfile.TemporaryDirectory(prefix="eval-labelers-") as scratch:
@@ -238,13 +253,104 @@ def evaluate(
         scores = dict(zip(labels[c.RESPONSE_ID].to_pylist(), labels[c.SCORE].to_pylist(), strict=True))
         row = summarise(config.name, record(config.name, scores), seed, part.stats.seconds)
         rows.append({**row, "reused": part.resumed})
-    weights = {config.name: config.weight for config in recipe.labelers}
-    frame = aggregate_scores(pa.concat_tables(tables), weights)
+    all_labels = pa.concat_tables(tables)
+    lengths = pl.DataFrame(
+        {c.RESPONSE_ID: responses[c.RESPONSE_ID].to_pylist(), c.TEXT: responses[c.TEXT].to_pylist()}
+    )
+    aggregation = Aggregation.of(recipe)
+    numbers = run_stats(wide_scores(all_labels, aggregation.signals, lengths), aggregation)
+    frame = aggregate_scores(all_labels, aggregation, numbers, lengths)
     aggregate = dict(zip(frame[c.RESPONSE_ID].to_list(), frame[AGG].to_list(), strict=True))
     rows.append(summarise("aggregate", record("aggregate", aggregate), seed))
-    lengths = np.array([[len(p.chosen), len(p.rejected)] for p in pairs], dtype=np.float64).T
-    rows.append(summarise(LENGTH_ROW, outcomes(*lengths), seed))
-    return rows, per_pair
+    lengths_np = np.array([[len(p.chosen), len(p.rejected)] for p in pairs], dtype=np.float64).T
+    rows.append(summarise(LENGTH_ROW, outcomes(*lengths_np), seed))
+    groups = [prompt_id(p.messages) for p in pairs]
+    return rows, per_pair, Scored(all_labels, sides, lengths, groups)
+
+
+def pair_features(scored: Scored, aggregation: Aggregation) -> np.ndarray:
+    """Pairs × signals: each signal's feature difference chosen − rejected, 0 where it scored neither."""
+    wide = wide_scores(scored.labels, aggregation.signals, scored.lengths)
+    featured = features(wide, aggregation, run_stats(wide, aggregation))
+    index = {rid: i for i, rid in enumerate(featured[c.RESPONSE_ID].to_list())}
+    values = featured.select([feature(s) for s in aggregation.signals]).to_numpy().astype(np.float64)
+    missing = np.full(len(aggregation.signals), np.nan)
+    chosen = np.array([values[index[a]] if a in index else missing for a, _ in scored.sides])
+    rejected = np.array([values[index[b]] if b in index else missing for _, b in scored.sides])
+    return np.nan_to_num(chosen - rejected, nan=0.0)
+
+
+def fit_report(
+    recipe: Recipe, scored: Scored, seed: int, folds: int, scales: list[str], residual: bool
+) -> tuple[list[dict[str, Any]], FitResult]:
+    """Equal weights and fitted weights (cross-validated), as rows beside the single signals.
+
+    Every candidate scale gets its own feature matrix; which one the weights use is chosen
+    inside the folds, like the L2 strength (``steps.fit_weights``).
+    """
+    signals = recipe.signals
+    equal = dict.fromkeys(signals, 1.0)
+    matrices = {scale: pair_features(scored, Aggregation(equal, scale, residual)) for scale in scales}  # type: ignore[arg-type]
+    fit = fit_weights(matrices, signals, scored.groups, folds, seed)
+    suffix = ", length residual" if residual else ""
+    rows = [
+        summarise(f"equal weights ({scale}{suffix})", np.sign(x.sum(axis=1)).astype(np.int8), seed)
+        for scale, x in matrices.items()
+    ]
+    fitted = summarise(f"fitted ({folds}-fold CV{suffix})", np.sign(fit.oof_margin).astype(np.int8), seed)
+    return [*rows, fitted], fit
+
+
+def write_recipe(
+    recipe_arg: str,
+    out: Path,
+    fit: FitResult,
+    fitted_row: dict[str, Any],
+    rows: list[dict[str, Any]],
+    residual: bool,
+    pairs_path: Path,
+    domain: str,
+) -> Recipe:
+    """The recipe with the fitted weights, scale and length control, and where they came from.
+
+    Starts from the recipe file as written (not a dump of every default), so the result reads
+    like the original; YAML comments are lost, so the header says what produced the file.
+    """
+    source = resolve_recipe_path(recipe_arg)
+    data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    for entry in data.get("labelers", []):
+        name = entry.get("name") or Recipe.model_validate({"name": "x", "labelers": [entry]}).signals[0]
+        entry["weight"] = float(f"{fit.weights[name]:.4g}")
+    pairing = data.setdefault("pairing", {})
+    pairing["scale"] = fit.choice.scale
+    if residual:
+        pairing["length_control"] = {**(pairing.get("length_control") or {}), "residual": True}
+    singles = [r for r in rows if r["labeler"] in fit.signals]
+    best = max(singles, key=lambda r: r["accuracy"])
+    equal = next(r for r in rows if r["labeler"].startswith(f"equal weights ({fit.choice.scale}"))
+    pairing["weights_fit"] = {
+        "pairs": str(pairs_path), "sha256": sha256_of(str(pairs_path)), "domain": domain,
+        "n": fitted_row["n"],
+        "folds": fit.folds, "cv_accuracy": round(fitted_row["accuracy"], 4),
+        "ci_low": round(fitted_row["ci_low"], 4), "ci_high": round(fitted_row["ci_high"], 4),
+        "best_single": best["labeler"], "best_single_accuracy": round(best["accuracy"], 4),
+        "equal_weights_accuracy": round(equal["accuracy"], 4),
+    }  # fmt: skip
+    recipe = Recipe.model_validate(data)  # never write a recipe that would not load
+    header = (
+        f"# Written by `python -m flows.eval_labelers --fit` from {source} and {pairs_path}.\n"
+        f"# Weights fitted on {domain!r} pairs; signs need not carry to another domain.\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return recipe
+
+
+def format_weights(fit: FitResult) -> str:
+    lines = [f"fitted weights (scale {fit.choice.scale}, L2 {fit.choice.lam:g}; folds chose "
+             + ", ".join(f"{c.scale}/{c.lam:g}" for c in fit.fold_choices) + "):"]  # fmt: skip
+    lines += [f"  {name:<24} {weight:+.4f}" for name, weight in fit.weights.items()]
+    return "\n".join(lines)
 
 
 def summarise_subset(report: dict[str, Any], first: int) -> list[dict[str, Any]]:
@@ -310,7 +416,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where each labeler's scores are kept between runs (a path or URI; default %(default)s)",
     )
     parser.add_argument("--fresh", action="store_true", help="recompute every labeler, ignoring the cache")
-    return parser.parse_args(argv)
+    fit = parser.add_argument_group("fitting the aggregate's weights on these pairs")
+    fit.add_argument("--fit", action="store_true", help="fit one weight per signal (cross-validated)")
+    fit.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation (by prompt)")
+    fit.add_argument(
+        "--scale", choices=["auto", "zscore", "spread"], default="auto",
+        help="feature scale: auto lets the inner folds choose between zscore and spread",
+    )  # fmt: skip
+    fit.add_argument(
+        "--length-control", choices=["recipe", "none", "residual"], default="recipe",
+        help="fit on length-residual scores (residual), raw ones (none), or as the recipe says",
+    )  # fmt: skip
+    fit.add_argument("--write-recipe", type=Path, help="write the recipe with the fitted weights here")
+    fit.add_argument(
+        "--domain", help="what the pairs are about, recorded with the weights (default: file name)"
+    )
+    args = parser.parse_args(argv)
+    if (args.write_recipe or args.domain) and not args.fit:
+        parser.error("--write-recipe and --domain need --fit")
+    if args.folds < 2:
+        parser.error("--folds must be at least 2")
+    return args
+
+
+def _residual(recipe: Recipe) -> bool:
+    control = recipe.pairing.length_control
+    return control is not None and control.residual
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,14 +463,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(pairs)} pairs from {args.pairs}; skipped: {dict(sorted(skipped.items())) or 'none'}")
     cache = WorkArea(args.cache, fresh=args.fresh)
-    rows, per_pair = evaluate(recipe, pairs, str(args.pairs), args.seed, cache)
+    rows, per_pair, scored = evaluate(recipe, pairs, str(args.pairs), args.seed, cache)
+    fit: FitResult | None = None
+    if args.fit:
+        started = time.perf_counter()
+        residual = _residual(recipe) if args.length_control == "recipe" else args.length_control == "residual"
+        scales = ["zscore", "spread"] if args.scale == "auto" else [args.scale]
+        try:
+            extra, fit = fit_report(recipe, scored, args.seed, args.folds, scales, residual)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        rows[-1:-1] = extra  # before the length baseline
+        fit_seconds = time.perf_counter() - started
     print(format_table(rows))
+    if fit is not None:
+        print(format_weights(fit))
+        print(f"fit: {fit_seconds:.2f} s on cached scores")
+        if args.write_recipe:
+            written = write_recipe(
+                args.recipe, args.write_recipe, fit, rows[-2], rows, residual, args.pairs,
+                args.domain or args.pairs.stem,
+            )  # fmt: skip
+            print(f"wrote {args.write_recipe} (recipe {written.name!r} with the fitted weights)")
     out = args.json or OUTPUT_DIR / f"{recipe.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "recipe": recipe.name, "pairs_file": str(args.pairs), "limit": args.limit, "seed": args.seed,
         "n_pairs": len(pairs), "skipped": dict(sorted(skipped.items())), "resamples": N_RESAMPLES,
         "rows": rows, "pairs": per_pair,
+        "fit": None if fit is None else {
+            "weights": fit.weights, "scale": fit.choice.scale, "l2": fit.choice.lam, "folds": fit.folds,
+            "fold_choices": [[c.scale, c.lam] for c in fit.fold_choices],
+        },
     }  # fmt: skip
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -44,7 +44,11 @@ FEWER_THAN_TWO_SCORED = "fewer_than_two_scored"
 ALL_TIED = "all_tied"  # every scored response has the same aggregate
 BELOW_MARGIN = "below_margin"  # no response is below the best by more than pairing.min_margin
 IDENTICAL_TEXT = "identical_text"  # the only candidates below the best have its text
+LENGTH_RATIO = "length_ratio"  # every candidate pair differs in length by more than length_control.max_ratio
 CUT_ANSWERS_NOT_PAIRED = "cut_answers_not_paired"  # (a count) answers finished_only left out
+LENGTH_RATIO_NEXT_BEST = (
+    "length_ratio_next_best"  # (a count) pairs whose best response had no partner within max_ratio
+)
 
 # --- consistency: a candidate pair is dropped (``drop_reason``), in the order the rules run
 IDENTICAL_PAIR = "identical_pair"

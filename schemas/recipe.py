@@ -310,8 +310,51 @@ class PairJudgeConfig(_Strict):
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
 
 
+class LengthControl(_Strict):
+    """Length is the best-known confounder of preference labels (docs/design.md, Length control)."""
+
+    residual: bool = Field(
+        False,
+        description="take out of each signal's score what response length predicts (a slope per signal "
+        "on log characters, fitted within prompts over the whole run) before aggregating",
+    )
+    max_ratio: float | None = Field(
+        None,
+        gt=1.0,
+        description="never pair responses whose lengths (characters) differ by more than this ratio; "
+        "the next-best candidate is tried instead",
+    )
+
+
+class WeightsFit(_Strict):
+    """Where fitted weights came from (``eval_labelers --fit --write-recipe``); the card shows it.
+
+    Fitted weights belong to the domain of the pairs they were fitted on: a signal that
+    agrees with people on harmlessness can be inverted on helpfulness.
+    """
+
+    pairs: str = Field(description="the human-labelled pairs file the weights were fitted on")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    domain: str = Field(min_length=1, description="what kind of preference those pairs express")
+    n: int = Field(ge=1)
+    folds: int = Field(ge=2)
+    cv_accuracy: float = Field(ge=0.0, le=1.0, description="cross-validated accuracy, never in-sample")
+    ci_low: float = Field(ge=0.0, le=1.0)
+    ci_high: float = Field(ge=0.0, le=1.0)
+    best_single: str = Field(description="the best single signal on those pairs, for comparison")
+    best_single_accuracy: float = Field(ge=0.0, le=1.0)
+    equal_weights_accuracy: float = Field(ge=0.0, le=1.0)
+
+
 class PairingConfig(_Strict):
     rule: Literal["best_vs_worst", "best_vs_random"] = "best_vs_worst"
+    scale: Literal["zscore", "spread"] = Field(
+        "zscore",
+        description="each signal's within-prompt difference over its within-prompt spread (zscore: a vote "
+        "when a prompt has two responses) or over its spread across the whole run (spread: keeps magnitude)",
+    )
+    length_control: LengthControl | None = None
+    weights_fit: WeightsFit | None = Field(None, description="provenance of fitted labeler weights")
     min_margin: float = Field(0.0, ge=0.0, description="chosen must beat rejected by more than this")
     judge: PairJudgeConfig | None = Field(None, description="pairwise verdict on each candidate pair")
     finished_only: bool = Field(

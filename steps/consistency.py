@@ -27,18 +27,8 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import ConsistencyConfig, Recipe
 from schemas.records import conform, dropped_schema, pairs_schema
+from steps.aggregate import Aggregation, feature, features
 from steps.base import StageStats, read_table
-
-
-def zscores(scores: pl.DataFrame, signals: list[str]) -> pl.DataFrame:
-    """Within-prompt z-score of each signal (0 where a signal does not vary), as ``z:<signal>``."""
-    exprs = []
-    for signal in signals:
-        col = pl.col(signal)
-        std = col.std(ddof=0).over(c.PROMPT_ID)
-        z = pl.when(std > 0).then((col - col.mean().over(c.PROMPT_ID)) / std).otherwise(0.0)
-        exprs.append(pl.when(col.is_null()).then(None).otherwise(z).alias(f"z:{signal}"))
-    return scores.with_columns(exprs)
 
 
 def kendall_consistency(scores: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
@@ -63,10 +53,27 @@ def kendall_consistency(scores: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
 
 
 def evidence(
-    scores: pl.DataFrame, picked: pl.DataFrame, signals: list[str], rank_signals: tuple[str, str] | None
+    scores: pl.DataFrame,
+    picked: pl.DataFrame,
+    aggregation: Aggregation | list[str],
+    rank_signals: tuple[str, str] | None,
 ) -> pl.DataFrame:
-    """Per picked pair (one per prompt): agreement, strength mean/std, consistency, soft label."""
-    z = zscores(scores, signals).select(c.RESPONSE_ID, *signals, *[f"z:{s}" for s in signals])
+    """Per picked pair (one per prompt): agreement, strength mean/std, consistency, soft label.
+
+    Each signal's evidence is its signed feature difference chosen − rejected (the weight's
+    sign times ``f:<signal>``, ``steps.aggregate``), so a negatively weighted signal agrees
+    when it prefers rejected. ``strength_mean`` is the |weight|-weighted mean of those
+    differences, which is the aggregate margin when every signal scored both sides;
+    ``agreement`` counts signals, so ``min_agree`` stays a number of signals. A plain list of
+    signals means equal weights on z-scores; ``scores`` without feature columns gets them.
+    """
+    if not isinstance(aggregation, Aggregation):
+        aggregation = Aggregation(dict.fromkeys(aggregation, 1.0))
+    signals = aggregation.signals
+    if any(feature(s) not in scores.columns for s in signals):
+        scores = features(scores, aggregation)
+    signed = [(pl.col(feature(s)) * aggregation.sign(s)).alias(s) for s in signals]
+    z = scores.select(c.RESPONSE_ID, *signed)
     chosen = z.rename({name: f"{name}|c" for name in z.columns})
     rejected = z.rename({name: f"{name}|r" for name in z.columns})
     frame = (
@@ -76,19 +83,37 @@ def evidence(
         .join(chosen, left_on="cid", right_on=f"{c.RESPONSE_ID}|c")
         .join(rejected, left_on="rid", right_on=f"{c.RESPONSE_ID}|r")
     )
-    diffs = [pl.col(f"z:{s}|c") - pl.col(f"z:{s}|r") for s in signals]
-    prefers = [(pl.col(f"{s}|c") > pl.col(f"{s}|r")).cast(pl.Float64) for s in signals]
+    diffs = {s: pl.col(f"{s}|c") - pl.col(f"{s}|r") for s in signals}
+    weight = {s: abs(aggregation.weights[s]) for s in signals}
+    present = [d.is_not_null().cast(pl.Float64) for d in diffs.values()]
+    total = pl.sum_horizontal([p * weight[s] for p, s in zip(present, signals, strict=True)])
+    mean = pl.sum_horizontal([d.fill_null(0.0) * weight[s] for s, d in diffs.items()]) / total
     frame = frame.with_columns(
-        pl.concat_list(diffs).list.drop_nulls().alias("_d"),
-        pl.concat_list(prefers).list.drop_nulls().alias("_p"),
-    ).with_columns(
-        pl.col("_p").list.mean().alias(c.AGREEMENT),
-        pl.col("_d").list.mean().alias(c.STRENGTH_MEAN),
-        pl.col("_d").list.std(ddof=0).alias(c.STRENGTH_STD),
+        pl.when(total > 0).then(mean).otherwise(None).alias(c.STRENGTH_MEAN),
+        pl.when(pl.sum_horizontal(present) > 0)
+        .then(
+            pl.sum_horizontal([(d > 0).fill_null(False).cast(pl.Float64) for d in diffs.values()])
+            / pl.sum_horizontal(present)
+        )
+        .otherwise(None)
+        .alias(c.AGREEMENT),
     )
-    frame = frame.with_columns((1 / (1 + (-pl.col(c.STRENGTH_MEAN)).exp())).alias(c.P_CHOSEN))
+    spread = pl.sum_horizontal(
+        [((d - pl.col(c.STRENGTH_MEAN)) ** 2).fill_null(0.0) * weight[s] for s, d in diffs.items()]
+    )
+    frame = frame.with_columns(
+        pl.when(total > 0).then((spread / total).sqrt()).otherwise(None).alias(c.STRENGTH_STD),
+        (1 / (1 + (-pl.col(c.STRENGTH_MEAN)).exp())).alias(c.P_CHOSEN),
+    )
     if rank_signals is not None:
-        frame = frame.join(kendall_consistency(scores, *rank_signals), on=c.PROMPT_ID, how="left")
+        a, b = rank_signals
+        ranked = scores.select(
+            c.PROMPT_ID,
+            c.RESPONSE_ID,
+            (pl.col(feature(a)) * aggregation.sign(a)).alias("_rank_a"),
+            (pl.col(feature(b)) * aggregation.sign(b)).alias("_rank_b"),
+        )
+        frame = frame.join(kendall_consistency(ranked, "_rank_a", "_rank_b"), on=c.PROMPT_ID, how="left")
     else:
         frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(c.CONSISTENCY))
     columns = [c.AGREEMENT, c.STRENGTH_MEAN, c.STRENGTH_STD, c.CONSISTENCY, c.P_CHOSEN]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -18,44 +19,15 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import ModelConfig, Recipe
 from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_schema
+from steps.aggregate import AGG, LOG_CHARS, Aggregation, RunStats, aggregate_scores, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, read_table, write_table
 from steps.consistency import evidence
 from steps.engines import derive_seed
 from steps.engines.context import truncated
 
-AGG = "_aggregate"
 NORM = "_norm_text"
-
-
-def aggregate_scores(labels: pa.Table, weights: dict[str, float]) -> pl.DataFrame:
-    """One row per response: each signal's raw score plus the aggregate used for pairing.
-
-    With one signal the aggregate is its raw score, so ``score_chosen`` reads in
-    that signal's units. With several, it is the weighted mean of within-prompt
-    z-scores; a signal that does not vary within a prompt contributes 0 there.
-    """
-    signals = list(weights)
-    frame = pl.from_arrow(labels).select(c.PROMPT_ID, c.RESPONSE_ID, c.SIGNAL, c.SCORE)
-    assert isinstance(frame, pl.DataFrame)
-    wide = frame.pivot(on=c.SIGNAL, index=[c.PROMPT_ID, c.RESPONSE_ID], values=c.SCORE)
-    for signal in signals:
-        if signal not in wide.columns:
-            wide = wide.with_columns(pl.lit(None, dtype=pl.Float64).alias(signal))
-    wide = wide.select(c.PROMPT_ID, c.RESPONSE_ID, *[pl.col(s).cast(pl.Float64) for s in signals])
-    if len(signals) == 1:
-        return wide.with_columns(pl.col(signals[0]).alias(AGG))
-    weighted, total_weight = [], []
-    for signal, weight in weights.items():
-        col = pl.col(signal)
-        std = col.std(ddof=0).over(c.PROMPT_ID)
-        z = pl.when(std > 0).then((col - col.mean().over(c.PROMPT_ID)) / std).otherwise(0.0)
-        z = pl.when(col.is_null()).then(None).otherwise(z)
-        weighted.append(z * weight)
-        total_weight.append(pl.when(col.is_null()).then(0.0).otherwise(weight))
-    numerator = pl.sum_horizontal(weighted)
-    denominator = pl.sum_horizontal(total_weight)
-    agg = pl.when(denominator > 0).then(numerator / denominator).otherwise(None)
-    return wide.with_columns(agg.alias(AGG))
+_CHARS = "_chars"
+_RANK = "_rank"
 
 
 def zero_variance_counts(scores: pl.DataFrame, signals: list[str]) -> dict[str, int]:
@@ -112,8 +84,13 @@ def _no_pair_reasons(
     paired: pl.DataFrame,
     margin: float,
     finished_only: bool = False,
+    ratio_blocked: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """One reason code per prompt that had responses but produced no pair."""
+    """One reason code per prompt that had responses but produced no pair.
+
+    ``ratio_blocked`` lists the prompts that had a candidate pair before
+    ``length_control.max_ratio`` ruled every one out.
+    """
     texts = responses.group_by(c.PROMPT_ID).agg(
         pl.col(NORM).n_unique().alias("distinct_texts"),
         (pl.col(AGG).is_not_null() & pl.col(c.TRUNCATED)).sum().alias("cut"),
@@ -133,6 +110,14 @@ def _no_pair_reasons(
     frame = unpaired.join(per_prompt, on=c.PROMPT_ID, how="left").join(
         label_reason, on=c.PROMPT_ID, how="left"
     )
+    blocked = (
+        ratio_blocked
+        if ratio_blocked is not None
+        else pl.DataFrame({c.PROMPT_ID: []}, {c.PROMPT_ID: pl.String})
+    )
+    frame = frame.with_columns(
+        pl.col(c.PROMPT_ID).is_in(blocked.get_column(c.PROMPT_ID).implode()).alias("_ratio")
+    )
     reason = (
         pl.when(pl.col("distinct_texts") == 1)
         .then(pl.lit(r.IDENTICAL_SAMPLES))
@@ -146,29 +131,47 @@ def _no_pair_reasons(
         .then(pl.lit(r.ALL_TIED))
         .when(pl.col("beyond_margin") == 0)
         .then(pl.lit(r.BELOW_MARGIN))
+        .when(pl.col("_ratio"))
+        .then(pl.lit(r.LENGTH_RATIO))
         .otherwise(pl.lit(r.IDENTICAL_TEXT))
     )
     return frame.with_columns(reason.alias(c.REASON)).select(c.PROMPT_ID, c.REASON).sort(c.PROMPT_ID)
 
 
 def make_pairs(
-    prompts: pa.Table, responses: pa.Table, labels: pa.Table, recipe: Recipe
+    prompts: pa.Table,
+    responses: pa.Table,
+    labels: pa.Table,
+    recipe: Recipe,
+    stats_of_run: RunStats | None = None,
 ) -> tuple[pa.Table, StageStats]:
-    weights = {labeler.name: labeler.weight for labeler in recipe.labelers}
+    """One chosen/rejected pair per prompt, or one reason why not.
+
+    ``stats_of_run`` are the run-wide numbers a spread scale or length control needs
+    (``steps.aggregate.run_stats`` over every shard); without them this shard stands for the run.
+    """
+    aggregation = Aggregation.of(recipe)
     rule, margin = recipe.pairing.rule, recipe.pairing.min_margin
+    control = recipe.pairing.length_control
+    max_ratio = control.max_ratio if control is not None else None
     stats = StageStats("pairing", rows_in=prompts.num_rows)
     resp = pl.from_arrow(responses)
     labels_df = pl.from_arrow(labels)
     assert isinstance(resp, pl.DataFrame) and isinstance(labels_df, pl.DataFrame)
-    scores = aggregate_scores(labels, weights)
-    joined = resp.join(scores, on=[c.PROMPT_ID, c.RESPONSE_ID], how="left").with_columns(
+    lengths = resp.select(c.RESPONSE_ID, c.TEXT)
+    if aggregation.needs_run_stats and stats_of_run is None:
+        stats_of_run = run_stats(wide_scores(labels, aggregation.signals, lengths), aggregation)
+    scores = aggregate_scores(labels, aggregation, stats_of_run, lengths)
+    joined = resp.join(scores.drop(LOG_CHARS, strict=False), on=[c.PROMPT_ID, c.RESPONSE_ID], how="left")
+    joined = joined.with_columns(
         pl.col(c.TEXT)
         .str.to_lowercase()
         .str.split(" ")
         .list.join(" ")
         .str.replace_all(r"\s+", " ")
         .str.strip_chars()
-        .alias(NORM)
+        .alias(NORM),
+        pl.col(c.TEXT).str.len_chars().alias(_CHARS),
     )
     scored = joined.filter(pl.col(AGG).is_not_null())
     if recipe.pairing.finished_only:
@@ -176,16 +179,30 @@ def make_pairs(
         stats.counts[r.CUT_ANSWERS_NOT_PAIRED] = int(scored.get_column(c.TRUNCATED).sum())
         scored = scored.filter(~pl.col(c.TRUNCATED))
 
-    chosen = (
-        scored.sort([c.PROMPT_ID, AGG, c.SAMPLE_INDEX], descending=[False, True, False])
-        .group_by(c.PROMPT_ID, maintain_order=True)
-        .first()
+    # Chosen is the best response; with a length ratio, the best one that has a partner within it.
+    ranked = scored.sort([c.PROMPT_ID, AGG, c.SAMPLE_INDEX], descending=[False, True, False]).with_columns(
+        (pl.int_range(pl.len()).over(c.PROMPT_ID) + 1).alias(_RANK)
     )
+    chosen = ranked if max_ratio is not None else ranked.filter(pl.col(_RANK) == 1)
     candidates = scored.join(chosen, on=c.PROMPT_ID, suffix="_c").filter(
         (pl.col(c.RESPONSE_ID) != pl.col(f"{c.RESPONSE_ID}_c"))
         & (pl.col(NORM) != pl.col(f"{NORM}_c"))
         & ((pl.col(f"{AGG}_c") - pl.col(AGG)) > margin)
     )
+    blocked = None
+    if max_ratio is not None:
+        longer = pl.max_horizontal(_CHARS, f"{_CHARS}_c").cast(pl.Float64)
+        shorter = pl.max_horizontal(pl.min_horizontal(_CHARS, f"{_CHARS}_c"), pl.lit(1)).cast(pl.Float64)
+        within = candidates.filter(longer / shorter <= max_ratio)
+        blocked = (
+            candidates.select(c.PROMPT_ID)
+            .unique()
+            .join(within.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
+        )
+        candidates = within.filter(pl.col(_RANK) == pl.col(_RANK).min().over(c.PROMPT_ID))
+        stats.counts[r.LENGTH_RATIO_NEXT_BEST] = (
+            candidates.filter(pl.col(_RANK) > 1).get_column(c.PROMPT_ID).n_unique()
+        )
     if rule == "best_vs_random":
         seed = recipe.sampling.seed
         keys = [derive_seed("pair", seed, rid) for rid in candidates.get_column(c.RESPONSE_ID).to_list()]
@@ -196,16 +213,18 @@ def make_pairs(
     picked = candidates.sort(order, descending=descending).group_by(c.PROMPT_ID, maintain_order=True).first()
 
     picked = picked.join(
-        evidence(scores, picked, list(weights), recipe.consistency.rank_signals), on=c.PROMPT_ID, how="left"
+        evidence(scores, picked, aggregation, recipe.consistency.rank_signals), on=c.PROMPT_ID, how="left"
     )
-    reasons = _no_pair_reasons(joined, scored, labels_df, picked, margin, recipe.pairing.finished_only)
+    reasons = _no_pair_reasons(
+        joined, scored, labels_df, picked, margin, recipe.pairing.finished_only, blocked
+    )
     for reason, count in reasons.group_by(c.REASON).len().iter_rows():
         stats.drop(reason, count)
     for pid, reason in reasons.head(50).iter_rows():
         stats.examples.setdefault(reason, f"prompt {pid}")
     stats.counts["prompts_with_responses"] = resp.get_column(c.PROMPT_ID).n_unique()
-    if len(weights) > 1:
-        for signal, count in zero_variance_counts(scores, list(weights)).items():
+    if len(aggregation.signals) > 1:
+        for signal, count in zero_variance_counts(scores, aggregation.signals).items():
             stats.counts[f"zero_variance:{signal}"] = count
 
     table = _pairs_table(prompts, picked, recipe)
@@ -263,7 +282,12 @@ def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.
 
 
 def pair_shard(
-    recipe: Recipe, prompts_uri: str, responses_uri: str, labels_uri: str, out_uri: str
+    recipe: Recipe,
+    prompts_uri: str,
+    responses_uri: str,
+    labels_uri: str,
+    out_uri: str,
+    stats_of_run: dict[str, Any] | None = None,
 ) -> ShardResult:
     start = time.perf_counter()
     table, stats = make_pairs(
@@ -271,6 +295,7 @@ def pair_shard(
         read_table(responses_uri, RESPONSES),
         read_table(labels_uri, LABELS),
         recipe,
+        None if stats_of_run is None else RunStats.from_dict(stats_of_run),
     )
     if recipe.pairing.judge is not None:
         table = judge_candidates(table, recipe.pairing.judge.model, stats)

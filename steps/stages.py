@@ -14,12 +14,15 @@ import json
 import time
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 
+from schemas import columns as c
 from schemas.recipe import BleuConfig, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
+from steps.aggregate import Aggregation, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, parquet_rows, read_table, write_table
-from steps.consistency import consistency_stage
+from steps.consistency import consistency_stage, read_columns
 from steps.engines import resolve_model
 from steps.labelers.registry import build_labeler
 from steps.pairing import pair_shard
@@ -149,13 +152,44 @@ def pairing_settings(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def aggregation_stats(
+    recipe: Recipe, responses: list[ShardResult], labels: list[ShardResult]
+) -> dict[str, Any] | None:
+    """The run-wide numbers pairing needs (``steps.aggregate.run_stats``), or None when it needs none.
+
+    Reads only the score columns of every label shard and the text of every response
+    (for lengths), so it costs seconds even for large runs; it is recomputed each run
+    and goes into every pairing key, so a run whose labels changed re-pairs every shard.
+    """
+    aggregation = Aggregation.of(recipe)
+    if not aggregation.needs_run_stats:
+        return None
+    label_parts = [
+        read_columns(s.uri, [c.PROMPT_ID, c.RESPONSE_ID, c.SIGNAL, c.SCORE], LABELS) for s in labels
+    ]
+    text_parts = [read_columns(s.uri, [c.RESPONSE_ID, c.TEXT], RESPONSES) for s in responses]
+    lengths = pl.from_arrow(pa.concat_tables(text_parts)) if text_parts else None
+    assert lengths is None or isinstance(lengths, pl.DataFrame)
+    all_labels = pa.concat_tables(label_parts) if label_parts else LABELS.empty_table()
+    wide = wide_scores(all_labels, aggregation.signals, lengths)
+    return run_stats(wide, aggregation).to_dict()
+
+
 def pair(
-    recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult, labels: ShardResult
+    recipe: Recipe,
+    area: WorkArea,
+    prompts: ShardResult,
+    responses: ShardResult,
+    labels: ShardResult,
+    stats_of_run: dict[str, Any] | None = None,
 ) -> ShardResult:
-    key = area.key("pairing", pairing_settings(recipe), [prompts.sha256, responses.sha256, labels.sha256])
+    settings = pairing_settings(recipe)
+    if stats_of_run is not None:  # absent, not null, so runs without run stats keep their keys
+        settings["run_stats"] = stats_of_run
+    key = area.key("pairing", settings, [prompts.sha256, responses.sha256, labels.sha256])
 
     def compute(files: dict[str, str]) -> Any:
-        result = pair_shard(recipe, prompts.uri, responses.uri, labels.uri, files["data"])
+        result = pair_shard(recipe, prompts.uri, responses.uri, labels.uri, files["data"], stats_of_run)
         return result.stats, {"data": result.rows}, {}
 
     return area.run("pairing", key, compute).result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -244,3 +245,64 @@ def test_cached_scores_are_reused_until_the_labeler_or_the_pairs_change(
     assert reused(run(tmp_path, pairs_file, "--limit", "3", recipe=write_recipe(tmp_path))) == {"bleu": False}
     fresh = run(tmp_path, pairs_file, "--fresh", recipe=write_recipe(tmp_path, two % (1.0, "bleuberi")))
     assert reused(fresh) == {"a": False, "b": False}
+
+
+def test_fit_reports_cross_validated_rows_and_writes_a_recipe_with_provenance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "eta",
+        "theta",
+        "iota",
+        "kappa",
+        "lambda",
+        "mu",
+    ]
+    records = []
+    for i in range(24):
+        ref = " ".join(words[(i + k) % len(words)] for k in range(8))
+        close = ref.rsplit(" ", i % 3 + 1)[0]  # the reference minus one to three words
+        records.append(pair(i, close, "nothing alike here at all", [ref]))
+    pairs_file = write_lines(tmp_path / "pairs.jsonl", [json.dumps(r) for r in records])
+    recipe = write_recipe(
+        tmp_path, "  - {kind: bleu, name: bleu}\n  - {kind: bleu, name: sacre, variant: sacrebleu, weight: 2}"
+    )
+    out = tmp_path / "fitted.yaml"
+    report = run(
+        tmp_path, pairs_file, "--fit", "--folds", "3", "--write-recipe", str(out), "--domain", "toy overlap",
+        recipe=recipe,
+    )  # fmt: skip
+    rows = rows_by_name(report)
+    assert {"equal weights (zscore)", "equal weights (spread)", "fitted (3-fold CV)"} <= set(rows)
+    assert rows["fitted (3-fold CV)"]["accuracy"] == 1.0 and rows["fitted (3-fold CV)"]["n"] == 24
+    assert report["fit"]["scale"] in {"zscore", "spread"} and len(report["fit"]["fold_choices"]) == 3
+    assert all(w > 0 for w in report["fit"]["weights"].values())
+    printed = capsys.readouterr().out
+    assert "fitted weights" in printed and "on cached scores" in printed
+
+    from schemas.recipe import load_recipe
+
+    fitted = load_recipe(str(out))
+    assert [x.weight for x in fitted.labelers] == pytest.approx(
+        list(report["fit"]["weights"].values()), rel=1e-3
+    )
+    provenance = fitted.pairing.weights_fit
+    assert provenance is not None and provenance.domain == "toy overlap" and provenance.n == 24
+    assert provenance.sha256 == hashlib.sha256(pairs_file.read_bytes()).hexdigest()
+    assert provenance.cv_accuracy == 1.0 and provenance.folds == 3
+    assert fitted.pairing.scale == report["fit"]["scale"]
+    assert out.read_text(encoding="utf-8").startswith("# Written by `python -m flows.eval_labelers --fit`")
+
+
+def test_fit_needs_enough_pairs_and_write_recipe_needs_fit(tmp_path: Path, pairs_file: Path) -> None:
+    out = tmp_path / "r.json"
+    args = ["--pairs", str(pairs_file), "--recipe", str(write_recipe(tmp_path)), "--json", str(out)]
+    assert main([*args, "--cache", str(tmp_path / "c"), "--fit"]) == 2  # 6 pairs < 2 x 5 folds
+    with pytest.raises(SystemExit):
+        main([*args, "--write-recipe", str(tmp_path / "x.yaml")])

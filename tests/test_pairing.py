@@ -10,7 +10,8 @@ import pytest
 
 from schemas import columns as c
 from schemas.records import LABELS, pairs_schema
-from steps.pairing import AGG, aggregate_scores, make_pairs
+from steps.aggregate import AGG, aggregate_scores
+from steps.pairing import make_pairs
 from tests.conftest import make_recipe
 from tests.test_labeling import responses
 from tests.test_sampling import prompts_table
@@ -176,3 +177,33 @@ def test_finished_only_with_one_finished_answer_names_the_reason() -> None:
     assert table.num_rows == 0 and drops == {"fewer_than_two_finished": 1}
     table, drops, _ = run_cut([1.0, 5.0, 0.5, 3.0], {0, 1, 2, 3}, finished_only=True)
     assert table.num_rows == 0 and drops == {"fewer_than_two_finished": 1}
+
+
+def test_max_ratio_tries_the_next_best_pair_and_says_why_when_none_fits() -> None:
+    texts = ["x" * 400, "y" * 100, "z" * 60, "w" * 10]
+    # Unconstrained: best (400 chars) vs worst (10 chars).
+    table, _ = run(texts, [4.0, 3.0, 2.0, 1.0])
+    assert (table[c.CHOSEN_ID][0].as_py()[-1], table[c.REJECTED_ID][0].as_py()[-1]) == ("0", "3")
+    # Ratio 2: the best has no partner within 2x, so the next best (100) pairs with 60.
+    prompts = prompts_table(["p"])
+    resp = responses(prompts, texts)
+    recipe = make_recipe(pairing={"length_control": {"max_ratio": 2.0}})
+    table, stats = make_pairs(prompts, resp, labels_for(resp, {"bleu": [4.0, 3.0, 2.0, 1.0]}), recipe)
+    assert (table[c.CHOSEN_ID][0].as_py()[-1], table[c.REJECTED_ID][0].as_py()[-1]) == ("1", "2")
+    assert stats.counts["length_ratio_next_best"] == 1
+    # Ratio 1.1: no two answers are that close in length.
+    recipe = make_recipe(pairing={"length_control": {"max_ratio": 1.1}})
+    table, stats = make_pairs(prompts, resp, labels_for(resp, {"bleu": [4.0, 3.0, 2.0, 1.0]}), recipe)
+    assert table.num_rows == 0 and dict(stats.drops) == {"length_ratio": 1}
+
+
+def test_spread_scale_and_residual_control_run_through_pairing() -> None:
+    prompts = prompts_table(["p", "q"])
+    resp = responses(prompts, ["a" * 10, "b" * 300, "c" * 40, "d" * 50])
+    labels = labels_for(resp, {"s1": [1.0, 2.0, 3.0, 4.0] * 2, "s2": [4.0, 3.0, 2.0, 1.0] * 2})
+    labelers = [{"kind": "bleu", "name": "s1"}, {"kind": "bleu", "name": "s2", "weight": -1.0}]
+    recipe = make_recipe(labelers=labelers, pairing={"scale": "spread", "length_control": {"residual": True}})
+    table, _ = make_pairs(prompts, resp, labels, recipe)
+    assert table.num_rows == 2
+    assert table.column(c.AGREEMENT).to_pylist() == [1.0, 1.0]  # s2 is inverted, so it agrees with s1
+    assert all(m > 0 for m in table.column(c.STRENGTH_MEAN).to_pylist())
