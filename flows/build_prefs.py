@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.checks import NothingSampledError, OutputError, prepare, require_responses
 from flows.console import quiet_console
+from flows.eval_labelers import LabelQualityError, PairsFileError, check_eval_sets, measure_recipe
 from flows.placement import (
     DEFAULT_BATCH_SHARDS,
     ModelPoolError,
@@ -38,6 +39,7 @@ from steps import stages
 from steps.aggregate import Aggregation
 from steps.base import ShardResult, StageStats, merge_stats
 from steps.engines import ModelSpecError
+from steps.engines.llama_build import cache_root
 from steps.engines.native_check import EngineCrashError, check_models
 from steps.hub import HubError, push_dataset
 from steps.labelers.checks import recipe_models
@@ -106,6 +108,20 @@ def consistency_task(
         f"consistency: {kept.stats.rows_in} candidate pairs → {kept.rows} kept (drops: {drops}){how}"
     )
     return kept, dropped, length
+
+
+@task(name="label-quality", cache_policy=NO_CACHE)
+def eval_task(recipe: Recipe, area: WorkArea) -> dict[str, Any] | None:
+    """The recipe's signals against its human pairs, first: a failed ``min_accuracy`` costs no sampling."""
+    result = measure_recipe(recipe, area)
+    if result is not None:
+        for s in result["sets"]:
+            row = next(r for r in s["rows"] if r["labeler"] == "aggregate")
+            get_run_logger().info(
+                f"label quality on {s['name']} ({s['n']} pairs): aggregate {row['accuracy']:.3f} "
+                f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] ({result['seconds']:.1f} s)"
+            )
+    return result
 
 
 @task(name="publish", cache_policy=NO_CACHE)
@@ -207,6 +223,8 @@ def build_prefs(
     area = WorkArea(work_uri, fresh=fresh)
     # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.
     model_area = WorkArea(work_uri) if model_deployment else area
+    # Eval scores depend on the labelers and the pairs only, not on this run: one cache for every run.
+    quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
     prompts, prompt_stats = prompts_task(config, area)
     if model_deployment:
         run_model_batches(
@@ -259,6 +277,7 @@ def build_prefs(
         "stages": {name: s.to_dict() for name, s in stages_.items()},
         "length": length,
         "aggregation": stats_of_run,
+        "eval": quality,
     }
     manifest = publish_task(config, out, kept, dropped, stats)
     create_markdown_artifact(
@@ -314,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         if engine_check is not None:
             print(engine_check.describe(), file=sys.stderr)
         check_placement(args.model_deployment, args.batch_shards, args.dask, work_uri)
+        check_eval_sets(loaded)
     except (
-        RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError, EngineCrashError
+        RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError, EngineCrashError,
+        PairsFileError,
     ) as exc:  # fmt: skip
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -333,10 +354,17 @@ def main(argv: list[str] | None = None) -> int:
             batch_shards=args.batch_shards,
             dask=args.dask,
         )
-    except (RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError) as exc:
+    except (
+        RecipeError,
+        ModelSpecError,
+        PromptSourceError,
+        OutputError,
+        PlacementError,
+        PairsFileError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ModelPoolError, NothingSampledError) as exc:
+    except (ModelPoolError, NothingSampledError, LabelQualityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except HubError as exc:

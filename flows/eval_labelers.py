@@ -16,17 +16,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from schemas import columns as c
-from schemas.recipe import Recipe, RecipeError, load_recipe, resolve_recipe_path
+from schemas.recipe import EvalPairs, Recipe, RecipeError, load_recipe, resolve_recipe_path
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import AGG, Aggregation, aggregate_scores, feature, features, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, join_uri, read_table, write_table
@@ -81,30 +84,66 @@ def _parse_pair(record: Any, line: int, seen: set[str]) -> Pair:
     return Pair(pid, messages, references, record[c.CHOSEN], record[c.REJECTED], line)
 
 
-def read_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], Counter[str]]:
-    """The first ``limit`` usable pairs, plus skip counts by reason; only unparsable JSON is fatal."""
-    pairs: list[Pair] = []
-    skipped: Counter[str] = Counter()
-    seen: set[str] = set()
-    with path.open("rb") as handle:
+def _records(source: Path | EvalPairs) -> Iterator[tuple[int, Any]]:
+    """(line or row number, record) of a JSONL/Parquet file or a datasets dataset; bad JSON is fatal."""
+    if isinstance(source, Path):
+        source = EvalPairs(uri=str(source), format="jsonl")
+    if source.hf is not None:
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(source.hf, source.config, split=source.split)
+        except Exception as exc:  # datasets raises many types; all mean "cannot read this"
+            raise PairsFileError(f"eval pairs {source.hf!r}: cannot load the dataset ({exc})") from None
+        yield from enumerate(rows, start=1)
+        return
+    uri = source.location
+    fmt = source.format or ("parquet" if uri.endswith(".parquet") else "jsonl")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        handle = fs.open(path, "rb")
+    except (OSError, ValueError) as exc:
+        raise PairsFileError(f"pairs file {uri!r} cannot be opened ({exc})") from None
+    with handle:
+        if fmt == "parquet":
+            line = 0
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    line += 1
+                    yield line, record
+            return
         for line, raw in enumerate(handle, start=1):
-            if limit is not None and len(pairs) >= limit:
-                break
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                yield line, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                raise PairsFileError(f"{path} line {line}: not valid UTF-8 ({exc.reason})") from None
+                raise PairsFileError(f"{uri} line {line}: not valid UTF-8 ({exc.reason})") from None
             except json.JSONDecodeError as exc:
-                raise PairsFileError(f"{path} line {line}: invalid JSON ({exc.msg})") from None
-            try:
-                pair = _parse_pair(record, line, seen)
-            except InvalidRow as exc:
-                skipped[exc.reason] += 1
-                continue
-            seen.add(pair.pid)
-            pairs.append(pair)
+                raise PairsFileError(f"{uri} line {line}: invalid JSON ({exc.msg})") from None
+
+
+def read_pairs(source: Path | EvalPairs, limit: int | None = None) -> tuple[list[Pair], Counter[str]]:
+    """The first ``limit`` usable pairs, plus skip counts by reason; only unreadable input is fatal.
+
+    ``source`` is a JSONL path or an ``eval`` set of a recipe (whose ``columns`` rename fields).
+    """
+    columns = source.columns if isinstance(source, EvalPairs) else {}
+    pairs: list[Pair] = []
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    for line, record in _records(source):
+        if limit is not None and len(pairs) >= limit:
+            break
+        if columns and isinstance(record, dict):
+            record = {**record, **{ours: record.get(theirs) for ours, theirs in columns.items()}}
+        try:
+            pair = _parse_pair(record, line, seen)
+        except InvalidRow as exc:
+            skipped[exc.reason] += 1
+            continue
+        seen.add(pair.pid)
+        pairs.append(pair)
     return pairs, skipped
 
 
@@ -351,6 +390,63 @@ def format_weights(fit: FitResult) -> str:
              + ", ".join(f"{c.scale}/{c.lam:g}" for c in fit.fold_choices) + "):"]  # fmt: skip
     lines += [f"  {name:<24} {weight:+.4f}" for name, weight in fit.weights.items()]
     return "\n".join(lines)
+
+
+class LabelQualityError(RuntimeError):
+    """The aggregate missed ``eval.min_accuracy``: the run publishes nothing (exit 1)."""
+
+
+def check_eval_sets(recipe: Recipe) -> None:
+    """Every ``eval`` set reads and has usable pairs: a config error, before any model loads."""
+    for spec in recipe.eval.pairs if recipe.eval is not None else []:
+        pairs, skipped = read_pairs(spec, spec.limit)
+        if not pairs:
+            raise PairsFileError(f"eval pairs {spec.label}: no usable pairs (skipped: {dict(skipped)})")
+
+
+def measure_recipe(recipe: Recipe, area: WorkArea) -> dict[str, Any] | None:
+    """The recipe's labelers and aggregate against each of its ``eval`` sets, for the card and stats.json.
+
+    Scores are cached in ``area`` under the labelers' resume keys, so a rerun of the same
+    recipe reads them back; raises ``LabelQualityError`` when ``min_accuracy`` is missed.
+    """
+    if recipe.eval is None:
+        return None
+    started = time.perf_counter()
+    sets = []
+    for spec in recipe.eval.pairs:
+        pairs, skipped = read_pairs(spec, spec.limit)
+        rows, _, _ = evaluate(recipe, pairs, spec.label, recipe.sampling.seed, area)
+        sets.append({
+            "name": spec.label, "source": f"built-in {spec.builtin}" if spec.builtin else spec.location,
+            "domain": spec.domain, "n": len(pairs),
+            "skipped": dict(sorted(skipped.items())), "rows": rows,
+        })  # fmt: skip
+    result = {
+        "sets": sets,
+        "min_accuracy": recipe.eval.min_accuracy,
+        "seconds": time.perf_counter() - started,
+    }
+    floor = recipe.eval.min_accuracy
+    misses = [
+        f"{s['name']} ({s['domain']}, n={s['n']}): aggregate {row['accuracy']:.3f} "
+        f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] < {floor}"
+        for s in sets
+        for row in s["rows"]
+        if floor is not None and row["labeler"] == "aggregate" and row["accuracy"] < floor
+    ]
+    if misses:
+        best = max(
+            (r for s in sets for r in s["rows"] if r["labeler"] != LENGTH_ROW), key=lambda r: r["accuracy"]
+        )
+        raise LabelQualityError(
+            "the labels do not agree with people well enough (eval.min_accuracy): "
+            + "; ".join(misses)
+            + f". Best row: {best['labeler']} {best['accuracy']:.3f}. Nothing was published; the previous "
+            "dataset, if any, is unchanged. Fit the weights on pairs from your domain "
+            "(python -m flows.eval_labelers --fit --write-recipe) or change the labelers."
+        )
+    return result
 
 
 def summarise_subset(report: dict[str, Any], first: int) -> list[dict[str, Any]]:

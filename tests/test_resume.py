@@ -361,3 +361,64 @@ def test_a_run_that_samples_nothing_fails_and_leaves_the_old_dataset(
     assert bp.main(["--recipe", empty, "--output", str(out)]) == 1
     message = capsys.readouterr().err
     assert "sampling.too_long: truncate_left" in message and "nothing was published" in message
+
+
+def published_stats(out: Path) -> dict[str, Any]:
+    manifest = writer.read_manifest(str(out))
+    assert manifest is not None
+    return json.loads((out / "runs" / manifest["run_id"] / "stats.json").read_text())
+
+
+def eval_pairs(tmp_path: Path, agree: int, n: int = 6) -> str:
+    """Pairs on which BLEU (reference "red") sides with the human choice ``agree`` times out of ``n``."""
+    path = tmp_path / f"eval-{agree}.jsonl"
+    lines = []
+    for i in range(n):
+        good, bad = ("red", "green") if i < agree else ("green", "red")
+        lines.append(json.dumps({"prompt": f"q{i}", "chosen": good, "rejected": bad, "reference": ["red"]}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_eval_gate_publishes_nothing_and_costs_no_sampling(
+    tmp_path: Path, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PREFSMITH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    passing = write_recipe(tmp_path, eval={"pairs": eval_pairs(tmp_path, 5), "min_accuracy": 0.6})
+    run(passing, out)
+    manifest = (out / "manifest.json").read_bytes()
+    stats = published_stats(out)
+    (only,) = stats["eval"]["sets"]
+    assert {r["labeler"]: r["agree"] for r in only["rows"]}["aggregate"] == 5
+    assert "## Label quality" in (out / "README.md").read_text()
+    calls = engine.calls
+    failing = write_recipe(tmp_path, eval={"pairs": eval_pairs(tmp_path, 2), "min_accuracy": 0.6})
+    assert bp.main(["--recipe", failing, "--output", str(out), "--fresh"]) == 1
+    message = capsys.readouterr().err
+    assert "aggregate 0.333" in message and "< 0.6" in message and "Nothing was published" in message
+    assert (out / "manifest.json").read_bytes() == manifest, "the previous dataset must stay"
+    assert engine.calls == calls, "the gate runs before sampling"
+    missing = write_recipe(tmp_path, eval={"pairs": str(tmp_path / "nope.jsonl")})
+    assert bp.main(["--recipe", missing, "--output", str(out)]) == 2
+
+
+def test_run_wide_scale_and_length_control_pair_every_shard_alike_and_resume(
+    tmp_path: Path, engine: FakeEngine
+) -> None:
+    out = tmp_path / "out"
+    recipe = write_recipe(
+        tmp_path, pairing={"rule": "best_vs_worst", "scale": "spread", "length_control": {"residual": True}}
+    )
+    run(recipe, out)
+    numbers = published_stats(out)["aggregation"]
+    assert set(numbers["spread"]) == {"bleu", "bleu_sacre"} and set(numbers["slope"]) == {
+        "bleu",
+        "bleu_sacre",
+    }
+    assert set(numbers["length_corr"]) == {"before", "after"}
+    first = markers(out / ".work")
+    run(recipe, out)
+    assert markers(out / ".work") == first, (
+        "the same labels give the same run-wide numbers, so nothing re-pairs"
+    )
