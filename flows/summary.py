@@ -8,7 +8,7 @@ from steps.publish import funnel_steps
 
 
 def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
-    """The card's headline numbers for the Prefect UI: funnel, drops per stage, length bias."""
+    """The card's headline numbers for the Prefect UI: funnel, drops per stage, length bias, label quality."""
     stages = manifest["stats"]["stages"]
     kept = manifest["splits"].get("train", 0)
     lines = [
@@ -32,5 +32,12 @@ def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
             "",
             f"Chosen is longer in {100 * length['chosen_longer_share']:.0f}% of candidate pairs; "
             f"Spearman(length difference, margin) = {length['corr_length_diff_margin']:.3f}.",
+        ]
+    for item in (manifest["stats"].get("eval") or {}).get("sets", []):
+        row = next(r for r in item["rows"] if r["labeler"] == "aggregate")
+        lines += [
+            "",
+            f"Label quality on {item['name']} ({item['n']} human pairs, {item['domain']}): aggregate agrees "
+            f"{row['accuracy']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}].",
         ]
     return "\n".join(lines) + "\n"

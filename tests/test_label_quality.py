@@ -153,3 +153,17 @@ def test_card_reports_label_quality_provenance_and_length() -> None:
     assert "0.61 without length control and 0.05 with the residual control" in text
     unmeasured = card_text({})
     assert "Not measured" in unmeasured and "set by hand" in unmeasured
+
+
+def test_prefect_summary_carries_the_label_quality_line() -> None:
+    from flows.summary import summary_markdown
+
+    row = {"labeler": "aggregate", "accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+    stage = {"rows_in": 1, "rows_out": 1, "drops": {}, "seconds": 0.0}
+    stats = {
+        "stages": {name: stage for name in ("prompts", "sampling", "labeling", "pairing", "consistency")},
+        "eval": {"sets": [{"name": "hh", "n": 32, "domain": "harmlessness", "rows": [row]}]},
+    }
+    manifest = {"stats": stats, "splits": {"train": 1}, "recipe": {"name": "r", "hash": "h"}}
+    text = summary_markdown("out", manifest)
+    assert "Label quality on hh (32 human pairs, harmlessness): aggregate agrees 0.500 [0.400, 0.600]" in text
