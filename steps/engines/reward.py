@@ -156,7 +156,7 @@ def conversation_ids(chat: ChatTokens, request: RewardRequest) -> list[int] | Fa
 
 
 class TransformersRewardModel(ChatWindow):
-    """A ``AutoModelForSequenceClassification`` checkpoint on CPU or CUDA, batched by length.
+    """An ``AutoModelForSequenceClassification`` checkpoint on CPU or CUDA, batched by length.
 
     Sequences are right-padded with the model's own ``pad_token_id`` and the model's
     forward picks the position it pools (decoder models: the rightmost token that is not

@@ -308,7 +308,8 @@ class VllmRewardModel(ChatWindow):
     ``PoolingParams(use_activation=False)`` returns the head's raw outputs: by default
     vLLM would pass a one-output head through a sigmoid (a softmax for several), which
     squeezes rewards into (0, 1) and loses their spread. vLLM pools the last token of
-    the prompt. Both names appeared in vLLM 0.11.1 (``tests/fakes/vllm_api.json``).
+    the prompt. ``use_activation`` first appeared in vLLM 0.11.1; the pooling API names
+    are checked against the released wheels (``tests/fakes/vllm_api.json``).
     """
 
     engine_name = "vllm"
