@@ -8,6 +8,7 @@ reference is always the model's own forward pass on one unpadded sequence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import sys
@@ -44,6 +45,7 @@ REQUESTS = [
     RewardRequest(CONV, "Lemons."),
 ]
 HEADS = {0: "helpful", 1: "honest", 2: "harmless"}
+_tokenizer = functools.cache(smollm2_tokenizer)  # read once per session, not once per model
 # Padding changes nothing the model reads (right padding, masked), but batched matmuls sum in another
 # order: fp32 differences of ~1e-7 on outputs of order 1. A misread position differs by ~0.1.
 TOLERANCE = 1e-5
@@ -53,7 +55,7 @@ def _save_classifier(path: Path, num_labels: int, pad_token_id: int | None) -> P
     import torch
     from transformers import LlamaForSequenceClassification
 
-    tokenizer = smollm2_tokenizer()
+    tokenizer = _tokenizer()
     labels = {"id2label": HEADS, "label2id": {v: k for k, v in HEADS.items()}} if num_labels == 3 else {}
     config = tiny_llama(
         tokenizer, max_positions=512, num_labels=num_labels, pad_token_id=pad_token_id, **labels
@@ -70,7 +72,7 @@ def _save_classifier(path: Path, num_labels: int, pad_token_id: int | None) -> P
 @pytest.fixture(scope="module")
 def scalar_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One output, pad id set (SmolLM2's <|im_end|>, which also ends every turn of its template)."""
-    return _save_classifier(tmp_path_factory.mktemp("rm-scalar"), 1, smollm2_tokenizer().pad_token_id)
+    return _save_classifier(tmp_path_factory.mktemp("rm-scalar"), 1, _tokenizer().pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def multi_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tokenizer = smollm2_tokenizer()
+    tokenizer = _tokenizer()
     path = tmp_path_factory.mktemp("causal")
     tiny_llama(tokenizer, max_positions=512).save_pretrained(path)
     tokenizer.save_pretrained(path)
