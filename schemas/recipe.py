@@ -254,6 +254,44 @@ class PairwiseJudgeConfig(_Strict):
     model: ScorerModelConfig = Field(default_factory=ScorerModelConfig)
 
 
+class RewardModelConfig(_Strict):
+    """A sequence-classification model's reward for (conversation, response) (docs/design.md, Reward model).
+
+    There is no default model: no reward model ships with prefsmith, and a causal LM
+    quietly standing in for one would score nothing meaningful.
+    """
+
+    kind: Literal["reward_model"]
+    name: str = "reward"
+    weight: Weight = Field(1.0, json_schema_extra=AGGREGATE_ONLY)
+    model: ScorerModelConfig = Field(
+        description="a *ForSequenceClassification checkpoint: a Hugging Face directory or hub id"
+    )
+    head: int | None = Field(
+        None, ge=0, description="which output of a multi-objective head (default: the model's only one)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_is_named(cls, data: Any) -> Any:
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(data, dict) and (model is None or (isinstance(model, dict) and "model" not in model)):
+            raise ValueError(
+                "model.model: name the reward model (a Hugging Face directory or hub id of a "
+                "*ForSequenceClassification checkpoint); there is no default"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _engine_has_heads(self) -> RewardModelConfig:
+        if self.model.engine == "llama_cpp":
+            raise ValueError(
+                "model.engine: llama_cpp has no classifier heads; "
+                "use engine: transformers (CPU or CUDA) or vllm"
+            )
+        return self
+
+
 class SamplingConfig(_Strict):
     n: int = Field(4, ge=2, description="responses per prompt; a pair needs two")
     temperature: float = Field(0.8, ge=0.0)
@@ -291,12 +329,24 @@ class BleuConfig(_Strict):
 
 
 LabelerConfig = Annotated[
-    BleuConfig | DensityRatioConfig | FollowUpConfig | PointwiseJudgeConfig | PairwiseJudgeConfig,
+    BleuConfig
+    | DensityRatioConfig
+    | FollowUpConfig
+    | PointwiseJudgeConfig
+    | PairwiseJudgeConfig
+    | RewardModelConfig,
     Field(discriminator="kind"),
 ]
 
 
-_LABELER_CONFIGS = (BleuConfig, DensityRatioConfig, FollowUpConfig, PointwiseJudgeConfig, PairwiseJudgeConfig)
+_LABELER_CONFIGS = (
+    BleuConfig,
+    DensityRatioConfig,
+    FollowUpConfig,
+    PointwiseJudgeConfig,
+    PairwiseJudgeConfig,
+    RewardModelConfig,
+)
 # Left out of the resume keys of every stage: changing them must not invalidate finished shards.
 NOT_SHAPING = tagged(ModelConfig, **SPEED_ONLY).union(
     *(tagged(config, **AGGREGATE_ONLY) for config in _LABELER_CONFIGS)

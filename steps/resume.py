@@ -44,6 +44,7 @@ CODE_VERSIONS: dict[str, int] = {
     "label:follow_up": 1,
     "label:judge_pointwise": 2,  # 2: one quote marker per prompt (was per reply)
     "label:judge_pairwise": 2,  # 2: details.p_beats keyed by the opponent (was the reply's own index)
+    "label:reward_model": 1,
     "labels": 1,
     "pairing": 1,
     "consistency": 2,  # 2: ambiguous_below 0.0 is a floor under the quantile cut

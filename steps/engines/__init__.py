@@ -1,9 +1,9 @@
 """Model engines behind one protocol (``steps.engines.base``), loaded once per process.
 
-``load_engine`` is the only way stages get a model: it resolves the spec
-(cheap, done at validation time too) and keeps one loaded engine per
-(spec, engine, options) for the life of the process, so a stage that handles
-many shards loads its model once.
+``load_engine`` is the only way stages get a model (``load_reward_model`` for a
+reward model's classifier): it resolves the spec (cheap, done at validation time
+too) and keeps one loaded engine per (spec, engine, options) for the life of the
+process, so a stage that handles many shards loads its model once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from steps.engines.base import (
     sample_seed,
 )
 from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
+from steps.engines.reward import RewardRequest, RewardScorer
 
 __all__ = [
     "Chooser",
@@ -38,23 +39,27 @@ __all__ = [
     "ModelSpecError",
     "OptionRequest",
     "ResolvedModel",
+    "RewardRequest",
+    "RewardScorer",
     "SamplingParams",
     "ScoreRequest",
     "Scorer",
     "TokenScores",
     "derive_seed",
     "load_engine",
+    "load_reward_model",
     "resolve_model",
     "sample_seed",
 ]
 
 _ENGINES: dict[tuple[Any, ...], Engine] = {}
+_REWARD_MODELS: dict[tuple[Any, ...], RewardScorer] = {}
 _LOCK = threading.Lock()
 
 
-def load_engine(policy: ModelConfig) -> Engine:
-    """The engine for ``policy``, loaded on first use and reused afterwards."""
-    key = (
+def _settings(policy: ModelConfig) -> tuple[Any, ...]:
+    """Everything a loaded model depends on: equal settings share one load."""
+    return (
         policy.model,
         policy.engine,
         policy.n_ctx,
@@ -68,6 +73,11 @@ def load_engine(policy: ModelConfig) -> Engine:
         policy.max_model_len,
         policy.enforce_eager,
     )
+
+
+def load_engine(policy: ModelConfig) -> Engine:
+    """The engine for ``policy``, loaded on first use and reused afterwards."""
+    key = _settings(policy)
     with _LOCK:
         if key not in _ENGINES:
             resolved = resolve_model(policy.model, policy.engine)
@@ -101,11 +111,50 @@ def load_engine(policy: ModelConfig) -> Engine:
         return _ENGINES[key]
 
 
+def load_reward_model(config: ModelConfig) -> RewardScorer:
+    """The reward model for ``config``, loaded on first use and reused (``steps.engines.reward``).
+
+    Cached apart from ``load_engine``'s: the same checkpoint loads as a classifier here and as a
+    causal LM there, which are different weights in memory.
+    """
+    key = _settings(config)
+    with _LOCK:
+        if key not in _REWARD_MODELS:
+            resolved = resolve_model(config.model, config.engine)
+            if config.engine == "vllm":
+                from steps.engines.vllm_engine import VllmRewardModel
+
+                _REWARD_MODELS[key] = VllmRewardModel(
+                    resolved,
+                    tensor_parallel_size=config.tensor_parallel_size,
+                    gpu_memory_utilization=config.gpu_memory_utilization,
+                    max_model_len=config.max_model_len,
+                    dtype=config.dtype,
+                    enforce_eager=config.enforce_eager,
+                    trust_remote_code=config.trust_remote_code,
+                )
+            elif config.engine == "transformers":
+                from steps.engines.reward import TransformersRewardModel
+
+                _REWARD_MODELS[key] = TransformersRewardModel(
+                    resolved,
+                    config.device,
+                    config.dtype,
+                    config.trust_remote_code,
+                    config.batch_tokens,
+                    n_ctx=config.n_ctx,
+                )
+            else:
+                raise ModelSpecError(f"engine {config.engine} has no classifier heads for a reward model")
+        return _REWARD_MODELS[key]
+
+
 @atexit.register
 def close_engines() -> None:
     with _LOCK:
-        for engine in _ENGINES.values():
-            close = getattr(engine, "close", None)
+        for loaded in [*_ENGINES.values(), *_REWARD_MODELS.values()]:
+            close = getattr(loaded, "close", None)
             if close is not None:
                 close()
         _ENGINES.clear()
+        _REWARD_MODELS.clear()

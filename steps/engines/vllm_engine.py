@@ -42,6 +42,7 @@ from steps.engines.base import (
 from steps.engines.chat import ChatWindow, hf_chat_tokens
 from steps.engines.context import Fitted
 from steps.engines.models import VLLM_INSTALL_HINT, ModelSpecError, ResolvedModel, VllmMissingError
+from steps.engines.reward import RewardRequest, checkpoint_labels, conversation_ids, refuse_gguf
 
 
 def _import_vllm() -> Any:
@@ -50,6 +51,47 @@ def _import_vllm() -> Any:
     except ImportError as exc:
         raise VllmMissingError(f"engine vllm could not import vllm ({exc}); {VLLM_INSTALL_HINT}") from exc
     return vllm
+
+
+def _new_llm(
+    vllm: Any,
+    model: ResolvedModel,
+    *,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    max_model_len: int | None,
+    dtype: str,
+    enforce_eager: bool,
+    trust_remote_code: bool,
+    **extra: Any,
+) -> Any:
+    """``vllm.LLM`` with the recipe's options, each passed only where the recipe sets it.
+
+    ``extra`` carries what one use needs beyond those (the reward model's runner).
+    """
+    if model.kind == "gguf":
+        raise ModelSpecError(f"engine vllm needs a Hugging Face model, not the GGUF {model.location}")
+    if max_model_len is not None:
+        extra["max_model_len"] = max_model_len
+    return vllm.LLM(
+        model.location,
+        tokenizer=None,
+        trust_remote_code=trust_remote_code,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        # Every request carries its own seed, so the engine seed never decides a sample.
+        seed=0,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        **extra,
+    )
+
+
+def _chat_tokenizer(llm: Any, model_id: str) -> Any:
+    tokenizer = llm.get_tokenizer()
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{model_id} has no chat template in its tokenizer")
+    return tokenizer
 
 
 class VllmEngine(ChatWindow):
@@ -66,30 +108,23 @@ class VllmEngine(ChatWindow):
         enforce_eager: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
-        if model.kind == "gguf":
-            raise ModelSpecError(f"engine vllm needs a Hugging Face model, not the GGUF {model.location}")
         vllm = _import_vllm()
         from vllm.inputs import TokensPrompt
 
         self._vllm = vllm
         self._tokens_prompt = TokensPrompt
         self.model_id = model.model_id
-        extra = {} if max_model_len is None else {"max_model_len": max_model_len}
-        self.llm = vllm.LLM(
-            model.location,
-            tokenizer=None,
-            trust_remote_code=trust_remote_code,
+        self.llm = _new_llm(
+            vllm,
+            model,
             tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            # Every request carries its own seed, so the engine seed never decides a sample.
-            seed=0,
             gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
             enforce_eager=enforce_eager,
-            **extra,
+            trust_remote_code=trust_remote_code,
         )
-        self.tokenizer = self.llm.get_tokenizer()
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"{self.model_id} has no chat template in its tokenizer")
+        self.tokenizer = _chat_tokenizer(self.llm, self.model_id)
         self._special = set(self.tokenizer.all_special_ids)
         self.chat = hf_chat_tokens(self.tokenizer, int(self.llm.llm_engine.model_config.max_model_len))
 
@@ -263,3 +298,79 @@ class VllmEngine(ChatWindow):
                 Completion(sample.text, len(ids), finish, len(fitted.prompt_ids), seed, fitted.turns_dropped)
             )
         return completions
+
+
+class VllmRewardModel(ChatWindow):
+    """A sequence-classification reward model on vLLM's pooling runner (``steps.engines.reward``).
+
+    The exchange is rendered with the model's own template and sent as token ids, as
+    the transformers scorer builds them. ``LLM.classify`` with
+    ``PoolingParams(use_activation=False)`` returns the head's raw outputs: by default
+    vLLM would pass a one-output head through a sigmoid (a softmax for several), which
+    squeezes rewards into (0, 1) and loses their spread. vLLM pools the last token of
+    the prompt. ``use_activation`` first appeared in vLLM 0.11.1; the pooling API names
+    are checked against the released wheels (``tests/fakes/vllm_api.json``).
+    """
+
+    engine_name = "vllm"
+
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        refuse_gguf(model)
+        labels = checkpoint_labels(model, trust_remote_code)  # before vLLM claims the GPU
+        vllm = _import_vllm()
+        from vllm.inputs import TokensPrompt
+
+        try:
+            self._params = vllm.PoolingParams(use_activation=False)
+        except TypeError:
+            raise VllmMissingError(
+                f"kind: reward_model on vllm needs vllm >= 0.11.1 (LLM.classify with "
+                f"PoolingParams(use_activation=False)); this is vllm {getattr(vllm, '__version__', '?')}"
+            ) from None
+        self._tokens_prompt = TokensPrompt
+        self.model_id = model.model_id
+        self.llm = _new_llm(
+            vllm,
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            trust_remote_code=trust_remote_code,
+            runner="pooling",
+        )
+        self.labels = labels
+        self.tokenizer = _chat_tokenizer(self.llm, self.model_id)
+        self.chat = hf_chat_tokens(self.tokenizer, int(self.llm.llm_engine.model_config.max_model_len))
+
+    def reward(self, requests: Sequence[RewardRequest]) -> list[tuple[float, ...] | Failed]:
+        """All requests in one ``classify`` call; vLLM batches them itself."""
+        results: list[tuple[float, ...] | Failed | None] = [None] * len(requests)
+        ready: list[tuple[int, list[int]]] = []
+        for i, request in enumerate(requests):
+            ids = conversation_ids(self.chat, request)
+            if isinstance(ids, Failed):
+                results[i] = ids  # before vLLM, where one over-long prompt fails the whole call
+            else:
+                ready.append((i, ids))
+        if ready:
+            prompts = [self._tokens_prompt(prompt_token_ids=ids) for _, ids in ready]
+            outputs = self.llm.classify(prompts, pooling_params=self._params, use_tqdm=False)
+            for (i, _), out in zip(ready, outputs, strict=True):
+                error = getattr(out, "error", None)  # newer vLLM reports a failed request here
+                if error is not None:
+                    results[i] = Failed(r.ENGINE_ERROR, f"vLLM could not score the request: {error}")
+                else:  # named probs, but raw head outputs with use_activation=False
+                    results[i] = tuple(float(v) for v in out.outputs.probs)
+        return [x if x is not None else Failed(r.INTERNAL, "request not scored") for x in results]

@@ -1,4 +1,5 @@
-"""Checks of a recipe's labelers before any model loads: every model resolves, every follow-up set reads."""
+"""Checks of a recipe's labelers before any model loads: every model resolves, every follow-up set reads,
+every reward model is a classifier with the head the recipe names."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from schemas.recipe import (
     PointwiseJudgeConfig,
     Recipe,
     RecipeError,
+    RewardModelConfig,
 )
 
 
@@ -23,6 +25,7 @@ def preflight(recipe: Recipe) -> None:
     after the policy has sampled every prompt.
     """
     from steps.engines import ModelSpecError, resolve_model
+    from steps.engines.reward import head_index, local_labels
     from steps.labelers.follow_up import load_followups
 
     for key, model in recipe_models(recipe):
@@ -31,6 +34,15 @@ def preflight(recipe: Recipe) -> None:
         except ModelSpecError as exc:
             raise ModelSpecError(f"{key}: {exc}") from None
     for i, config in enumerate(recipe.labelers):
+        if isinstance(config, RewardModelConfig):
+            # Reads config.json only (no weights); a hub id not downloaded yet is checked when it loads.
+            model = config.model
+            try:
+                labels = local_labels(resolve_model(model.model, model.engine), model.trust_remote_code)
+                if labels is not None:
+                    head_index(labels, config.head, model.model)
+            except ModelSpecError as exc:
+                raise ModelSpecError(f"labelers.{i}.model.model ({config.name}): {exc}") from None
         if isinstance(config, FollowUpConfig):
             try:
                 load_followups(config)
@@ -50,7 +62,9 @@ def recipe_models(recipe: Recipe) -> list[tuple[str, ModelConfig]]:
                 (f"labelers.{i}.strong.model.model ({config.name})", config.strong.model),
                 (f"labelers.{i}.weak.model.model ({config.name})", config.weak.model),
             ]
-        elif isinstance(config, FollowUpConfig | PointwiseJudgeConfig | PairwiseJudgeConfig):
+        elif isinstance(
+            config, FollowUpConfig | PointwiseJudgeConfig | PairwiseJudgeConfig | RewardModelConfig
+        ):
             found.append((f"labelers.{i}.model.model ({config.name})", config.model))
     if recipe.pairing.judge is not None:
         found.append(("pairing.judge.model.model", recipe.pairing.judge.model))

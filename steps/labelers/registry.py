@@ -16,6 +16,7 @@ from schemas.recipe import (
     PairwiseJudgeConfig,
     PointwiseJudgeConfig,
     Recipe,
+    RewardModelConfig,
 )
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, read_table, write_table
@@ -25,6 +26,7 @@ from steps.labelers.density_ratio import DensityRatioLabeler
 from steps.labelers.follow_up import FollowUpLabeler
 from steps.labelers.judge_pairwise import PairwiseJudgeLabeler
 from steps.labelers.judge_pointwise import PointwiseJudgeLabeler
+from steps.labelers.reward_model import RewardModelLabeler
 
 KINDS: dict[type, Callable[[Any], Labeler]] = {
     BleuConfig: BleuLabeler,
@@ -32,6 +34,7 @@ KINDS: dict[type, Callable[[Any], Labeler]] = {
     FollowUpConfig: FollowUpLabeler,
     PointwiseJudgeConfig: PointwiseJudgeLabeler,
     PairwiseJudgeConfig: PairwiseJudgeLabeler,
+    RewardModelConfig: RewardModelLabeler,
 }
 
 

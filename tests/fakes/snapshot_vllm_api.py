@@ -6,12 +6,14 @@ with ``ast`` (nothing is imported or executed) and written to
 ``vllm`` package against that file, so the fake cannot drift from the real
 signatures unnoticed. Refresh it when the supported range changes::
 
-    pip download vllm==0.33.0 --no-deps -d /tmp/vllm_wheel
-    pip download vllm==0.6.0 --no-deps -d /tmp/vllm_wheel
-    python tests/fakes/snapshot_vllm_api.py /tmp/vllm_wheel/vllm-0.33.0-*.whl /tmp/vllm_wheel/vllm-0.6.0-*.whl
+    for v in 0.6.0 0.11.1 0.33.0; do pip download vllm==$v --no-deps --only-binary :all: \
+        --platform manylinux_2_28_x86_64 --platform manylinux1_x86_64 --python-version 3.12 -d /tmp/vllm_wheel; done
+    python tests/fakes/snapshot_vllm_api.py /tmp/vllm_wheel/vllm-*.whl
 
 Each archive becomes one entry under ``versions``; the newest is what the fake
-mirrors, the oldest is the lower bound declared in ``pyproject.toml``.
+mirrors, the oldest is the lower bound declared in ``pyproject.toml``. 0.11.1 is
+the first release whose pooling API the reward-model scorer can use
+(``LLM.classify`` with ``PoolingParams(use_activation=False)``: raw logits).
 """
 
 from __future__ import annotations
@@ -97,6 +99,22 @@ def _implementation(cls: ast.ClassDef, name: str) -> ast.FunctionDef | None:
     return found
 
 
+def _method(
+    classes: dict[str, list[tuple[str, ast.ClassDef]]], cls: ast.ClassDef, name: str
+) -> ast.FunctionDef | None:
+    """A method of ``cls`` or of a base class defined in the package (vLLM moved pooling into mixins)."""
+    found = _implementation(cls, name)
+    if found is not None:
+        return found
+    for base in cls.bases:
+        base_name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)
+        for _, node in classes.get(base_name or "", []):
+            found = _method(classes, node, name)
+            if found is not None:
+                return found
+    return None
+
+
 def _assigns_self(fn: ast.FunctionDef | None, attr: str) -> bool:
     if fn is None:
         return False
@@ -128,11 +146,17 @@ def snapshot(archive: Path) -> tuple[str, dict[str, Any]]:
             if isinstance(node, ast.ClassDef):
                 classes.setdefault(node.name, []).append((path, node))
 
-    def one(name: str, where: str) -> ast.ClassDef:
+    def maybe(name: str, where: str) -> ast.ClassDef | None:
         for path, node in classes.get(name, []):
             if path.startswith(where):
                 return node
-        raise SystemExit(f"{archive.name}: class {name} not found under {where}")
+        return None
+
+    def one(name: str, where: str) -> ast.ClassDef:
+        found = maybe(name, where)
+        if found is None:
+            raise SystemExit(f"{archive.name}: class {name} not found under {where}")
+        return found
 
     llm = one("LLM", "vllm/entrypoints/llm.py")
     init = _implementation(llm, "__init__")
@@ -150,7 +174,7 @@ def snapshot(archive: Path) -> tuple[str, dict[str, Any]]:
         "exports": {
             "vllm": sorted(
                 n
-                for n in ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput")
+                for n in ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "PoolingParams")
                 if re.search(rf"\b{n}\b", texts.get("vllm/__init__.py", ""))
             ),
             "vllm.inputs": ["TokensPrompt"]
@@ -158,9 +182,17 @@ def snapshot(archive: Path) -> tuple[str, dict[str, Any]]:
             else [],
         },
     }
-    for method in ("generate", "chat", "get_tokenizer"):
-        fn = _implementation(llm, method)
+    for method in ("generate", "chat", "get_tokenizer", "classify"):
+        fn = _method(classes, llm, method)
         api[f"LLM.{method}"] = _params(fn) if fn else None
+    # The pooling API the reward-model scorer reads (absent or different in older releases: None).
+    pooling = maybe("PoolingParams", "vllm/pooling_params.py")
+    api["PoolingParams"] = {"fields": _fields(pooling)} if pooling else None
+    classification = maybe("ClassificationOutput", "vllm/outputs.py")
+    api["ClassificationOutput"] = {"fields": _fields(classification)} if classification else None
+    pooled = maybe("PoolingRequestOutput", "vllm/outputs.py")
+    pooled_init = _implementation(pooled, "__init__") if pooled else None
+    api["PoolingRequestOutput.__init__"] = _params(pooled_init) if pooled_init else None
     engines = classes.get("LLMEngine", [])
     api["LLMEngine.sets_model_config"] = any(
         _assigns_self(_implementation(node, "__init__"), "model_config") for _, node in engines

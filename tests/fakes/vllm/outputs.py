@@ -1,4 +1,5 @@
-"""``vllm.outputs``: what ``LLM.generate`` returns, one ``RequestOutput`` per prompt."""
+"""``vllm.outputs``: what ``LLM.generate`` (``RequestOutput``) and ``LLM.classify``
+(``ClassificationRequestOutput``) return, one per prompt."""
 
 from __future__ import annotations
 
@@ -39,3 +40,33 @@ class RequestOutput:
         self.prompt_logprobs = prompt_logprobs
         self.outputs = outputs
         self.finished = finished
+
+
+@dataclass
+class ClassificationOutput:
+    """Named ``probs`` in vLLM whatever the activation: raw head outputs with ``use_activation=False``."""
+
+    probs: list[float]
+
+
+class PoolingRequestOutput:
+    def __init__(
+        self,
+        request_id: str,
+        outputs: Any,
+        prompt_token_ids: list[int],
+        num_cached_tokens: int,
+        finished: bool,
+        *,
+        error: Any | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.outputs = outputs
+        self.prompt_token_ids = prompt_token_ids
+        self.num_cached_tokens = num_cached_tokens
+        self.finished = finished
+        self.error = error
+
+
+class ClassificationRequestOutput(PoolingRequestOutput):
+    outputs: ClassificationOutput

@@ -10,7 +10,12 @@ Behaviour mirrored from vLLM (V1 engine), because the engine under test relies o
 * generated ``token_ids`` keep the stop token, ``text`` does not; ``stop_reason``
   is None for the tokenizer's EOS and the token id for other stop tokens;
 * ``prompt_logprobs`` is a list with None first, then per position a dict
-  token id -> ``Logprob`` holding the actual token first and the top k.
+  token id -> ``Logprob`` holding the actual token first and the top k;
+* ``runner="auto"`` picks the pooling runner for a ``*ForSequenceClassification``
+  architecture and the generate runner otherwise; each runner refuses the other's
+  methods; ``classify`` pools the last token of each prompt through the head and
+  applies the default activation (sigmoid for one output, softmax for several)
+  unless ``PoolingParams(use_activation=False)``.
 
 Settings the fake does not implement (penalties, stop strings, min_tokens,
 sample logprobs ...) are refused unless neutral, so a test cannot pass because a
@@ -26,7 +31,13 @@ from typing import Any
 
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
-from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    CompletionOutput,
+    RequestOutput,
+)
+from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams
 
 # EngineArgs fields the fake accepts through **kwargs (all exist in vLLM's EngineArgs).
@@ -48,6 +59,8 @@ class LLM:
         self,
         model: str,
         *,
+        runner: str = "auto",
+        convert: str = "auto",
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
         tensor_parallel_size: int = 1,
@@ -58,7 +71,13 @@ class LLM:
         **kwargs: Any,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+            GenerationConfig,
+        )
 
         unknown = sorted(set(kwargs) - _ENGINE_KWARGS)
         if unknown:
@@ -67,6 +86,15 @@ class LLM:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if convert != "auto":
+            raise NotImplementedError("the fake LLM does not convert models between runners")
+        architectures = AutoConfig.from_pretrained(model).architectures or []
+        classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+        chosen_runner = runner
+        if runner == "auto":
+            runner = "pooling" if classifier else "generate"
+        if runner == "pooling" and not classifier:
+            raise NotImplementedError("the fake LLM pools only *ForSequenceClassification models")
         self.init_args = {
             "model": model,
             "tokenizer": tokenizer,
@@ -78,11 +106,14 @@ class LLM:
             "enforce_eager": enforce_eager,
             **kwargs,
         }
+        if chosen_runner != "auto":
+            self.init_args["runner"] = chosen_runner  # recorded only when the caller chose one
         torch_dtype = torch.float32 if dtype in ("auto", "float32") else getattr(torch, dtype)
         self._tokenizer = AutoTokenizer.from_pretrained(
             tokenizer or model, trust_remote_code=trust_remote_code
         )
-        self._model = AutoModelForCausalLM.from_pretrained(
+        auto = AutoModelForSequenceClassification if runner == "pooling" else AutoModelForCausalLM
+        self._model = auto.from_pretrained(
             model, dtype=torch_dtype, trust_remote_code=trust_remote_code
         ).eval()
         derived = int(self._model.config.max_position_embeddings)
@@ -102,7 +133,7 @@ class LLM:
         self._stop_ids = {t for t in extra if isinstance(t, int) and t != self._eos}
         self._rng = random.Random(seed)
         self.llm_engine = SimpleNamespace(
-            model_config=SimpleNamespace(max_model_len=max_model_len or derived),
+            model_config=SimpleNamespace(max_model_len=max_model_len or derived, runner_type=runner),
             get_tokenizer=lambda: self._tokenizer,
         )
         self.calls: list[tuple[list[Any], list[SamplingParams]]] = []
@@ -126,6 +157,11 @@ class LLM:
     ) -> list[RequestOutput]:
         if lora_request is not None or priority is not None or mm_processor_kwargs is not None:
             raise NotImplementedError("the fake LLM does not implement LoRA, priorities or multimodal")
+        if self.llm_engine.model_config.runner_type != "generate":
+            raise ValueError(
+                "LLM.generate() is only supported for generative models. "
+                "Try passing `--runner generate` to use the model as a generative model."
+            )
         items = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         if sampling_params is None:
             params = [SamplingParams()] * len(items)
@@ -135,21 +171,47 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError("The lengths of prompts and sampling_params must be the same.")
-        ids = [self._prompt_ids(item, tokenization_kwargs) for item in items]
-        limit = self.llm_engine.model_config.max_model_len
-        for prompt_ids in ids:  # validated before anything runs, as in vLLM: one bad prompt fails the call
-            if len(prompt_ids) > limit:
-                raise ValueError(
-                    f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum model "
-                    f"length of {limit}. Make sure that `max_model_len` is no smaller than the number "
-                    "of text tokens."
-                )
+        ids = self._checked_ids(items, tokenization_kwargs)
         for p in params:
             for name, neutral in _NEUTRAL.items():
                 if getattr(p, name) != neutral:
                     raise NotImplementedError(f"the fake LLM does not implement SamplingParams.{name}")
         self.calls.append((items, params))
         return [self._run(prompt_ids, p) for prompt_ids, p in zip(ids, params, strict=True)]
+
+    def classify(
+        self,
+        prompts: Any,
+        *,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """The head's outputs at each prompt's last token, one ``ClassificationRequestOutput`` per prompt."""
+        if lora_request is not None:
+            raise NotImplementedError("the fake LLM does not implement LoRA")
+        if self.llm_engine.model_config.runner_type != "pooling":
+            raise ValueError(
+                "LLM.encode() is only supported for pooling models. "
+                "Try passing `--runner pooling` to use the model as a pooling model."
+            )
+        items = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(items)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(items):
+                raise ValueError("The lengths of prompts and pooling_params must be the same.")
+        ids = self._checked_ids(items, tokenization_kwargs)
+        self.calls.append((items, params))
+        out = []
+        for prompt_ids, p in zip(ids, params, strict=True):
+            request_id = str(self._requests)
+            self._requests += 1
+            probs = ClassificationOutput(self._classify(prompt_ids, p.use_activation))
+            out.append(ClassificationRequestOutput(request_id, probs, prompt_ids, 0, True))
+        return out
 
     def chat(
         self,
@@ -193,6 +255,36 @@ class LLM:
         if isinstance(item, dict) and "prompt_token_ids" in item:
             return [int(t) for t in item["prompt_token_ids"]]
         raise TypeError(f"the fake LLM takes strings or TokensPrompt dicts, got {type(item).__name__}")
+
+    def _checked_ids(self, items: list[Any], tokenization_kwargs: dict[str, Any] | None) -> list[list[int]]:
+        """Token ids of every prompt, validated before anything runs: one bad prompt fails the call."""
+        ids = [self._prompt_ids(item, tokenization_kwargs) for item in items]
+        limit = self.llm_engine.model_config.max_model_len
+        for prompt_ids in ids:
+            if len(prompt_ids) > limit:
+                raise ValueError(
+                    f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum model "
+                    f"length of {limit}. Make sure that `max_model_len` is no smaller than the number "
+                    "of text tokens."
+                )
+        return ids
+
+    def _classify(self, ids: list[int], use_activation: bool | None) -> list[float]:
+        """LAST pooling as vLLM's sequence-classification adapter does it: the head on the final token.
+
+        The activation follows vLLM's default for a classifier without a ``problem_type``.
+        """
+        import torch
+
+        if getattr(self._model.config, "problem_type", None) is not None:
+            raise NotImplementedError("the fake LLM does not implement problem_type activations")
+        base = getattr(self._model, self._model.base_model_prefix)
+        with torch.inference_mode():
+            hidden = base(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            logits = self._model.score(hidden).float()
+            if use_activation is None or use_activation:
+                logits = torch.sigmoid(logits) if logits.shape[-1] < 2 else torch.softmax(logits, dim=-1)
+        return [float(v) for v in logits.tolist()]
 
     def _logprobs(self, ids: list[int]) -> Any:
         """log_softmax over the vocabulary at every position of ``ids`` (float64)."""
