@@ -93,15 +93,43 @@ class TransformersEngine(ChatWindow):
 
         # A "Loading weights" bar per model load reads as noise between our per-shard progress lines.
         hf_logging.disable_progress_bar()
-        self.model_id = model.model_id
         location = materialise(model)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(
             location, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-        ).to(self.device)
+        ).to(torch.device(device))
+        self._setup(loaded, tokenizer, model.model_id, batch_tokens, row_tokens, n_ctx)
+
+    @classmethod
+    def from_loaded(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        model_id: str,
+        batch_tokens: int = 4096,
+        row_tokens: int = ROW_TOKENS,
+        n_ctx: int = 2048,
+    ) -> TransformersEngine:
+        """An engine over a model already in memory, on whatever device and dtype it is in.
+
+        ``bench.gpu`` builds randomly initialised 8B-parameter models directly on the GPU;
+        writing them to disk only for ``__init__`` to read them back would cost 16 GB of I/O
+        per shape and most of the check's time budget.
+        """
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, model_id, batch_tokens, row_tokens, n_ctx)
+        return engine
+
+    def _setup(
+        self, model: Any, tokenizer: Any, model_id: str, batch_tokens: int, row_tokens: int, n_ctx: int
+    ) -> None:
+        """Everything after the weights are in place: one path for loaded and handed-in models."""
+        self.model_id = model_id
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = next(model.parameters()).device
         self.model.eval()
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{self.model_id} has no chat template in its tokenizer")
