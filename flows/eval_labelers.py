@@ -385,10 +385,29 @@ def write_recipe(
     return recipe
 
 
+def eval_overlap(recipe: Recipe, fitted_on: list[Pair]) -> list[str]:
+    """A line per ``eval`` set of ``recipe`` sharing pairs with the fit: its card numbers are in-sample."""
+    seen = {(p.pid.split("@")[0], p.chosen, p.rejected) for p in fitted_on}
+    lines = []
+    for spec in recipe.eval.pairs if recipe.eval is not None else []:
+        pairs, _ = read_pairs(spec, spec.limit)
+        shared = sum((p.pid.split("@")[0], p.chosen, p.rejected) in seen for p in pairs)
+        if shared:
+            lines.append(
+                f"{shared} of the {len(pairs)} pairs of eval set {spec.label!r} were fitted on, so the "
+                "card's numbers for that set are partly in-sample; measure on pairs the fit did not see"
+            )
+    return lines
+
+
 def format_weights(fit: FitResult) -> str:
     lines = [f"fitted weights (scale {fit.choice.scale}, L2 {fit.choice.lam:g}; folds chose "
              + ", ".join(f"{c.scale}/{c.lam:g}" for c in fit.fold_choices) + "):"]  # fmt: skip
-    lines += [f"  {name:<24} {weight:+.4f}" for name, weight in fit.weights.items()]
+    lines += [
+        f"  {name:<24} {weight:+.4f}"
+        + ("  (scored none of these pairs: weight 0, left out)" if weight == 0 else "")
+        for name, weight in fit.weights.items()
+    ]
     return "\n".join(lines)
 
 
@@ -582,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.domain or args.pairs.stem,
             )  # fmt: skip
             print(f"wrote {args.write_recipe} (recipe {written.name!r} with the fitted weights)")
+            for warning in eval_overlap(written, pairs):
+                print(f"warning: {warning}", file=sys.stderr)
     out = args.json or OUTPUT_DIR / f"{recipe.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {

@@ -64,13 +64,15 @@ def tagged(model: type[BaseModel], **tags: Any) -> frozenset[str]:
 
 
 def _signed_weight(value: float) -> float:
-    """A weight may be negative (an inverted signal is evidence too), but never 0 or non-finite.
+    """A weight may be negative (an inverted signal is evidence too) or 0 (kept as a column, not counted).
 
-    A zero weight would keep a signal in ``agreement`` and ``min_agree`` while it moves nothing;
-    leave the labeler out instead.
+    Weight 0 is what a fit gives a signal that scored none of its pairs: nothing says which way it
+    points, so it stays out of the aggregate, ``agreement`` and ``min_agree``.
     """
-    if not math.isfinite(value) or value == 0.0:
-        raise ValueError(f"weight {value} must be a finite non-zero number (negative inverts the signal)")
+    if not math.isfinite(value):
+        raise ValueError(
+            f"weight {value} must be a finite number (negative inverts the signal, 0 ignores it)"
+        )
     return value
 
 
@@ -543,10 +545,13 @@ class Recipe(_Strict):
                 )
             if name in _RESERVED_NAMES:
                 raise ValueError(f"labelers: name {name!r} is already a column of responses; pick another")
+        if not self.voting_signals:
+            raise ValueError("labelers: every weight is 0, so nothing would choose between responses")
         rules = self.consistency
-        if rules.min_agree is not None and rules.min_agree > len(names):
+        voting = len(self.voting_signals)
+        if rules.min_agree is not None and rules.min_agree > voting:
             raise ValueError(
-                f"consistency.min_agree: {rules.min_agree} > the {len(names)} signal(s) configured"
+                f"consistency.min_agree: {rules.min_agree} > the {voting} signal(s) with a non-zero weight"
             )
         if rules.require_swap_agreement and self.pairing.judge is None:
             raise ValueError("consistency.require_swap_agreement needs pairing.judge (the verdict per pair)")
@@ -558,6 +563,11 @@ class Recipe(_Strict):
     @property
     def signals(self) -> list[str]:
         return [labeler.name for labeler in self.labelers]
+
+    @property
+    def voting_signals(self) -> list[str]:
+        """The signals that count in the aggregate and in ``agreement`` (weight not 0)."""
+        return [labeler.name for labeler in self.labelers if labeler.weight != 0]
 
     def output_uri(self) -> str:
         return self.output.uri or str(Path("outputs") / self.name)

@@ -68,8 +68,14 @@ class Aggregation:
         """Whether pairing needs numbers from the whole run: no shard is paired before all are labelled."""
         return self.scale == "spread" or self.residual
 
+    @property
+    def voting(self) -> list[str]:
+        """The signals with a non-zero weight: the only ones that count (``agreement`` included)."""
+        return [s for s, w in self.weights.items() if w != 0]
+
     def sign(self, signal: str) -> float:
-        return 1.0 if self.weights[signal] > 0 else -1.0
+        """Which way a signal points; a 0-weight one keeps its own direction (rank consistency reads it)."""
+        return -1.0 if self.weights[signal] < 0 else 1.0
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,7 @@ def aggregate(
     Dividing by the sum of |weights| keeps the aggregate on the features' scale, so the margin
     of a pair equals its ``strength_mean`` when every signal scored both sides.
     """
-    signals = aggregation.signals
+    signals = aggregation.voting
     if len(signals) == 1:
         signal = signals[0]
         value = pl.col(signal)
@@ -207,7 +213,8 @@ def aggregate(
             value = value - stats.slope[signal] * pl.col(LOG_CHARS)
         return featured.with_columns((value * aggregation.sign(signal)).alias(AGG))
     weighted, total = [], []
-    for signal, weight in aggregation.weights.items():
+    for signal in signals:
+        weight = aggregation.weights[signal]
         f = pl.col(feature(signal))
         weighted.append(f * weight)
         total.append(pl.when(f.is_null()).then(0.0).otherwise(abs(weight)))

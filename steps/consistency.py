@@ -69,9 +69,9 @@ def evidence(
     """
     if not isinstance(aggregation, Aggregation):
         aggregation = Aggregation(dict.fromkeys(aggregation, 1.0))
-    signals = aggregation.signals
-    if any(feature(s) not in scores.columns for s in signals):
+    if any(feature(s) not in scores.columns for s in aggregation.signals):
         scores = features(scores, aggregation)
+    signals = aggregation.voting
     signed = [(pl.col(feature(s)) * aggregation.sign(s)).alias(s) for s in signals]
     z = scores.select(c.RESPONSE_ID, *signed)
     chosen = z.rename({name: f"{name}|c" for name in z.columns})
@@ -172,7 +172,8 @@ def rules_expr(config: ConsistencyConfig, signals: list[str], threshold: float |
 
 
 def _length(column: str) -> pl.Expr:
-    return pl.col(column).list.first().struct.field(c.CONTENT).str.len_chars()
+    # Signed: len_chars is unsigned, and chosen − rejected would wrap around instead of going negative.
+    return pl.col(column).list.first().struct.field(c.CONTENT).str.len_chars().cast(pl.Int64)
 
 
 LENGTH_DIFF = "_length_diff"  # chosen minus rejected characters: a working column, never written
@@ -258,7 +259,7 @@ def consistency_stage(
     if config.ambiguous_quantile is not None:
         parts = [read_columns(uri, [c.STRENGTH_MEAN], schema).column(0) for uri in pair_uris]
         strengths = pl.Series(c.STRENGTH_MEAN, pa.chunked_array(parts, schema.field(c.STRENGTH_MEAN).type))
-    reasons = rules_expr(config, signals, ambiguous_threshold(config, strengths))
+    reasons = rules_expr(config, recipe.voting_signals, ambiguous_threshold(config, strengths))
     stats = StageStats("consistency")
     drops: Counter[str] = Counter()
     before: list[pl.DataFrame] = []

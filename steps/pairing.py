@@ -171,7 +171,7 @@ def make_pairs(
         .str.replace_all(r"\s+", " ")
         .str.strip_chars()
         .alias(NORM),
-        pl.col(c.TEXT).str.len_chars().alias(_CHARS),
+        pl.col(c.TEXT).str.len_chars().cast(pl.Int64).alias(_CHARS),
     )
     scored = joined.filter(pl.col(AGG).is_not_null())
     if recipe.pairing.finished_only:

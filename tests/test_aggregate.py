@@ -91,11 +91,27 @@ def test_signed_evidence_counts_an_inverted_signal_as_agreeing() -> None:
     assert plain[c.AGREEMENT] == 0.5 and plain[c.STRENGTH_MEAN] == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("weight", [0.0, math.inf, math.nan])
-def test_zero_or_non_finite_weight_is_a_recipe_error(weight: float) -> None:
-    with pytest.raises((RecipeError, ValueError), match="non-zero"):
+@pytest.mark.parametrize("weight", [math.inf, math.nan])
+def test_non_finite_weight_is_a_recipe_error(weight: float) -> None:
+    with pytest.raises((RecipeError, ValueError), match="finite"):
         make_recipe(labelers=[{"kind": "bleu", "weight": weight}])
     assert make_recipe(labelers=[{"kind": "bleu", "weight": -0.5}]).labelers[0].weight == -0.5
+
+
+def test_zero_weight_keeps_a_column_out_of_the_vote() -> None:
+    labelers = [{"kind": "bleu", "name": "a"}, {"kind": "bleu", "name": "b", "weight": 0}]
+    recipe = make_recipe(labelers=labelers)
+    assert recipe.signals == ["a", "b"] and recipe.voting_signals == ["a"]
+    with pytest.raises((RecipeError, ValueError), match="every weight is 0"):
+        make_recipe(labelers=[{"kind": "bleu", "weight": 0}])
+    with pytest.raises((RecipeError, ValueError), match="min_agree: 2 > the 1 signal"):
+        make_recipe(labelers=labelers, consistency={"min_agree": 2})
+    scores = frame({"a": [2.0, 1.0], "b": [0.0, 5.0]}, ["p", "p"])
+    aggregation = Aggregation({"a": 1.0, "b": 0.0})
+    assert agg_of(scores, aggregation) == [2.0, 1.0]  # one voting signal: its own units
+    picked = pl.DataFrame({c.PROMPT_ID: ["p"], f"{c.RESPONSE_ID}_c": ["p-0"], c.RESPONSE_ID: ["p-1"]})
+    ev = evidence(scores, picked, aggregation, None).row(0, named=True)
+    assert ev[c.AGREEMENT] == 1.0 and ev[c.STRENGTH_MEAN] == pytest.approx(2.0)
 
 
 def test_logistic_fit_matches_the_optimality_condition() -> None:

@@ -356,3 +356,20 @@ def test_stage_writes_through_fsspec_and_checks_the_contract(tmp_path: Path) -> 
     quantile = make_recipe(labelers=SIGNALS3, consistency={"ambiguous_quantile": 0.5})
     with pytest.raises(SchemaMismatch, match=f"missing column.*{c.MARGIN}"):
         consistency_stage(quantile, [*uris, broken], str(tmp_path / "k.parquet"), str(tmp_path / "d.parquet"))
+
+
+def test_length_report_sees_a_shorter_chosen_as_shorter() -> None:
+    """len_chars is unsigned: chosen − rejected must go negative, not wrap to 4e9 (it did, and read 100% longer)."""
+    from steps.consistency import length_report
+
+    def side(text: str) -> list[dict[str, str]]:
+        return [{"role": "assistant", "content": text}]
+
+    frame = pl.DataFrame({
+        c.CHOSEN: [side("short"), side("a much longer answer"), side("tiny")],
+        c.REJECTED: [side("a longer rejected one"), side("x"), side("a bit longer")],
+        c.MARGIN: [1.0, 2.0, 3.0],
+    })  # fmt: skip
+    report = length_report(frame)
+    assert report["chosen_longer_share"] == pytest.approx(1 / 3)
+    assert report["corr_length_diff_margin"] == pytest.approx(0.5)  # ranks of -16, 19, -8 against 1, 2, 3

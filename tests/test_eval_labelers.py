@@ -306,3 +306,26 @@ def test_fit_needs_enough_pairs_and_write_recipe_needs_fit(tmp_path: Path, pairs
     assert main([*args, "--cache", str(tmp_path / "c"), "--fit"]) == 2  # 6 pairs < 2 x 5 folds
     with pytest.raises(SystemExit):
         main([*args, "--write-recipe", str(tmp_path / "x.yaml")])
+
+
+def test_write_recipe_warns_when_its_eval_set_was_fitted_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [pair(i, REF, OTHER if i % 2 else "the cat sat", [REF]) for i in range(12)]
+    pairs_file = write_lines(tmp_path / "pairs.jsonl", [json.dumps(r) for r in records])
+    recipe = tmp_path / "recipe.yaml"
+    labelers = "  - {kind: bleu, name: bleu}\n  - {kind: bleu, name: sacre, variant: sacrebleu}"
+    recipe.write_text(
+        f"name: eval-test\nlabelers:\n{labelers}\neval:\n  pairs: {pairs_file}\n", encoding="utf-8"
+    )
+    run(
+        tmp_path,
+        pairs_file,
+        "--fit",
+        "--folds",
+        "2",
+        "--write-recipe",
+        str(tmp_path / "out.yaml"),
+        recipe=recipe,
+    )
+    assert "12 of the 12 pairs of eval set 'pairs.jsonl' were fitted on" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def card_text(stats: dict[str, Any], **pairing: Any) -> str:
 
 
 def test_card_reports_label_quality_provenance_and_length() -> None:
-    row = {"labeler": "aggregate", "agree": 20, "disagree": 10, "tie": 2, "accuracy": 0.625, "ci_low": 0.45,
+    row = {"labeler": "aggregate", "n": 32, "agree": 20, "disagree": 10, "tie": 2, "accuracy": 0.625, "ci_low": 0.45,
            "ci_high": 0.78}  # fmt: skip
     stats = {
         "eval": {
