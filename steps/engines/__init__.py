@@ -75,6 +75,18 @@ def _settings(policy: ModelConfig) -> tuple[Any, ...]:
     )
 
 
+def _vllm_options(config: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments every vLLM-backed model takes from its config (generation and rewards)."""
+    return {
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "max_model_len": config.max_model_len,
+        "dtype": config.dtype,
+        "enforce_eager": config.enforce_eager,
+        "trust_remote_code": config.trust_remote_code,
+    }
+
+
 def load_engine(policy: ModelConfig) -> Engine:
     """The engine for ``policy``, loaded on first use and reused afterwards."""
     key = _settings(policy)
@@ -88,15 +100,7 @@ def load_engine(policy: ModelConfig) -> Engine:
             elif policy.engine == "vllm":
                 from steps.engines.vllm_engine import VllmEngine
 
-                _ENGINES[key] = VllmEngine(
-                    resolved,
-                    tensor_parallel_size=policy.tensor_parallel_size,
-                    gpu_memory_utilization=policy.gpu_memory_utilization,
-                    max_model_len=policy.max_model_len,
-                    dtype=policy.dtype,
-                    enforce_eager=policy.enforce_eager,
-                    trust_remote_code=policy.trust_remote_code,
-                )
+                _ENGINES[key] = VllmEngine(resolved, **_vllm_options(policy))
             else:
                 from steps.engines.transformers_engine import TransformersEngine
 
@@ -124,15 +128,7 @@ def load_reward_model(config: ModelConfig) -> RewardScorer:
             if config.engine == "vllm":
                 from steps.engines.vllm_engine import VllmRewardModel
 
-                _REWARD_MODELS[key] = VllmRewardModel(
-                    resolved,
-                    tensor_parallel_size=config.tensor_parallel_size,
-                    gpu_memory_utilization=config.gpu_memory_utilization,
-                    max_model_len=config.max_model_len,
-                    dtype=config.dtype,
-                    enforce_eager=config.enforce_eager,
-                    trust_remote_code=config.trust_remote_code,
-                )
+                _REWARD_MODELS[key] = VllmRewardModel(resolved, **_vllm_options(config))
             elif config.engine == "transformers":
                 from steps.engines.reward import TransformersRewardModel
 
