@@ -154,6 +154,11 @@ def _run_stage(name: str, shards: list[tuple[Any, ...]], fn: Any) -> list[ShardR
     return results
 
 
+def _resolved(item: Any) -> ShardResult:
+    """A finished shard: a task's future waited for, or a shard already in hand."""
+    return item if isinstance(item, ShardResult) else item.result()
+
+
 @flow(name="cpu-stages")
 def cpu_stages(
     config: Recipe,
@@ -166,7 +171,8 @@ def cpu_stages(
     """Labeling (when ``labels`` is None) and pairing, every shard submitted at once to the task runner.
 
     Run with a ``DaskTaskRunner``: the shards of a stage spread over the cluster, and each shard's
-    pairing starts as soon as its labels exist.
+    pairing starts as soon as its labels exist, unless pairing needs run-wide numbers (a spread
+    scale, length control): then every shard's labels come first.
     """
     if labels is None:
         label_futures: Any = label_task.map(
@@ -177,13 +183,13 @@ def cpu_stages(
     stats_of_run = None
     if Aggregation.of(config).needs_run_stats:
         # A run-wide scale or length slope: every shard's labels first, then pairing.
-        label_futures = [f if isinstance(f, ShardResult) else f.result() for f in label_futures]
+        label_futures = [_resolved(f) for f in label_futures]
         stats_of_run = stages.aggregation_stats(config, responses, label_futures)
     pair_futures = pair_task.map(
         unmapped(config), unmapped(area), prompts, responses, label_futures, unmapped(stats_of_run)
     )
     started = time.perf_counter()
-    done_labels = labels if labels is not None else [f.result() for f in label_futures]
+    done_labels = labels if labels is not None else [_resolved(f) for f in label_futures]
     if labels is None:
         for i, result in enumerate(done_labels, start=1):
             _log_progress("labeling", i, len(done_labels), result, started)

@@ -71,3 +71,14 @@ def test_work_location_is_made_absolute_for_pool_workers(
         assert check_placement("model-stage", 8, None, "out/.work") == str(tmp_path / "out" / ".work")
         assert check_placement("model-stage", 8, None, "s3://b/work") == "s3://b/work"
     assert deployment_name("gpu") == "model-stage/gpu" and deployment_name("a/b") == "a/b"
+
+
+def test_run_wide_aggregation_on_dask_waits_for_every_label_and_matches_in_process(
+    tmp_path: Path, engine: FakeEngine
+) -> None:
+    """spread and residual need all labels first: on Dask too, then the pairs equal the in-process ones."""
+    pairing = {"rule": "best_vs_worst", "scale": "spread", "length_control": {"residual": True}}
+    recipe = write_recipe(tmp_path, pairing=pairing)
+    bp.build_prefs(recipe=recipe, output=str(tmp_path / "plain"))
+    bp.build_prefs(recipe=recipe, output=str(tmp_path / "dask"), dask="local")
+    assert rows(tmp_path / "dask") == rows(tmp_path / "plain")
