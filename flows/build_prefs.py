@@ -38,6 +38,7 @@ from schemas.recipe import Recipe, RecipeError
 from steps import stages
 from steps.aggregate import Aggregation
 from steps.base import ShardResult, StageStats, merge_stats
+from steps.cost import cost_summary
 from steps.engines import ModelSpecError
 from steps.engines.llama_build import cache_root
 from steps.engines.native_check import EngineCrashError, check_models
@@ -284,6 +285,7 @@ def build_prefs(
         "length": length,
         "aggregation": stats_of_run,
         "eval": quality,
+        "cost": cost_summary(stages_, kept.rows, None if quality is None else quality["seconds"]),
     }
     manifest = publish_task(config, out, kept, dropped, stats)
     create_markdown_artifact(

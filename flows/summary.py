@@ -33,6 +33,14 @@ def summary_markdown(output: str, manifest: dict[str, Any]) -> str:
             f"Chosen is longer in {100 * length['chosen_longer_share']:.0f}% of candidate pairs; "
             f"Spearman(length difference, margin) = {length['corr_length_diff_margin']:.3f}.",
         ]
+    cost = manifest["stats"].get("cost")
+    if cost and cost["per_kept_pair"]:
+        per = cost["per_kept_pair"]
+        lines += [
+            "",
+            f"Cost per kept pair: {per['seconds']:.2f} s, {per['tokens_generated']:.0f} tokens generated, "
+            f"{per['tokens_scored']:.0f} tokens read by the labelers and judge.",
+        ]
     for item in (manifest["stats"].get("eval") or {}).get("sets", []):
         row = next(r for r in item["rows"] if r["labeler"] == "aggregate")
         lines += [

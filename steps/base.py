@@ -36,6 +36,8 @@ class StageStats:
     counts: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # Seconds of named parts of the stage (each labeler of the labeling stage), summed over shards.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def drop(self, reason: str, count: int = 1, example: str | None = None) -> None:
         """Count a drop; the first example per reason is kept so a person can see why."""
@@ -53,6 +55,8 @@ class StageStats:
             for reason, example in part.examples.items():
                 merged.examples.setdefault(reason, example)
             merged.seconds += part.seconds
+            for name, seconds in part.timings.items():
+                merged.timings[name] = merged.timings.get(name, 0.0) + seconds
         return merged
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +68,7 @@ class StageStats:
             "counts": dict(sorted(self.counts.items())),
             "examples": dict(sorted(self.examples.items())),
             "seconds": round(self.seconds, 3),
+            "timings": {name: round(value, 3) for name, value in sorted(self.timings.items())},
         }
 
     @classmethod
@@ -76,6 +81,7 @@ class StageStats:
             counts=Counter(data.get("counts", {})),
             examples=dict(data.get("examples", {})),
             seconds=data.get("seconds", 0.0),
+            timings=dict(data.get("timings", {})),
         )
 
 

@@ -23,7 +23,7 @@ from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import Aggregation, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, parquet_rows, read_table, write_table
 from steps.consistency import consistency_stage, read_columns
-from steps.engines import resolve_model
+from steps.engines import resolve_model, tokens_through_models
 from steps.labelers.registry import build_labeler
 from steps.pairing import pair_shard
 from steps.prompts import stream_prompts
@@ -82,9 +82,11 @@ def label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: Sha
 
     def compute(files: dict[str, str]) -> Any:
         start = time.perf_counter()
-        table, stats = build_labeler(config).label(
-            read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES)
-        )
+        labeler = build_labeler(config)
+        tokens = tokens_through_models()  # after the load: a labeler's engines may be shared with others
+        table, stats = labeler.label(read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES))
+        if reads_a_model(config):
+            stats.counts["tokens_scored"] = tokens_through_models() - tokens
         write_table(table, files["data"], LABELS, what=f"labels of {config.name}")
         stats.seconds = time.perf_counter() - start  # includes loading the model, once per process
         return stats, {"data": table.num_rows}, {}
@@ -131,6 +133,7 @@ def label(
         total.counts[f"{name}:scored"] += part.stats.rows_out
         total.counts.update({f"{name}:{k}": v for k, v in part.stats.counts.items() if k != "scored"})
         total.seconds += part.stats.seconds
+        total.timings[name] = part.stats.seconds
     key = area.key("labels", [name for name, _ in parts], [part.checksums["data"] for _, part in parts])
 
     def merge(files: dict[str, str]) -> Any:
@@ -189,7 +192,10 @@ def pair(
     key = area.key("pairing", settings, [prompts.sha256, responses.sha256, labels.sha256])
 
     def compute(files: dict[str, str]) -> Any:
+        tokens = tokens_through_models()
         result = pair_shard(recipe, prompts.uri, responses.uri, labels.uri, files["data"], stats_of_run)
+        if recipe.pairing.judge is not None:  # the pair judge reads a model
+            result.stats.counts["tokens_scored"] = tokens_through_models() - tokens
         return result.stats, {"data": result.rows}, {}
 
     return area.run("pairing", key, compute).result()

@@ -167,3 +167,27 @@ def test_prefect_summary_carries_the_label_quality_line() -> None:
     manifest = {"stats": stats, "splits": {"train": 1}, "recipe": {"name": "r", "hash": "h"}}
     text = summary_markdown("out", manifest)
     assert "Label quality on hh (32 human pairs, harmlessness): aggregate agrees 0.500 [0.400, 0.600]" in text
+
+
+def test_cost_summary_adds_up_and_divides_by_kept_pairs() -> None:
+    from steps.base import StageStats
+    from steps.cost import cost_summary
+
+    sampling = StageStats("sampling", seconds=10.0)
+    sampling.counts["tokens"] = 400
+    labeling = StageStats("labeling", seconds=6.0, timings={"judge": 4.0, "bleu": 2.0})
+    labeling.counts["judge:tokens_scored"] = 1000
+    pairing = StageStats("pairing", seconds=2.0)
+    pairing.counts["tokens_scored"] = 200
+    cost = cost_summary({"sampling": sampling, "labeling": labeling, "pairing": pairing}, 4, 2.0)
+    assert cost["labelers"] == {
+        "bleu": {"seconds": 2.0, "tokens_scored": 0},
+        "judge": {"seconds": 4.0, "tokens_scored": 1000},
+    }
+    assert cost["seconds"]["label_quality"] == 2.0
+    assert cost["total"] == {"seconds": 20.0, "tokens_generated": 400, "tokens_scored": 1200}
+    assert cost["per_kept_pair"] == {"seconds": 5.0, "tokens_generated": 100.0, "tokens_scored": 300.0}
+    assert cost_summary({"sampling": sampling}, 0, None)["per_kept_pair"] is None
+    text = card_text({"cost": cost})
+    assert "## What it cost" in text and "| signal `judge` | 4 | 1,000 read |" in text
+    assert "| **per kept pair** (4) | 5 | 100 generated, 300 read |" in text

@@ -392,6 +392,10 @@ def test_eval_gate_publishes_nothing_and_costs_no_sampling(
     (only,) = stats["eval"]["sets"]
     assert {r["labeler"]: r["agree"] for r in only["rows"]}["aggregate"] == 5
     assert "## Label quality" in (out / "README.md").read_text()
+    cost = stats["cost"]
+    assert set(cost["labelers"]) == {"bleu", "bleu_sacre"} and cost["total"]["tokens_generated"] > 0
+    assert cost["per_kept_pair"]["seconds"] > 0 and cost["seconds"]["label_quality"] > 0
+    assert "## What it cost" in (out / "README.md").read_text()
     calls = engine.calls
     failing = write_recipe(tmp_path, eval={"pairs": eval_pairs(tmp_path, 2), "min_accuracy": 0.6})
     assert bp.main(["--recipe", failing, "--output", str(out), "--fresh"]) == 1

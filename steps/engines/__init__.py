@@ -115,6 +115,17 @@ def load_engine(policy: ModelConfig) -> Engine:
         return _ENGINES[key]
 
 
+def tokens_through_models() -> int:
+    """Every token the loaded models have read so far in this process (what scoring cost, in tokens).
+
+    Engines count what they feed through the network (``tokens_processed``): a shared prefix read
+    once counts once. A labeler's share is the difference across its run, since labelers run one
+    after another.
+    """
+    loaded = [*_ENGINES.values(), *_REWARD_MODELS.values()]
+    return sum(int(getattr(model, "tokens_processed", 0)) for model in loaded)
+
+
 def load_reward_model(config: ModelConfig) -> RewardScorer:
     """The reward model for ``config``, loaded on first use and reused (``steps.engines.reward``).
 

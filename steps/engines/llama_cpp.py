@@ -44,6 +44,7 @@ class LlamaCppEngine:
         else:
             self._llm = Llama(model.location, n_ctx=n_ctx, n_threads=self._n_threads, seed=0, verbose=False)
         self._scorer: Any = None
+        self.tokens_processed = 0  # tokens evaluated for scoring (a cached prefix is not evaluated again)
         meta = self._llm.metadata
         self._template = meta.get("tokenizer.chat_template")
         if not self._template:
@@ -148,7 +149,7 @@ class LlamaCppEngine:
                 results.append(prepared)
                 continue
             seq, options = prepared
-            _run_after_cache(llm, seq, len(seq) - 1)  # the last token's logits are the answer
+            self.tokens_processed += _run_after_cache(llm, seq, len(seq) - 1)  # the last token's logits
             logprobs = _log_softmax(np.asarray(llm.scores[len(seq) - 1 : len(seq)], dtype=np.float64))[0]
             results.append({option: float(logprobs[token]) for option, token in options.items()})
         return results
@@ -167,22 +168,23 @@ class LlamaCppEngine:
                 continue
             header, content = split
             full = [*header, *content]
-            _run_after_cache(llm, full, len(header))  # the content's logits start at the header's end
+            self.tokens_processed += _run_after_cache(llm, full, len(header))  # logits from the header's end
             logits = np.asarray(llm.scores[len(header) - 1 : len(full) - 1], dtype=np.float64)
             logprobs = _log_softmax(logits)[np.arange(len(content)), content]
             results.append(TokenScores(list(content), [float(x) for x in logprobs]))
         return results
 
 
-def _run_after_cache(llm: Any, tokens: list[int], limit: int) -> None:
+def _run_after_cache(llm: Any, tokens: list[int], limit: int) -> int:
     """Evaluate ``tokens``, reusing the still-valid prefix of the KV cache up to ``limit`` tokens.
 
     llama.cpp truncates the cache past ``n_tokens``; tokens after ``limit`` are always run so
-    that their logits are fresh.
+    that their logits are fresh. Returns how many tokens were evaluated.
     """
     keep = min(common_prefix(list(llm.input_ids[: llm.n_tokens]), tokens), limit)
     llm.n_tokens = keep
     llm.eval(tokens[keep:])
+    return len(tokens) - keep
 
 
 def _log_softmax(logits: Any) -> Any:

@@ -200,6 +200,7 @@ class TransformersRewardModel(ChatWindow):
         self.chat = hf_chat_tokens(self.tokenizer, min(n_ctx, int(trained)) if trained else n_ctx)
         self.batch_tokens = batch_tokens
         self.forward_passes = 0  # tests read it: batching is visible
+        self.tokens_processed = 0  # real (unpadded) tokens read: what the dataset's card reports
 
     def reward(self, requests: Sequence[RewardRequest]) -> list[tuple[float, ...] | Failed]:
         results: list[tuple[float, ...] | Failed | None] = [None] * len(requests)
@@ -230,6 +231,7 @@ class TransformersRewardModel(ChatWindow):
             ids[b, : len(row)] = torch.tensor(row)
             mask[b, : len(row)] = 1
         self.forward_passes += 1
+        self.tokens_processed += sum(len(row) for row in rows)
         with torch.inference_mode():
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         return [tuple(float(v) for v in row) for row in logits.float().cpu().tolist()]

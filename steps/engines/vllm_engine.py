@@ -127,6 +127,7 @@ class VllmEngine(ChatWindow):
         self.tokenizer = _chat_tokenizer(self.llm, self.model_id)
         self._special = set(self.tokenizer.all_special_ids)
         self.chat = hf_chat_tokens(self.tokenizer, int(self.llm.llm_engine.model_config.max_model_len))
+        self.tokens_processed = 0  # prompt tokens sent to be read (vLLM's prefix cache may skip some)
 
     # ------------------------------------------------------------ tokenisation
 
@@ -200,6 +201,7 @@ class VllmEngine(ChatWindow):
             else:
                 ready.append((i, *split))
         if ready:
+            self.tokens_processed += sum(len(seq) for _, seq, _ in ready)
             tables = self._prompt_logprobs([seq for _, seq, _ in ready])
             for (i, seq, start), entries in zip(ready, tables, strict=True):
                 values = [self._logprob_at(entries, seq, pos) for pos in range(start, len(seq))]
@@ -226,6 +228,7 @@ class VllmEngine(ChatWindow):
             seq, options = prepared
             ready += [(i, option, [*seq, token]) for option, token in options.items()]
         if ready:
+            self.tokens_processed += sum(len(ids) for _, _, ids in ready)
             tables = self._prompt_logprobs([ids for _, _, ids in ready])
             chosen: dict[int, dict[str, float]] = {}
             for (i, option, ids), entries in zip(ready, tables, strict=True):
@@ -353,6 +356,7 @@ class VllmRewardModel(ChatWindow):
         self.labels = labels
         self.tokenizer = _chat_tokenizer(self.llm, self.model_id)
         self.chat = hf_chat_tokens(self.tokenizer, int(self.llm.llm_engine.model_config.max_model_len))
+        self.tokens_processed = 0  # prompt tokens sent to be read (vLLM's prefix cache may skip some)
 
     def reward(self, requests: Sequence[RewardRequest]) -> list[tuple[float, ...] | Failed]:
         """All requests in one ``classify`` call; vLLM batches them itself."""
@@ -365,6 +369,7 @@ class VllmRewardModel(ChatWindow):
             else:
                 ready.append((i, ids))
         if ready:
+            self.tokens_processed += sum(len(ids) for _, ids in ready)
             prompts = [self._tokens_prompt(prompt_token_ids=ids) for _, ids in ready]
             outputs = self.llm.classify(prompts, pooling_params=self._params, use_tqdm=False)
             for (i, _), out in zip(ready, outputs, strict=True):

@@ -1,0 +1,40 @@
+"""What a dataset cost to make: time per stage and per labeler, tokens generated and read, per kept pair.
+
+A team budgets with the cost of a pair that survives filtering, not with throughput: the same
+tokens/s can mean very different bills when most pairs are dropped. The numbers come from each
+shard's statistics, so a shard reused from an earlier run reports what it cost when it was made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from steps.base import StageStats
+
+SCORED = "tokens_scored"
+
+
+def cost_summary(stages: dict[str, StageStats], kept: int, eval_seconds: float | None) -> dict[str, Any]:
+    """Seconds and tokens per stage and labeler, their totals, and the same per kept pair (None if none)."""
+    labeling = stages.get("labeling", StageStats("labeling"))
+    labelers = {
+        name: {"seconds": round(seconds, 3), SCORED: int(labeling.counts.get(f"{name}:{SCORED}", 0))}
+        for name, seconds in sorted(labeling.timings.items())
+    }
+    seconds = {name: round(s.seconds, 3) for name, s in stages.items()}
+    if eval_seconds is not None:
+        seconds["label_quality"] = round(eval_seconds, 3)
+    judge = int(stages.get("pairing", StageStats("pairing")).counts.get(SCORED, 0))
+    totals = {
+        "seconds": round(sum(seconds.values()), 3),
+        "tokens_generated": int(stages.get("sampling", StageStats("sampling")).counts.get("tokens", 0)),
+        SCORED: sum(v[SCORED] for v in labelers.values()) + judge,
+    }
+    return {
+        "kept_pairs": kept,
+        "seconds": seconds,
+        "labelers": labelers,
+        "pair_judge_tokens_scored": judge,
+        "total": totals,
+        "per_kept_pair": {name: round(value / kept, 3) for name, value in totals.items()} if kept else None,
+    }
