@@ -225,7 +225,7 @@ def build_prefs(
     are passed to those runs, e.g. ``{"env": {...}}``); the work location must then be storage
     the pool's workers share. ``dask`` (``local`` or a scheduler address) runs the CPU stages on Dask.
     """
-    config, out, work_uri = prepare(recipe, output, limit, seed, work)
+    config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
     work_uri = check_placement(model_deployment, batch_shards, dask, work_uri)
     area = WorkArea(work_uri, fresh=fresh)
     # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.

@@ -7,12 +7,14 @@ cannot be written or a llama.cpp build that crashes on this CPU costs a second, 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import fsspec
 
 from schemas import reasons as r
 from schemas.recipe import Recipe, load_recipe
 from steps.base import StageStats, join_uri
+from steps.engines.dtypes import resolve_recipe_dtypes
 from steps.engines.native_check import check_models
 from steps.labelers.checks import preflight, recipe_models
 from steps.prompts import check_prompts
@@ -46,12 +48,21 @@ def prepare(
     limit: int | None = None,
     seed: int | None = None,
     work: str | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[Recipe, str, str]:
-    """Everything that can be wrong with the request, checked without loading a model."""
+    """Everything that can be wrong with the request, checked without loading a model.
+
+    The recipe comes back with every ``dtype: auto`` made concrete for this machine; ``report``
+    gets one line per such choice.
+    """
     loaded = load_recipe(recipe).with_overrides(
         **{"limit": limit, "sampling.seed": seed, "output.uri": output}
     )
     preflight(loaded)  # every model of the recipe (policy, labelers, pair judge), errors name the key
+    loaded, notes = resolve_recipe_dtypes(loaded)  # dtype: auto → what this machine is fast at
+    for note in notes:
+        if report is not None:
+            report(note)
     check_prompts(loaded.prompts)
     # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139).
     check_models([model for _, model in recipe_models(loaded)])

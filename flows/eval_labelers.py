@@ -34,6 +34,7 @@ from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import AGG, Aggregation, aggregate_scores, feature, features, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, join_uri, read_table, write_table
 from steps.engines import ModelSpecError, derive_seed
+from steps.engines.dtypes import resolve_recipe_dtypes
 from steps.engines.native_check import EngineCrashError, check_models
 from steps.fit_weights import FitResult, fit_weights
 from steps.labelers.checks import preflight, recipe_models
@@ -562,7 +563,9 @@ def _residual(recipe: Recipe) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        recipe = load_recipe(args.recipe)
+        recipe, notes = resolve_recipe_dtypes(load_recipe(args.recipe))
+        for note in notes:
+            print(note)
         if not args.pairs.is_file():
             raise PairsFileError(f"pairs file {str(args.pairs)!r} does not exist")
         pairs, skipped = read_pairs(args.pairs, args.limit)

@@ -119,7 +119,9 @@ class ModelConfig(_Strict):
     n_ctx: int = Field(2048, ge=128)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=OFF_CARD)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="auto (the checkpoint's dtype) is vllm only, and its default there"
+        "float32",
+        description="auto: vllm reads the checkpoint's dtype; transformers picks bf16 where this machine "
+        "has bf16 kernels, else fp32 (steps/engines/dtypes.py); llama_cpp runs the GGUF as it is",
     )
     n_threads: int | None = Field(None, ge=1, json_schema_extra=SPEED_ONLY)
     trust_remote_code: bool = Field(False, json_schema_extra=OFF_CARD)
@@ -156,8 +158,6 @@ class ModelConfig(_Strict):
             given = [k for k in sorted(VLLM_ONLY) if getattr(self, k) != fields[k].default]
             if given:
                 raise ValueError(f"{', '.join(given)}: vllm options, but engine is {self.engine}")
-            if self.dtype == "auto":
-                raise ValueError(f"dtype: auto is for engine: vllm; engine {self.engine} needs a dtype")
         elif self.device == "cpu":
             raise ValueError("engine vllm runs on CUDA GPUs; use engine: transformers for device: cpu")
         return self
@@ -181,6 +181,10 @@ class ScorerModelConfig(ModelConfig):
     """
 
     engine: Literal["llama_cpp", "transformers", "vllm"] = "transformers"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto",
+        description="auto: bf16 where this machine has bf16 kernels, else fp32 (made concrete per run)",
+    )
 
 
 DEFAULT_CRITERIA = (

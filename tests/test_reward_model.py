@@ -144,7 +144,9 @@ def test_head_picks_its_column_and_a_model_without_pad_runs_unbatched(multi_rm: 
     got = scorer.reward(REQUESTS)
     assert all(_close(g, e) for g, e in zip(got, expected, strict=True))
     assert scorer.forward_passes == len(REQUESTS)
-    config = RewardModelConfig(kind="reward_model", model={"model": str(multi_rm), "device": "cpu"}, head=2)
+    config = RewardModelConfig(
+        kind="reward_model", model={"model": str(multi_rm), "device": "cpu", "dtype": "float32"}, head=2
+    )
     labeler = RewardModelLabeler(config)
     group = PromptGroup({"messages": CONV}, [r.response for r in REQUESTS if r.context == CONV])
     [scores] = labeler.score_prompts([group])
@@ -161,7 +163,9 @@ def test_too_long_is_null_with_a_reason_and_the_rest_still_score(scalar_rm: Path
     short, too_long = scorer.reward([RewardRequest(CONV, "Lemons."), RewardRequest(CONV, long_reply)])
     assert isinstance(too_long, Failed) and too_long.reason == "too_long"
     assert _close(short, _plain_forward(scalar_rm, [RewardRequest(CONV, "Lemons.")])[0])
-    config = RewardModelConfig(kind="reward_model", model={"model": str(scalar_rm), "n_ctx": 128})
+    config = RewardModelConfig(
+        kind="reward_model", model={"model": str(scalar_rm), "n_ctx": 128, "dtype": "float32"}
+    )
     [[fine, cut, blank]] = RewardModelLabeler(config).score_prompts(
         [PromptGroup({"messages": CONV}, ["Lemons.", long_reply, "  "])]
     )
@@ -170,7 +174,9 @@ def test_too_long_is_null_with_a_reason_and_the_rest_still_score(scalar_rm: Path
 
 
 def test_reward_models_load_once_apart_from_causal_engines(scalar_rm: Path) -> None:
-    config = RewardModelConfig(kind="reward_model", model={"model": str(scalar_rm), "device": "cpu"})
+    config = RewardModelConfig(
+        kind="reward_model", model={"model": str(scalar_rm), "device": "cpu", "dtype": "float32"}
+    )
     assert load_reward_model(config.model) is load_reward_model(config.model.model_copy())
     assert labeler_settings(config)["model.model"] == str(scalar_rm)
     assert isinstance(load_reward_model(config.model), TransformersRewardModel)
@@ -245,7 +251,7 @@ def test_eval_labelers_end_to_end_scores_every_pair(scalar_rm: Path, tmp_path: P
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"name: rm\nlabelers:\n  - {{kind: reward_model, name: rm, model: {{model: {scalar_rm}, device: cpu}}}}\n"
+        f"name: rm\nlabelers:\n  - {{kind: reward_model, name: rm, model: {{model: {scalar_rm}, device: cpu, dtype: float32}}}}\n"
     )
     out = tmp_path / "report.json"
     args = [

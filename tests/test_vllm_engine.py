@@ -299,7 +299,6 @@ def test_recipe_vllm_options_are_validated(tmp_path: Path) -> None:
     assert ModelConfig(engine="vllm", model="org/name", dtype="bfloat16").dtype == "bfloat16"
     for policy_yaml, key in [
         ("{engine: llama_cpp, tensor_parallel_size: 2}", "vllm options, but engine is llama_cpp"),
-        ("{engine: transformers, dtype: auto}", "dtype: auto is for engine: vllm"),
         ("{engine: vllm, model: org/name, device: cpu}", "runs on CUDA GPUs"),
         ("{engine: vllm, model: org/name, gpu_memory_utilization: 1.5}", "policy.gpu_memory_utilization"),
         ("{engine: vllm, model: org/name, tensor_parallel_size: 0}", "policy.tensor_parallel_size"),

@@ -27,6 +27,7 @@ from steps.engines.base import (
     derive_seed,
     sample_seed,
 )
+from steps.engines.dtypes import resolve_dtype
 from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
 from steps.engines.reward import RewardRequest, RewardScorer
 
@@ -107,7 +108,7 @@ def load_engine(policy: ModelConfig) -> Engine:
                 _ENGINES[key] = TransformersEngine(
                     resolved,
                     policy.device,
-                    policy.dtype,
+                    resolve_dtype(policy.engine, policy.device, policy.dtype)[0],  # runs resolve it earlier
                     policy.trust_remote_code,
                     policy.batch_tokens,
                     n_ctx=policy.n_ctx,
@@ -146,7 +147,7 @@ def load_reward_model(config: ModelConfig) -> RewardScorer:
                 _REWARD_MODELS[key] = TransformersRewardModel(
                     resolved,
                     config.device,
-                    config.dtype,
+                    resolve_dtype(config.engine, config.device, config.dtype)[0],
                     config.trust_remote_code,
                     config.batch_tokens,
                     n_ctx=config.n_ctx,
