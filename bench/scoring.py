@@ -138,7 +138,7 @@ def _density(
 def _followup(args: argparse.Namespace, n_prompts: int) -> dict[str, Any]:
     probe = FollowUpConfig(kind="follow_up", per_dimension=2)
     dims = list(load_followups(probe))[: K_FOLLOWUPS // 4]  # 2 positive + 2 negative per dimension
-    config = FollowUpConfig(kind="follow_up", dimensions=dims, per_dimension=2)
+    config = FollowUpConfig(kind="follow_up", dimensions=dims, per_dimension=2, model={"dtype": args.dtype})
     followups = [
         (polarity, text)
         for dim in load_followups(config).values()
@@ -201,7 +201,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     recipe = load_recipe("default")
-    density_config = next(cfg for cfg in recipe.labelers if isinstance(cfg, DensityRatioConfig))
+    default_density = next(cfg for cfg in recipe.labelers if isinstance(cfg, DensityRatioConfig))
+    dump = default_density.model_dump(mode="json")
+    for side in ("strong", "weak"):
+        dump[side]["model"]["dtype"] = args.dtype
+    density_config = DensityRatioConfig.model_validate(dump)
     engine = load_engine(density_config.strong.model)
     dtype, device = str(engine.model.dtype).removeprefix("torch."), str(engine.device)
     log(f"scoring: {engine.model_id} on {device}, {dtype}, {torch.get_num_threads()} torch threads")
@@ -261,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(NAME, __doc__ or "")
     p.add_argument("--prompts", type=int, help="built-in prompts for the density ratio (default 6)")
     p.add_argument("--followup-prompts", type=int, help="built-in prompts for follow-ups (default 2)")
+    p.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+        help="the scorer's dtype (auto: what the labelers run in on this machine)",
+    )  # fmt: skip
     run(p.parse_args(argv))
     return 0
 
