@@ -182,7 +182,7 @@ def features(wide: pl.DataFrame, aggregation: Aggregation, stats: RunStats | Non
         if aggregation.residual:
             assert stats is not None
             col = col - stats.slope[signal] * pl.col(LOG_CHARS)
-        centred = col - col.mean().over(c.PROMPT_ID)
+        centred = _centred(col)
         if aggregation.scale == "zscore":
             std = col.std(ddof=0).over(c.PROMPT_ID)
             value = pl.when(std > 0).then(centred / std).otherwise(0.0)

@@ -160,8 +160,8 @@ def aggregation_stats(
 ) -> dict[str, Any] | None:
     """The run-wide numbers pairing needs (``steps.aggregate.run_stats``), or None when it needs none.
 
-    Reads only the score columns of every label shard and the text of every response
-    (for lengths), so it costs seconds even for large runs; it is recomputed each run
+    Reads only the score columns of every label shard and, for length control, the text of
+    every response, so it costs seconds even for large runs; it is recomputed each run
     and goes into every pairing key, so a run whose labels changed re-pairs every shard.
     """
     aggregation = Aggregation.of(recipe)
@@ -170,7 +170,10 @@ def aggregation_stats(
     label_parts = [
         read_columns(s.uri, [c.PROMPT_ID, c.RESPONSE_ID, c.SIGNAL, c.SCORE], LABELS) for s in labels
     ]
-    text_parts = [read_columns(s.uri, [c.RESPONSE_ID, c.TEXT], RESPONSES) for s in responses]
+    # Texts only for length control: a spread scale alone needs the scores and nothing else.
+    text_parts = [
+        read_columns(s.uri, [c.RESPONSE_ID, c.TEXT], RESPONSES) for s in responses if aggregation.residual
+    ]
     lengths = pl.from_arrow(pa.concat_tables(text_parts)) if text_parts else None
     assert lengths is None or isinstance(lengths, pl.DataFrame)
     all_labels = pa.concat_tables(label_parts) if label_parts else LABELS.empty_table()
