@@ -17,7 +17,16 @@ from typing import Any
 
 from bench.common import DEFAULT_OUT, ROOT, format_table, machine, write_json
 
-BENCHES = ("bleu", "writer", "scaling", "sampling", "portability", "scoring", "distilabel_side")
+BENCHES = (
+    "bleu",
+    "writer",
+    "scaling",
+    "sampling",
+    "portability",
+    "scoring",
+    "distilabel_side",
+    "distilabel_prefs",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         cmd = [sys.executable, "-m", f"bench.{name}", "--out", str(args.out)]
         cmd += ["--quick"] if args.quick else []
-        cmd += ["--no-install"] if args.no_install and name in {"distilabel_side", "portability"} else []
+        cmd += (
+            ["--no-install"]
+            if args.no_install and name in {"distilabel_side", "distilabel_prefs", "portability"}
+            else []
+        )
         print(f"\n=== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         begin = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)

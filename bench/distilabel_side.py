@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_OUT, Row, finish, log, parser, ratio, run_measured
+from steps.engines.llama_build import wheel_root
 
 NAME = "distilabel_side"
 DISTILABEL_VERSION = "1.5.3"
@@ -125,18 +126,22 @@ def ensure_venv(venv: Path, install: bool) -> Path | None:
 
     python = venv / "bin" / "python"
     marker = venv / ".prefsmith-bench-installed"
-    wanted = f"distilabel=={DISTILABEL_VERSION} llama-cpp-python=={llama_cpp.__version__} requests"
+    # The very wheel our engine runs (portable build, steps/engines/llama_build.py) when there is one:
+    # both sides then run the same native code, and nothing is compiled again.
+    ours = sorted(wheel_root().glob(f"llama-cpp-python-{llama_cpp.__version__}-*-portable-*/*.whl"))
+    llama = str(ours[-1]) if ours else f"llama-cpp-python=={llama_cpp.__version__}"
+    wanted = f"distilabel=={DISTILABEL_VERSION} {Path(llama).name} requests"
     if python.exists() and marker.exists() and marker.read_text().strip() == wanted:
         return python
     if not install:
         return None
-    log(f"distilabel: creating {venv} ({wanted}); pip reuses a llama-cpp-python wheel built before")
+    log(f"distilabel: creating {venv} ({wanted})")
     started = time.perf_counter()
     subprocess.run([_python311(), "-m", "venv", str(venv)], check=True)
     subprocess.run(
         [
             str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-            f"distilabel[llama-cpp]=={DISTILABEL_VERSION}", f"llama-cpp-python=={llama_cpp.__version__}",
+            f"distilabel[llama-cpp]=={DISTILABEL_VERSION}", llama,
             # distilabel imports requests without declaring it
             "requests",
         ],

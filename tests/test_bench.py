@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bench import __main__ as bench_main
-from bench import bleu, distilabel_side, portability, sampling, scaling, scoring, writer
+from bench import bleu, distilabel_prefs, distilabel_side, portability, sampling, scaling, scoring, writer
 from bench.common import format_table
 
 ROW_KEYS = {"bench", "metric", "workload", "ours", "baseline", "unit", "ratio", "target", "direction", "met"}
@@ -118,3 +118,63 @@ def test_portability_runs_both_builds_in_their_own_processes(tmp_path: Path) -> 
     assert not details["libraries"]["portable"].startswith(str(tmp_path))
     assert all(tokens[0] > 0 for tokens in details["tokens"].values())
     assert details["identical_texts"] == details["texts"] == 2  # the same build twice: the same texts
+
+
+def test_distilabel_prefs_counts_unparsed_and_misaligned_ratings_against_the_judge() -> None:
+    rows = [
+        {"id": "a", "chosen_index": 0},
+        {"id": "b", "chosen_index": 1},
+        {"id": "c", "chosen_index": 0},
+        {"id": "d", "chosen_index": 1},
+        {"id": "e", "chosen_index": 0},
+    ]
+    ratings = {
+        "a": [5, 2],  # chosen first, rated higher: agree
+        "b": [5, 2],  # chosen second, rated lower: disagree
+        "c": [3, 3],  # tie
+        "d": [4, None],  # one rating unparsed
+        "e": [5, 1, 1],  # three sections for two answers: not aligned, so not read
+    }
+    counts = distilabel_prefs.distilabel_agreement(rows, ratings)
+    assert counts == {"agree": 1, "disagree": 1, "tie": 1, "unparsed": 2, "n": 5, "accuracy": 0.2}
+
+
+def test_distilabel_prefs_feeds_both_judges_the_same_triples_in_the_same_order(tmp_path: Path) -> None:
+    from flows.eval_labelers import chosen_first, read_pairs
+    from schemas.recipe import Recipe
+
+    cfg = {"model": "smollm2-135m-instruct", "n_ctx": 4096, "threads": 2, "n": 4, "temperature": 0.8,
+           "top_p": 0.95, "max_tokens": 128}  # fmt: skip
+    recipe = Recipe.model_validate(distilabel_prefs.our_recipe(cfg, 8))
+    assert recipe.sampling.n == 4 and recipe.sampling.top_p == 0.95 and recipe.limit == 8
+    assert [lab.kind for lab in recipe.labelers] == ["judge_pointwise"]
+    assert recipe.labelers[0].model.model == recipe.policy.model and recipe.policy.engine == "llama_cpp"
+
+    pairs, _ = read_pairs(distilabel_prefs.SHIPPED_PAIRS, limit=6)
+    rows = distilabel_prefs.agreement_rows(distilabel_prefs.SHIPPED_PAIRS, 6, seed=3)
+    assert [row["id"] for row in rows] == [p.pid for p in pairs]
+    for pair, row in zip(pairs, rows, strict=True):
+        assert row["generations"][row["chosen_index"]] == pair.chosen
+        assert row["generations"][1 - row["chosen_index"]] == pair.rejected
+        assert (row["chosen_index"] == 0) == chosen_first(pair.pid, 3)
+    multi = next(p for p in pairs if len(p.messages) > 1)
+    text = distilabel_prefs.transcript(multi.messages)
+    assert text.startswith("User: ") and multi.messages[-1]["content"] in text
+
+
+@pytest.mark.model
+def test_distilabel_prefs_without_its_virtualenv_runs_our_cli_and_judge(
+    tmp_path: Path, prefect_home: Path
+) -> None:
+    absent = tmp_path / "no-venv"
+    pairs = str(distilabel_prefs.SHIPPED_PAIRS)
+    args = ["--quick", "--no-install", "--venv", str(absent), "--out", str(tmp_path), "--pairs", "2",
+            "--pairs-file", pairs]  # fmt: skip
+    assert distilabel_prefs.main(args) == 0
+    payload = load(tmp_path, "distilabel_prefs")
+    details = payload["details"]
+    assert details["distilabel_status"].startswith("skipped") and not absent.exists()
+    assert 0 <= details["ours"]["job"]["pairs"] <= 1 and details["ours"]["job"]["tokens"] > 0
+    agreement = details["ours"]["agreement"]
+    assert agreement["n"] == 2 and agreement["agree"] + agreement["disagree"] + agreement["tie"] == 2
+    assert payload["rows"][0]["metric"].startswith("wall time") and len(payload["rows"]) == 4
