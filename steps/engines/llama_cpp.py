@@ -137,10 +137,16 @@ class LlamaCppEngine:
         return self._llm.detokenize([token], special=False) == b"" and bool(self._token_text(token))
 
     def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
-        """Log-probs of each single-token option after the assistant's ``prefill``, at one position."""
+        """Log-probs of each single-token option after the assistant's ``prefill``, at one position.
+
+        Only the last position's logits are read, so this runs on the sampling instance, which
+        computes the LM head for the last token of a batch alone; the all-positions instance of
+        ``score`` would run the head over every prompt token and hold an n_ctx × vocabulary array.
+        """
+        import llama_cpp
         import numpy as np
 
-        llm = self._scoring_model()
+        llm = self._llm
         llm.reset()
         results: list[dict[str, float] | Failed] = []
         for request in requests:
@@ -149,8 +155,10 @@ class LlamaCppEngine:
                 results.append(prepared)
                 continue
             seq, options = prepared
-            self.tokens_processed += _run_after_cache(llm, seq, len(seq) - 1)  # the last token's logits
-            logprobs = _log_softmax(np.asarray(llm.scores[len(seq) - 1 : len(seq)], dtype=np.float64))[0]
+            self.tokens_processed += _run_after_cache(llm, seq, len(seq) - 1)  # the last token is run
+            last = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+            logits = np.ctypeslib.as_array(last, shape=(1, llm.n_vocab())).astype(np.float64)
+            logprobs = _log_softmax(logits)[0]
             results.append({option: float(logprobs[token]) for option, token in options.items()})
         return results
 
