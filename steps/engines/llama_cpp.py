@@ -136,12 +136,15 @@ class LlamaCppEngine:
         for start in range(0, len(seeds), group):  # beyond llama.cpp's sequence limit: one prefill per group
             chunk = seeds[start : start + group]
             decoded += self._batcher.decode(prompt, chunk, params.temperature, params.top_p, limit)
-        # Decoded only once a sample is complete: a character may span several tokens. Invalid
-        # bytes are dropped, as create_completion drops them.
-        return [
-            (self._llm.detokenize(d.tokens).decode("utf-8", errors="ignore"), len(d.tokens), d.finish_reason)
-            for d in decoded
-        ]
+        return [(self.text_of(d.tokens), len(d.tokens), d.finish_reason) for d in decoded]
+
+    def text_of(self, tokens: list[int]) -> str:
+        """A sample's text, decoded only once it is complete: one character may span several tokens.
+
+        Bytes that never form a character (a sample cut inside one) are dropped, as
+        ``create_completion`` drops them; special tokens are not written, as there.
+        """
+        return self._llm.detokenize(tokens).decode("utf-8", errors="ignore")
 
     def _decode_single(
         self, prompt: list[int], seeds: list[int], params: SamplingParams, limit: int
