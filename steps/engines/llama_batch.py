@@ -97,9 +97,6 @@ class SharedPromptDecoder:
         params.n_batch = params.n_ubatch = self._n_batch
         params.n_seq_max = n_seq
         params.kv_unified = True  # one cache: the prompt is stored once for every sequence
-        import os
-        if os.environ.get("FA"): params.flash_attn_type = int(os.environ["FA"])
-        if os.environ.get("UNI"): params.kv_unified = False
         params.n_threads = params.n_threads_batch = self._n_threads  # n-token steps use the batch count
         ctx = lc.llama_init_from_model(self._model, params)
         if not ctx:
