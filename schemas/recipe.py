@@ -111,6 +111,12 @@ class HFPrompts(_Strict):
 PromptsConfig = Annotated[BuiltinPrompts | FilePrompts | HFPrompts, Field(discriminator="source")]
 
 
+# How llama.cpp decodes a prompt's n samples: together as sequences of one batch after one
+# prefill (faster on CPU), or one create_completion after another (llama-cpp-python's own loop).
+# The two give different texts for the same seeds, so the mode is part of the sampling key.
+DecodeMode = Literal["batched", "single"]
+
+
 class ModelConfig(_Strict):
     """A model and the engine that runs it (the policy, or a model a labeler reads)."""
 
@@ -124,6 +130,11 @@ class ModelConfig(_Strict):
         "has bf16 kernels, else fp32 (steps/engines/dtypes.py); llama_cpp runs the GGUF as it is",
     )
     n_threads: int | None = Field(None, ge=1, json_schema_extra=SPEED_ONLY)
+    decode: DecodeMode = Field(
+        "batched",
+        description="llama_cpp: decode a prompt's n samples together (batched) or one after another "
+        "(single); the texts differ, so a change resamples. Other engines always batch",
+    )
     trust_remote_code: bool = Field(False, json_schema_extra=OFF_CARD)
     batch_tokens: int = Field(
         4096, ge=64, description="token budget of one scoring batch", json_schema_extra=SPEED_ONLY
@@ -152,6 +163,8 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _engine_options_match(self) -> ModelConfig:
+        if self.decode == "single" and self.engine != "llama_cpp":
+            raise ValueError(f"decode: single is a llama_cpp option; engine {self.engine} always batches")
         if self.engine != "vllm":
             # Compared with the defaults, not model_fields_set: overrides revalidate a full dump.
             fields = type(self).model_fields

@@ -102,6 +102,134 @@ def test_llama_cpp_truncation_and_context_limit(llama: object) -> None:
     assert not isinstance(result[1], Failed)
 
 
+POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+@pytest.mark.model
+def test_llama_cpp_batched_samples_do_not_depend_on_other_prompts(llama: object) -> None:
+    """Batched decoding (the default) is reproducible per (seed, prompt, sample index).
+
+    A prompt's samples come out the same alone, after another prompt, or in another order, so
+    reruns, resumed shards and different shard sizes give the same rows.
+    """
+    assert llama.decode == "batched"  # type: ignore[attr-defined]
+    params = SamplingParams(n=4, temperature=0.9, top_p=0.95, max_tokens=16)
+    together = llama.generate([CONV, POEM], params, [11, 12])  # type: ignore[attr-defined]
+    swapped = llama.generate([POEM, CONV], params, [12, 11])  # type: ignore[attr-defined]
+    alone = llama.generate([POEM], params, [12])  # type: ignore[attr-defined]
+    texts = [[c.text for c in result] for result in together]
+    assert texts == [[c.text for c in result] for result in swapped[::-1]]
+    assert texts[1] == [c.text for c in alone[0]]
+    assert len(set(texts[1])) > 1  # each sample has its own seed
+    assert [c.seed for c in together[0]] == [sample_seed(11, i) for i in range(4)]
+
+
+@pytest.mark.model
+def test_llama_cpp_batched_finish_reasons_and_token_counts(llama: object) -> None:
+    """ "length" exactly at max_tokens or the end of the context, "stop" only before it; counts exact."""
+    engine: Any = llama
+    stop_early = [{"role": "user", "content": "Answer with one word: what colour is the sky?"}]
+    params = SamplingParams(n=4, temperature=0.7, top_p=0.95, max_tokens=24)
+    results = engine.generate([stop_early, POEM], params, [3, 4])
+    reasons = set()
+    for conversation, completions in zip([stop_early, POEM], results, strict=True):
+        prompt = engine.chat.ids(conversation, True)
+        for completion in completions:
+            assert completion.prompt_tokens == len(prompt)
+            assert (completion.finish_reason == "length") == (completion.num_tokens == 24)
+            assert 0 <= completion.num_tokens <= 24
+            reasons.add(completion.finish_reason)
+    assert reasons == {"stop", "length"}
+    # Two positions left in the context: every sample ends there, as "length".
+    words = 400
+    while len(engine.chat.ids([{"role": "user", "content": "a " * words}], True)) < 510:
+        words += 1
+    long = [{"role": "user", "content": "a " * words}]
+    room = 512 - len(engine.chat.ids(long, True))
+    assert 0 < room <= 2
+    [completions] = engine.generate(
+        [long], SamplingParams(n=3, temperature=1.0, top_p=1.0, max_tokens=50), [5]
+    )
+    for completion in completions:
+        assert completion.prompt_tokens + completion.num_tokens <= 512
+        if completion.finish_reason == "length":
+            assert completion.num_tokens == room
+
+
+@pytest.mark.model
+def test_llama_cpp_batched_truncate_left_and_no_tokens_counted(llama: object) -> None:
+    """The context rules are the engine's, not the decoder's; sampling adds nothing to what scoring read."""
+    engine: Any = llama
+    old = [
+        {"role": "user", "content": "word " * 300},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "Name one fruit that is yellow."},
+    ]
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.95, max_tokens=300, too_long="truncate_left")
+    before = engine.tokens_processed
+    [completions] = engine.generate([old], params, [7])
+    assert engine.tokens_processed == before  # generation is not scoring (steps/cost.py reads it)
+    for completion in completions:
+        assert completion.prompt_turns_dropped == 2
+        assert completion.prompt_tokens + completion.num_tokens <= 512
+    # too_long: drop keeps every turn that fits and caps the answers at the room left.
+    [kept] = engine.generate([old], SamplingParams(n=2, temperature=0.8, top_p=0.95, max_tokens=300), [7])
+    for completion in kept:
+        assert completion.prompt_turns_dropped == 0
+        assert completion.prompt_tokens + completion.num_tokens <= 512
+
+
+@pytest.mark.model
+def test_llama_cpp_text_is_decoded_from_whole_characters(llama: object) -> None:
+    """Characters split over several tokens come out whole: bytes are joined before decoding."""
+    engine: Any = llama
+    text = "café 日本 🙂 naïve"
+    tokens = engine._encode_text(text)
+    pieces = [engine._llm.detokenize([t]) for t in tokens]
+    assert any(not _is_utf8(piece) for piece in pieces)  # the tokenizer does split a character
+    assert engine.text_of(tokens) == text
+    cut = engine._encode_text("🙂")[:-1]  # a sample that ends inside a character
+    assert cut and engine.text_of(cut) == ""  # the partial bytes are dropped, never shown as U+FFFD
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@pytest.mark.model
+def test_llama_cpp_single_decode_is_create_completion_per_sample() -> None:
+    """decode: single is the earlier path: one create_completion per sample, the same texts."""
+    from steps.engines.llama_cpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(
+        resolve_model(SMOLLM2_ALIAS, "llama_cpp"), n_ctx=512, n_threads=2, decode="single"
+    )
+    try:
+        params = SamplingParams(n=3, temperature=0.9, top_p=0.95, max_tokens=12)
+        [ours] = engine.generate([CONV], params, [11])
+        prompt = engine.chat.ids(CONV, True)
+        for i, completion in enumerate(ours):
+            engine._llm.reset()
+            reference = engine._llm.create_completion(
+                prompt, max_tokens=12, temperature=0.9, top_p=0.95, top_k=0, min_p=0.0, typical_p=1.0,
+                repeat_penalty=1.0, seed=sample_seed(11, i),
+            )  # fmt: skip
+            assert completion.text == reference["choices"][0]["text"]
+            assert completion.num_tokens == reference["usage"]["completion_tokens"]
+            assert completion.seed == sample_seed(11, i)
+        # Both modes can live in one process; a batched engine frees its own context on close.
+        batched = LlamaCppEngine(resolve_model(SMOLLM2_ALIAS, "llama_cpp"), n_ctx=512, n_threads=2)
+        assert len(batched.generate([CONV], params, [11])[0]) == 3  # type: ignore[arg-type]
+        batched.close()
+        assert batched._batcher is None
+    finally:
+        engine.close()
+
+
 @pytest.mark.model
 def test_llama_cpp_and_transformers_score_the_same_tokens(llama: object) -> None:
     """Both engines take the continuation boundary from token ids and agree on log-probs.

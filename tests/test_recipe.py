@@ -47,6 +47,8 @@ def test_default_recipe_loads_and_matches_design() -> None:
         ({"labelers": [{"kind": "bleu"}, {"kind": "bleu"}]}, "labelers: names must be unique"),
         ({"labelers": [{"kind": "magic"}]}, "labelers.0"),
         ({"policy": {"engine": "vllm2"}}, "policy.engine"),
+        ({"policy": {"decode": "parallel"}}, "policy.decode"),
+        ({"policy": {"engine": "transformers", "decode": "single"}}, "decode: single is a llama_cpp option"),
         ({"output": {"rows_per_shard": 0}}, "output.rows_per_shard"),
         ({"unknown_top": 1}, "unknown_top"),
         ({"limit": 0}, "limit"),
@@ -134,6 +136,19 @@ def test_cli_rejects_typo_in_recipe(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "sampling.nn: unknown key" in proc.stderr
+
+
+def test_decode_mode_defaults_to_batched_and_is_in_the_sampling_key() -> None:
+    """The two modes give different texts for the same seeds, so finished samples of one never stand in."""
+    from steps.stages import sampling_settings
+
+    batched = Recipe(name="t")
+    single = Recipe(name="t", policy={"decode": "single"})
+    assert batched.policy.decode == "batched"
+    assert load_recipe("default").policy.decode == "batched"
+    assert sampling_settings(batched)["policy"]["decode"] == "batched"
+    assert sampling_settings(batched) != sampling_settings(single)
+    assert sampling_settings(batched) == sampling_settings(Recipe(name="t", policy={"n_threads": 1}))
 
 
 def test_setting_lists_come_from_the_settings_metadata() -> None:

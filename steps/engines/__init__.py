@@ -67,6 +67,7 @@ def _settings(policy: ModelConfig) -> tuple[Any, ...]:
         policy.device,
         policy.dtype,
         policy.n_threads,
+        policy.decode,
         policy.trust_remote_code,
         policy.batch_tokens,
         policy.tensor_parallel_size,
@@ -97,7 +98,9 @@ def load_engine(policy: ModelConfig) -> Engine:
             if policy.engine == "llama_cpp":
                 from steps.engines.llama_cpp import LlamaCppEngine
 
-                _ENGINES[key] = LlamaCppEngine(resolved, n_ctx=policy.n_ctx, n_threads=policy.n_threads)
+                _ENGINES[key] = LlamaCppEngine(
+                    resolved, n_ctx=policy.n_ctx, n_threads=policy.n_threads, decode=policy.decode
+                )
             elif policy.engine == "vllm":
                 from steps.engines.vllm_engine import VllmEngine
 

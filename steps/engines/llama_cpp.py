@@ -6,10 +6,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.recipe import DecodeMode
 from steps.engines.base import (
     Completion,
     Conversation,
     Failed,
+    FinishReason,
     OptionRequest,
     SamplingParams,
     ScoreRequest,
@@ -19,6 +21,7 @@ from steps.engines.base import (
     sample_seed,
 )
 from steps.engines.chat import ChatTokens
+from steps.engines.llama_batch import Decoded, SharedPromptDecoder
 from steps.engines.models import ResolvedModel
 
 
@@ -31,7 +34,13 @@ class LlamaCppEngine:
 
     engine_name = "llama_cpp"
 
-    def __init__(self, model: ResolvedModel, n_ctx: int = 2048, n_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: ResolvedModel,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        decode: DecodeMode = "batched",
+    ) -> None:
         from llama_cpp import Llama
 
         self.model_id = model.model_id
@@ -44,6 +53,8 @@ class LlamaCppEngine:
         else:
             self._llm = Llama(model.location, n_ctx=n_ctx, n_threads=self._n_threads, seed=0, verbose=False)
         self._scorer: Any = None
+        self.decode = decode
+        self._batcher: SharedPromptDecoder | None = None
         self.tokens_processed = 0  # tokens evaluated for scoring (a cached prefix is not evaluated again)
         meta = self._llm.metadata
         self._template = meta.get("tokenizer.chat_template")
@@ -56,6 +67,9 @@ class LlamaCppEngine:
 
     def close(self) -> None:
         """Free native memory now; llama.cpp's own finaliser fails at interpreter exit."""
+        if self._batcher is not None:  # its context is made from self._llm's model: free it first
+            self._batcher.close()
+            self._batcher = None
         for llm in (self._llm, self._scorer):
             if llm is not None:
                 llm.close()
@@ -86,38 +100,76 @@ class LlamaCppEngine:
                 results.append(fitted)
                 continue
             prompt = fitted.prompt_ids
-            # A fresh cache per conversation makes each prompt's samples independent of
-            # which prompt ran before it, so reruns and resumed shards are identical.
-            self._llm.reset()
-            completions = []
-            for i in range(params.n):
-                seed = sample_seed(base_seed, i)
-                max_tokens = min(params.max_tokens, self._n_ctx - len(prompt))
-                out = self._llm.create_completion(
-                    prompt,
-                    max_tokens=max_tokens,
-                    temperature=params.temperature,
-                    top_p=params.top_p,
-                    top_k=0,
-                    min_p=0.0,
-                    typical_p=1.0,
-                    repeat_penalty=1.0,
-                    seed=seed,
-                )
-                choice = out["choices"][0]
-                usage = out["usage"]
-                completions.append(
+            sample_seeds = [sample_seed(base_seed, i) for i in range(params.n)]
+            limit = min(params.max_tokens, self._n_ctx - len(prompt))
+            if self.decode == "batched":
+                samples = self._decode_batched(prompt, sample_seeds, params, limit)
+            else:
+                samples = self._decode_single(prompt, sample_seeds, params, limit)
+            results.append(
+                [
                     Completion(
-                        text=choice["text"],
-                        num_tokens=int(usage["completion_tokens"]),
-                        finish_reason="length" if choice["finish_reason"] == "length" else "stop",
-                        prompt_tokens=int(usage["prompt_tokens"]),
+                        text=text,
+                        num_tokens=num_tokens,
+                        finish_reason=finish_reason,
+                        prompt_tokens=len(prompt),
                         seed=seed,
                         prompt_turns_dropped=fitted.turns_dropped,
                     )
-                )
-            results.append(completions)
+                    for (text, num_tokens, finish_reason), seed in zip(samples, sample_seeds, strict=True)
+                ]
+            )
         return results
+
+    def _decode_batched(
+        self, prompt: list[int], seeds: list[int], params: SamplingParams, limit: int
+    ) -> list[tuple[str, int, FinishReason]]:
+        """All samples of the prompt as sequences of one batch (``steps.engines.llama_batch``)."""
+        if self._batcher is None:
+            # The raw pointers of the loaded model: a second context on them shares the weights.
+            model = self._llm._model
+            self._batcher = SharedPromptDecoder(
+                model.model, model.vocab, self._llm.context_params, self._n_ctx, self._n_threads
+            )
+        group = self._batcher.max_sequences()
+        decoded: list[Decoded] = []
+        for start in range(0, len(seeds), group):  # beyond llama.cpp's sequence limit: one prefill per group
+            chunk = seeds[start : start + group]
+            decoded += self._batcher.decode(prompt, chunk, params.temperature, params.top_p, limit)
+        return [(self.text_of(d.tokens), len(d.tokens), d.finish_reason) for d in decoded]
+
+    def text_of(self, tokens: list[int]) -> str:
+        """A sample's text, decoded only once it is complete: one character may span several tokens.
+
+        Bytes that never form a character (a sample cut inside one) are dropped, as
+        ``create_completion`` drops them; special tokens are not written, as there.
+        """
+        return self._llm.detokenize(tokens).decode("utf-8", errors="ignore")
+
+    def _decode_single(
+        self, prompt: list[int], seeds: list[int], params: SamplingParams, limit: int
+    ) -> list[tuple[str, int, FinishReason]]:
+        """One ``create_completion`` per sample: llama-cpp-python's own loop, the reference path."""
+        # A fresh cache per conversation makes each prompt's samples independent of
+        # which prompt ran before it, so reruns and resumed shards are identical.
+        self._llm.reset()
+        out: list[tuple[str, int, FinishReason]] = []
+        for seed in seeds:
+            completion = self._llm.create_completion(
+                prompt,
+                max_tokens=limit,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=0,
+                min_p=0.0,
+                typical_p=1.0,
+                repeat_penalty=1.0,
+                seed=seed,
+            )
+            choice = completion["choices"][0]
+            finish: FinishReason = "length" if choice["finish_reason"] == "length" else "stop"
+            out.append((choice["text"], int(completion["usage"]["completion_tokens"]), finish))
+        return out
 
     def _scoring_model(self) -> Any:
         """A second instance that keeps logits for every position; sampling does not need them."""
