@@ -123,23 +123,26 @@ def _label_now(
 ) -> list[tuple[pa.Table, StageStats]]:
     """The tables and stats of ``configs`` for one shard, their model reads pooled per engine.
 
-    A labeler's seconds include an equal share of loading the models (once per process) and of
-    any pass it shared; ``tokens_scored`` likewise, with ``scored_jointly`` counting the shards
-    where that was so and ``joint_pass_tokens`` the whole passes (``steps.cost`` reports both).
+    A labeler's seconds include loading its models (once per process: the first labeler reading a
+    model pays) and an equal share of any pass it shared; its ``tokens_scored`` the same share of
+    the pass's tokens, with ``scored_jointly`` counting the shards where that was so and
+    ``joint_pass_tokens`` the whole passes (``steps.cost`` reports both).
     """
-    start = time.perf_counter()
-    labelers = [build_labeler(config) for config in configs]
-    loading = (time.perf_counter() - start) / len(configs)
+    labelers, loading = [], []
+    for config in configs:
+        start = time.perf_counter()
+        labelers.append(build_labeler(config))
+        loading.append(time.perf_counter() - start)  # a model loads once per process, for its first reader
     labelled = label_jointly(labelers, read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES))
     out = []
-    for config, done in zip(configs, labelled, strict=True):
+    for config, done, load in zip(configs, labelled, loading, strict=True):
         stats = done.stats
         if reads_a_model(config):
             stats.counts[SCORED] = done.tokens
         if done.shared_by > 1:
             stats.counts[JOINTLY] = 1
             stats.counts[PASS_TOKENS] = done.pass_tokens
-        stats.seconds = loading + done.seconds
+        stats.seconds = load + done.seconds
         out.append((done.table, stats))
     return out
 
