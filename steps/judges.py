@@ -139,7 +139,7 @@ class Verdict:
 
 def judge_pairs(engine: Any, jobs: Sequence[tuple[Sequence[Message], str, str]]) -> list[Verdict | Failed]:
     """Judge each (conversation, first, second) in both orders with one batch of option requests."""
-    return verdicts(engine.option_logprobs(pair_requests(jobs)))
+    return pair_verdicts(engine.option_logprobs(pair_requests(jobs)))
 
 
 def pair_requests(jobs: Sequence[tuple[Sequence[Message], str, str]]) -> list[OptionRequest]:
@@ -155,7 +155,7 @@ def pair_requests(jobs: Sequence[tuple[Sequence[Message], str, str]]) -> list[Op
     return requests
 
 
-def verdicts(results: Sequence[Any]) -> list[Verdict | Failed]:
+def pair_verdicts(results: Sequence[Any]) -> list[Verdict | Failed]:
     """One verdict per pair from the results of ``pair_requests`` (a failed order fails the pair)."""
     out: list[Verdict | Failed] = []
     for ab, ba in zip(results[0::2], results[1::2], strict=True):

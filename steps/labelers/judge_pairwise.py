@@ -11,7 +11,7 @@ from schemas import reasons as r
 from schemas.recipe import PairwiseJudgeConfig
 from steps.engines import Failed, load_engine
 from steps.engines.base import ReadResult
-from steps.judges import Verdict, bradley_terry, pair_requests, verdicts
+from steps.judges import Verdict, bradley_terry, pair_requests, pair_verdicts
 from steps.labelers.base import Labeler, Plan, PromptGroup, Score
 
 
@@ -33,7 +33,7 @@ class PairwiseJudgeLabeler(Labeler):
         def finish(results: list[list[ReadResult]]) -> list[list[Score]]:
             [read] = results
             per_prompt: dict[int, dict[tuple[int, int], Verdict | Failed]] = {}
-            for (k, i, j), verdict in zip(index, verdicts(read), strict=True):
+            for (k, i, j), verdict in zip(index, pair_verdicts(read), strict=True):
                 per_prompt.setdefault(k, {})[(i, j)] = verdict
             return [self._prompt_scores(g.responses, per_prompt.get(k, {})) for k, g in enumerate(groups)]
 
