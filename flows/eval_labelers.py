@@ -33,6 +33,7 @@ from schemas.recipe import EvalPairs, Recipe, RecipeError, load_recipe, resolve_
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import AGG, Aggregation, aggregate_scores, feature, features, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, join_uri, read_table, write_table
+from steps.cost import JOINTLY, SCORED
 from steps.engines import ModelSpecError, derive_seed
 from steps.engines.dtypes import resolve_recipe_dtypes
 from steps.engines.native_check import EngineCrashError, check_models
@@ -40,7 +41,7 @@ from steps.fit_weights import FitResult, fit_weights
 from steps.labelers.checks import preflight, recipe_models
 from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
 from steps.resume import WorkArea, sha256_of
-from steps.stages import label_part
+from steps.stages import label_parts
 
 N_RESAMPLES = 2000
 LENGTH_ROW = "length (longer wins)"
@@ -285,14 +286,15 @@ def evaluate(
         return outcomes(*both)
 
     stored = (_stored(prompts, PROMPTS, area, "prompts"), _stored(responses, RESPONSES, area, "responses"))
-    for config in recipe.labelers:
-        # Model labelers batch across the whole table, so each labels everything in one call.
-        part = label_part(config, area, *stored)
+    # One call for all: the labelers not found finished read their models in one pass per engine.
+    for config, part in zip(recipe.labelers, label_parts(recipe.labelers, area, *stored), strict=True):
         labels = read_table(part.files["data"], LABELS)
         tables.append(labels)
         scores = dict(zip(labels[c.RESPONSE_ID].to_pylist(), labels[c.SCORE].to_pylist(), strict=True))
         row = summarise(config.name, record(config.name, scores), seed, part.stats.seconds)
-        rows.append({**row, "reused": part.resumed})
+        # What a model read cost, like the seconds: of this run or, when reused, of the one that made it.
+        cost = {k: part.stats.counts[k] for k in (SCORED, JOINTLY) if part.stats.counts.get(k)}
+        rows.append({**row, **cost, "reused": part.resumed})
     all_labels = pa.concat_tables(tables)
     lengths = pl.DataFrame(
         {c.RESPONSE_ID: responses[c.RESPONSE_ID].to_pylist(), c.TEXT: responses[c.TEXT].to_pylist()}
@@ -492,10 +494,14 @@ def _fmt(value: float | None) -> str:
 
 
 def _seconds(row: dict[str, Any]) -> str:
-    """A labeler's compute time; scores found in the cache say so (the time is from when they were made)."""
+    """A labeler's compute time; scores found in the cache say so (the time is from when they were made).
+
+    Labelers scored in one pass with others show an equal share of it (``steps.labelers.joint``).
+    """
     if row["seconds"] is None:
         return "-"
-    return f"{row['seconds']:.2f}" + (" (cached)" if row.get("reused") else "")
+    shared = " (shared pass)" if row.get(JOINTLY) else ""
+    return f"{row['seconds']:.2f}" + shared + (" (cached)" if row.get("reused") else "")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -139,6 +139,11 @@ class Verdict:
 
 def judge_pairs(engine: Any, jobs: Sequence[tuple[Sequence[Message], str, str]]) -> list[Verdict | Failed]:
     """Judge each (conversation, first, second) in both orders with one batch of option requests."""
+    return pair_verdicts(engine.option_logprobs(pair_requests(jobs)))
+
+
+def pair_requests(jobs: Sequence[tuple[Sequence[Message], str, str]]) -> list[OptionRequest]:
+    """Two option requests per (conversation, first, second): the pair in both orders."""
     requests = []
     for messages, first, second in jobs:
         requests.append(
@@ -147,19 +152,23 @@ def judge_pairs(engine: Any, jobs: Sequence[tuple[Sequence[Message], str, str]])
         requests.append(
             OptionRequest(pairwise_prompt(messages, second, first), VERDICT_PREFILL, VERDICT_OPTIONS)
         )
-    results = engine.option_logprobs(requests)
-    verdicts: list[Verdict | Failed] = []
+    return requests
+
+
+def pair_verdicts(results: Sequence[Any]) -> list[Verdict | Failed]:
+    """One verdict per pair from the results of ``pair_requests`` (a failed order fails the pair)."""
+    out: list[Verdict | Failed] = []
     for ab, ba in zip(results[0::2], results[1::2], strict=True):
         if isinstance(ab, Failed) or isinstance(ba, Failed):
-            verdicts.append(ab if isinstance(ab, Failed) else ba)  # type: ignore[arg-type]
+            out.append(ab if isinstance(ab, Failed) else ba)
             continue
         p_ab = normalised(ab)[" A"]
         p_ba = normalised(ba)[" B"]
         if not (math.isfinite(p_ab) and math.isfinite(p_ba)):  # NaN/inf log-probs: no verdict, not 0.5
-            verdicts.append(Failed(r.NON_FINITE_VERDICT, f"option log-probs {ab} / {ba}"))
+            out.append(Failed(r.NON_FINITE_VERDICT, f"option log-probs {ab} / {ba}"))
             continue
-        verdicts.append(Verdict((p_ab + p_ba) / 2, (p_ab > 0.5) == (p_ba > 0.5), p_ab, p_ba))
-    return verdicts
+        out.append(Verdict((p_ab + p_ba) / 2, (p_ab > 0.5) == (p_ba > 0.5), p_ab, p_ba))
+    return out
 
 
 def bradley_terry(

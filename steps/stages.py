@@ -23,7 +23,9 @@ from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import Aggregation, run_stats, wide_scores
 from steps.base import ShardResult, StageStats, parquet_rows, read_table, write_table
 from steps.consistency import consistency_stage, read_columns
+from steps.cost import JOINTLY, PASS_TOKENS, SCORED
 from steps.engines import resolve_model, tokens_through_models
+from steps.labelers.joint import label_jointly
 from steps.labelers.registry import build_labeler
 from steps.pairing import pair_shard
 from steps.prompts import stream_prompts
@@ -77,21 +79,72 @@ def reads_a_model(config: Any) -> bool:
 
 def label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> Done:
     """One labeler's scores for one shard, found again when the labeler and both inputs are unchanged."""
-    stage = f"label:{config.kind}"
-    key = area.key(stage, _dump(config), [prompts.sha256, responses.sha256])
+    [part] = label_parts([config], area, prompts, responses)
+    return part
 
-    def compute(files: dict[str, str]) -> Any:
-        start = time.perf_counter()
-        labeler = build_labeler(config)
-        tokens = tokens_through_models()  # after the load: a labeler's engines may be shared with others
-        table, stats = labeler.label(read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES))
-        if reads_a_model(config):
-            stats.counts["tokens_scored"] = tokens_through_models() - tokens
-        write_table(table, files["data"], LABELS, what=f"labels of {config.name}")
-        stats.seconds = time.perf_counter() - start  # includes loading the model, once per process
+
+def _label_key(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> tuple[str, str]:
+    """A labeler's own part: its settings and both inputs, whichever labelers it is scored with."""
+    stage = f"label:{config.kind}"
+    return stage, area.key(stage, _dump(config), [prompts.sha256, responses.sha256])
+
+
+def label_parts(
+    configs: list[Any], area: WorkArea, prompts: ShardResult, responses: ShardResult
+) -> list[Done]:
+    """Each labeler's part of one shard, in order; the unfinished ones are scored together.
+
+    Every part keeps its own key and marker, so a changed labeler recomputes alone and an
+    unchanged one is found finished; those computed now read their models in one pass per
+    engine (``steps.labelers.joint``), where the text they share runs once.
+    """
+    keys = [_label_key(config, area, prompts, responses) for config in configs]
+    found = [area.lookup(stage, key) for stage, key in keys]
+    todo = [config for config, done in zip(configs, found, strict=True) if done is None]
+    computed = iter(_label_now(todo, prompts, responses) if todo else [])
+    parts = []
+    for config, (stage, key), done in zip(configs, keys, found, strict=True):
+        parts.append(done or _store(area, stage, key, *next(computed), f"labels of {config.name}"))
+    return parts
+
+
+def _store(area: WorkArea, stage: str, key: str, table: pa.Table, stats: StageStats, what: str) -> Done:
+    """Write a table computed already as the part ``key``, marker last."""
+
+    def write(files: dict[str, str]) -> Any:
+        write_table(table, files["data"], LABELS, what=what)
         return stats, {"data": table.num_rows}, {}
 
-    return area.run(stage, key, compute)
+    return area.run(stage, key, write)
+
+
+def _label_now(
+    configs: list[Any], prompts: ShardResult, responses: ShardResult
+) -> list[tuple[pa.Table, StageStats]]:
+    """The tables and stats of ``configs`` for one shard, their model reads pooled per engine.
+
+    A labeler's seconds include loading its models (once per process: the first labeler reading a
+    model pays) and an equal share of any pass it shared; its ``tokens_scored`` the same share of
+    the pass's tokens, with ``scored_jointly`` counting the shards where that was so and
+    ``joint_pass_tokens`` the whole passes (``steps.cost`` reports both).
+    """
+    labelers, loading = [], []
+    for config in configs:
+        start = time.perf_counter()
+        labelers.append(build_labeler(config))
+        loading.append(time.perf_counter() - start)  # a model loads once per process, for its first reader
+    labelled = label_jointly(labelers, read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES))
+    out = []
+    for config, done, load in zip(configs, labelled, loading, strict=True):
+        stats = done.stats
+        if reads_a_model(config):
+            stats.counts[SCORED] = done.tokens
+        if done.shared_by > 1:
+            stats.counts[JOINTLY] = 1
+            stats.counts[PASS_TOKENS] = done.pass_tokens
+        stats.seconds = load + done.seconds
+        out.append((done.table, stats))
+    return out
 
 
 def label_models(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> int:
@@ -100,9 +153,8 @@ def label_models(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses
     Their markers are what ``label`` later finds, so the merge elsewhere reuses them untouched.
     Returns how many parts were computed now (the rest were found finished).
     """
-    parts = [
-        label_part(config, area, prompts, responses) for config in recipe.labelers if reads_a_model(config)
-    ]
+    models = [config for config in recipe.labelers if reads_a_model(config)]
+    parts = label_parts(models, area, prompts, responses)
     return sum(not part.resumed for part in parts)
 
 
@@ -118,13 +170,12 @@ def label(
     ``model_area`` (default ``area``) is where the model-reading parts are looked up: a run whose
     model pool just recomputed them (``--fresh``) must find them, not recompute them here.
     """
-    parts: list[tuple[str, Done]] = [
-        (
-            config.name,
-            label_part(config, (model_area or area) if reads_a_model(config) else area, prompts, responses),
-        )
-        for config in recipe.labelers
-    ]
+    done: dict[str, Done] = {}
+    for where, model_reading in ((model_area or area, True), (area, False)):
+        configs = [config for config in recipe.labelers if reads_a_model(config) == model_reading]
+        found = label_parts(configs, where, prompts, responses)
+        done.update(zip([config.name for config in configs], found, strict=True))
+    parts = [(config.name, done[config.name]) for config in recipe.labelers]
 
     total = StageStats("labeling", rows_in=responses.rows)
     for name, part in parts:

@@ -16,6 +16,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from schemas import reasons as r
+
 Message = dict[str, str]
 Conversation = Sequence[Message]
 FinishReason = Literal["stop", "length"]
@@ -107,6 +109,35 @@ class Chooser(Protocol):
 @runtime_checkable
 class Engine(Generator, Scorer, Chooser, Protocol):
     """What ``load_engine`` returns: every engine samples, scores continuations and reads options."""
+
+
+ReadRequest = ScoreRequest | OptionRequest
+ReadResult = TokenScores | dict[str, float] | Failed
+
+
+@runtime_checkable
+class JointReader(Protocol):
+    """Scores continuations and reads options in one pass, so prefixes shared across kinds run once.
+
+    Several labelers reading one model ask it about the same texts (a response under a plain
+    prompt is the prefix of every follow-up after it); only one pass over all their requests
+    can notice.
+    """
+
+    def read_mixed(self, requests: Sequence[ReadRequest]) -> list[ReadResult]: ...
+
+
+def read_requests(engine: Any, requests: Sequence[ReadRequest]) -> list[ReadResult]:
+    """``requests`` answered in order: in one pass where the engine can mix kinds, else one call per kind."""
+    if isinstance(engine, JointReader):
+        return engine.read_mixed(requests)
+    results: list[ReadResult | None] = [None] * len(requests)
+    for kind, call in ((ScoreRequest, "score"), (OptionRequest, "option_logprobs")):
+        where = [i for i, request in enumerate(requests) if isinstance(request, kind)]
+        if where:  # an engine (or a test's fake) may implement only the kind it is asked for
+            for i, result in zip(where, getattr(engine, call)([requests[i] for i in where]), strict=True):
+                results[i] = result
+    return [result if result is not None else Failed(r.INTERNAL, "request not read") for result in results]
 
 
 def derive_seed(*parts: object) -> int:

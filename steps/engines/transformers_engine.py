@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas import reasons as r
@@ -26,6 +26,8 @@ from steps.engines.base import (
     Conversation,
     Failed,
     OptionRequest,
+    ReadRequest,
+    ReadResult,
     SamplingParams,
     ScoreRequest,
     TokenScores,
@@ -45,6 +47,8 @@ ROW_TOKENS = 512
 # A subtree's short root stretch (up to this many tokens) may be repeated in several rows
 # rather than run as a cached path of its own (see TransformersEngine._frontier).
 _INLINE_TOKENS = 8
+# Turns the log-probs read at each trie node into one request's result, once the trie has run.
+_Finish = Callable[[dict[int, dict[int, float]]], ReadResult]
 
 
 class _Tokenized:
@@ -322,51 +326,58 @@ class TransformersEngine(ChatWindow):
                 todo += [("path", item) for item in reversed(big)]
         return out
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
-        results: list[TokenScores | Failed | None] = [None] * len(requests)
+    def read_mixed(self, requests: Sequence[ReadRequest]) -> list[ReadResult]:
+        """Scores and option log-probs for a mix of requests, all in one trie: shared prefixes run once.
+
+        A continuation's tokens are read from the node before each of them; an option request's
+        options from the node ending its prefill. Each option must add exactly one token to the
+        prefill; otherwise the request fails (a multi-token option has no single probability to read).
+        """
         trie = TokenTrie()
-        planned: list[tuple[int, list[int], list[int]]] = []
+        planned: list[tuple[int, _Finish]] = []
+        results: list[ReadResult] = [Failed(r.INTERNAL, "request not read")] * len(requests)
         for i, request in enumerate(requests):
-            split = self._split(request)
-            if isinstance(split, Failed):
-                results[i] = split
-                continue
-            if not split.prefix:  # the first token has no state to be predicted from
-                results[i] = Failed(r.NO_CONTEXT, "the chat template puts nothing before the continuation")
-                continue
-            nodes = trie.add(split.content, trie.end_of(split.prefix))
-            for node in nodes:
-                trie.read(trie.parent[node], trie.token[node])
-            planned.append((i, nodes, split.content))
+            if isinstance(request, ScoreRequest):
+                plan = self._plan_score(trie, request)
+            else:
+                plan = self._plan_options(trie, request)
+            if isinstance(plan, Failed):
+                results[i] = plan
+            else:
+                planned.append((i, plan))
         read = self._run(trie) if planned else {}
-        for i, nodes, content in planned:
-            values = [read[trie.parent[n]][trie.token[n]] for n in nodes]
-            results[i] = TokenScores(list(content), values)
-        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
+        for i, finish in planned:
+            results[i] = finish(read)
+        return results
+
+    def _plan_score(self, trie: TokenTrie, request: ScoreRequest) -> _Finish | Failed:
+        split = self._split(request)
+        if isinstance(split, Failed):
+            return split
+        if not split.prefix:  # the first token has no state to be predicted from
+            return Failed(r.NO_CONTEXT, "the chat template puts nothing before the continuation")
+        nodes = trie.add(split.content, trie.end_of(split.prefix))
+        for node in nodes:
+            trie.read(trie.parent[node], trie.token[node])
+        content = list(split.content)
+        return lambda read: TokenScores(content, [read[trie.parent[n]][trie.token[n]] for n in nodes])
+
+    def _plan_options(self, trie: TokenTrie, request: OptionRequest) -> _Finish | Failed:
+        prepared = self.chat.options(request)
+        if isinstance(prepared, Failed):
+            return prepared
+        seq, options = prepared
+        last = trie.end_of(tuple(seq))
+        for token in options.values():
+            trie.read(last, token)
+        return lambda read: {option: read[last][token] for option, token in options.items()}
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[TokenScores | Failed]:
+        return self.read_mixed(requests)  # type: ignore[return-value]  # score requests read as TokenScores
 
     def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
-        """Next-token log-probs of each option after the assistant's ``prefill``, shared prefixes run once.
-
-        Each option must add exactly one token to the prefill; otherwise the
-        request fails (a multi-token option has no single probability to read).
-        """
-        results: list[dict[str, float] | Failed | None] = [None] * len(requests)
-        trie = TokenTrie()
-        planned: list[tuple[int, int, dict[str, int]]] = []
-        for i, request in enumerate(requests):
-            prepared = self.chat.options(request)
-            if isinstance(prepared, Failed):
-                results[i] = prepared
-                continue
-            seq, options = prepared
-            last = trie.end_of(tuple(seq))
-            for token in options.values():
-                trie.read(last, token)
-            planned.append((i, last, options))
-        read = self._run(trie) if planned else {}
-        for i, last, options in planned:
-            results[i] = {option: read[last][token] for option, token in options.items()}
-        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
+        """Next-token log-probs of each option after the assistant's ``prefill``, shared prefixes run once."""
+        return self.read_mixed(requests)  # type: ignore[return-value]  # option requests read as dicts
 
     # ------------------------------------------------------------ sampling
 

@@ -1,7 +1,8 @@
 """The labeler base: one score per response and signal, or None with a reason.
 
 The base class owns the loop over a shard's prompts, the NaN/inf guard, the counts and the
-LABELS contract; a labeler only says how to score a prompt's responses (a ``PromptGroup``).
+LABELS contract; a labeler only says how to score a prompt's responses (a ``PromptGroup``), or,
+reading a model, which requests it needs and how their answers score (a ``Plan``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,7 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.records import LABELS
 from steps.base import StageStats
+from steps.engines.base import ReadRequest, ReadResult, read_requests
 from steps.engines.context import truncated
 
 
@@ -52,24 +55,43 @@ def regroup(groups: list[PromptGroup], flat: list[Score]) -> list[list[Score]]:
     return out
 
 
-class Labeler(ABC):
-    """Scores the responses of a shard's prompts; subclasses say how, the base keeps the contract.
+@dataclass(frozen=True)
+class Plan:
+    """What a labeler needs read for some prompts, and how the answers become its scores.
 
-    Reference-based labelers override ``score_prompt`` (one prompt at a time);
-    model-reading labelers override ``score_prompts`` to batch a whole shard
-    through their engine in one go.
+    ``reads`` pairs an engine with the requests for it; ``finish`` gets the results of each
+    entry of ``reads``, in order. Asking and scoring are apart so that a runner can put the
+    requests of every labeler reading one engine into a single pass (``read_plans``), where
+    the prefixes they share run once.
     """
 
-    signal: str
+    reads: list[tuple[Any, list[ReadRequest]]]
+    finish: Callable[[list[list[ReadResult]]], list[list[Score]]]
 
-    def score_prompt(self, group: PromptGroup) -> list[Score]:
-        raise NotImplementedError
 
-    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
-        return [self.score_prompt(group) for group in groups]
+def read_plans(plans: Sequence[Plan]) -> list[list[list[ReadResult]]]:
+    """Every plan's results, read with one call per engine object over all plans' requests."""
+    pooled: dict[int, tuple[Any, list[ReadRequest]]] = {}
+    spans: list[list[tuple[int, int, int]]] = []
+    for plan in plans:
+        spans.append([])
+        for engine, requests in plan.reads:
+            queue = pooled.setdefault(id(engine), (engine, []))[1]
+            spans[-1].append((id(engine), len(queue), len(queue) + len(requests)))
+            queue += requests
+    answers = {key: read_requests(engine, queue) for key, (engine, queue) in pooled.items() if queue}
+    return [[answers[key][a:b] if b > a else [] for key, a, b in plan] for plan in spans]
 
-    def label(self, prompts: pa.Table, responses: pa.Table) -> tuple[pa.Table, StageStats]:
-        stats = StageStats(f"label:{self.signal}", rows_in=responses.num_rows)
+
+@dataclass(frozen=True)
+class Shard:
+    """A shard's prompts (as the policy saw them) with their responses: what every labeler reads."""
+
+    items: list[tuple[dict[str, Any], list[tuple[str, str]]]]  # (prompt, [(response id, text)])
+    rows_in: int
+
+    @classmethod
+    def of(cls, prompts: pa.Table, responses: pa.Table) -> Shard:
         by_prompt: dict[str, list[tuple[str, str]]] = {}
         turns_dropped: dict[str, int] = {}
         for pid, rid, text, dropped in zip(
@@ -81,14 +103,51 @@ class Labeler(ABC):
         ):
             by_prompt.setdefault(pid, []).append((rid, text))
             turns_dropped[pid] = dropped
-        rows: dict[str, list[Any]] = {name: [] for name in LABELS.names}
         items = [
             (as_seen(p, turns_dropped[p[c.PROMPT_ID]]), by_prompt[p[c.PROMPT_ID]])
             for p in prompts.to_pylist()
             if p[c.PROMPT_ID] in by_prompt
         ]
-        all_scores = self.score_prompts([PromptGroup(p, [text for _, text in group]) for p, group in items])
-        for (prompt, group), scores in zip(items, all_scores, strict=True):
+        return cls(items, responses.num_rows)
+
+    @property
+    def groups(self) -> list[PromptGroup]:
+        return [PromptGroup(p, [text for _, text in group]) for p, group in self.items]
+
+
+class Labeler(ABC):
+    """Scores the responses of a shard's prompts; subclasses say how, the base keeps the contract.
+
+    Reference-based labelers override ``score_prompt`` (one prompt at a time); model-reading
+    labelers override ``plan`` (the requests for a whole shard and how their answers score), or
+    ``score_prompts`` when they must do more than read their engine (generate, classify).
+    """
+
+    signal: str
+
+    def score_prompt(self, group: PromptGroup) -> list[Score]:
+        raise NotImplementedError
+
+    def plan(self, groups: list[PromptGroup]) -> Plan | None:
+        """The reads these prompts need, or None for a labeler that cannot say in advance."""
+        return None
+
+    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
+        plan = self.plan(groups)
+        if plan is None:
+            return [self.score_prompt(group) for group in groups]
+        [answers] = read_plans([plan])
+        return plan.finish(answers)
+
+    def label(self, prompts: pa.Table, responses: pa.Table) -> tuple[pa.Table, StageStats]:
+        shard = Shard.of(prompts, responses)
+        return self.tabulate(shard, self.score_prompts(shard.groups))
+
+    def tabulate(self, shard: Shard, all_scores: list[list[Score]]) -> tuple[pa.Table, StageStats]:
+        """The LABELS rows of a shard's scores, with every null given a reason and counted."""
+        stats = StageStats(f"label:{self.signal}", rows_in=shard.rows_in)
+        rows: dict[str, list[Any]] = {name: [] for name in LABELS.names}
+        for (prompt, group), scores in zip(shard.items, all_scores, strict=True):
             if len(scores) != len(group):
                 raise RuntimeError(f"labeler {self.signal} returned {len(scores)} scores for {len(group)}")
             for (rid, _), score in zip(group, scores, strict=True):

@@ -16,8 +16,8 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import ContrastSide, DensityRatioConfig
 from steps.engines import Failed, ScoreRequest, load_engine
-from steps.engines.base import Message
-from steps.labelers.base import Labeler, PromptGroup, Score, regroup
+from steps.engines.base import Message, ReadResult
+from steps.labelers.base import Labeler, Plan, PromptGroup, Score, regroup
 
 
 def side_context(side: ContrastSide, messages: list[Message]) -> list[Message]:
@@ -46,20 +46,20 @@ class DensityRatioLabeler(Labeler):
         self.strong = load_engine(config.strong.model)
         self.weak = load_engine(config.weak.model)  # the same object when both sides share a model
 
-    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
+    def plan(self, groups: list[PromptGroup]) -> Plan:
         strong_requests, weak_requests = [], []
         for group in groups:
             strong_ctx = side_context(self.config.strong, group.prompt[c.MESSAGES])
             weak_ctx = side_context(self.config.weak, group.prompt[c.MESSAGES])
             strong_requests += [ScoreRequest(strong_ctx, text) for text in group.responses]
             weak_requests += [ScoreRequest(weak_ctx, text) for text in group.responses]
-        if self.strong is self.weak:
-            both = self.strong.score(strong_requests + weak_requests)
-            strong, weak = both[: len(strong_requests)], both[len(strong_requests) :]
-        else:
-            strong, weak = self.strong.score(strong_requests), self.weak.score(weak_requests)
-        flat = [self._score(s, w) for s, w in zip(strong, weak, strict=True)]
-        return regroup(groups, flat)
+
+        def finish(results: list[list[ReadResult]]) -> list[list[Score]]:
+            strong, weak = results
+            return regroup(groups, [self._score(s, w) for s, w in zip(strong, weak, strict=True)])
+
+        # Two sides on one engine are read in one pass (read_plans pools requests by engine).
+        return Plan([(self.strong, strong_requests), (self.weak, weak_requests)], finish)
 
     def _score(self, strong: Any, weak: Any) -> Score:
         for side in (strong, weak):

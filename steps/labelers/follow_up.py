@@ -21,7 +21,8 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import FollowUpConfig, RecipeError
 from steps.engines import Failed, ScoreRequest, load_engine
-from steps.labelers.base import Labeler, PromptGroup, Score, regroup
+from steps.engines.base import ReadResult
+from steps.labelers.base import Labeler, Plan, PromptGroup, Score, regroup
 
 FOLLOWUPS_DIR = Path(__file__).resolve().parent.parent.parent / "pipelines" / "followups"
 
@@ -75,7 +76,7 @@ class FollowUpLabeler(Labeler):
             for text in texts
         ]
 
-    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
+    def plan(self, groups: list[PromptGroup]) -> Plan:
         requests, owners = [], []
         for group in groups:
             for text in group.responses:
@@ -85,14 +86,18 @@ class FollowUpLabeler(Labeler):
                 context = [*group.prompt[c.MESSAGES], {c.ROLE: "assistant", c.CONTENT: text}]
                 requests += [ScoreRequest(context, f, "user") for _, _, f in self.followups]
                 owners.append(len(requests) - len(self.followups))
-        results = self.engine.score(requests)
-        flat = [
-            Score(None, r.EMPTY_RESPONSE)
-            if start is None
-            else self._score(results[start : start + len(self.followups)])
-            for start in owners
-        ]
-        return regroup(groups, flat)
+
+        def finish(results: list[list[ReadResult]]) -> list[list[Score]]:
+            [read] = results
+            flat = [
+                Score(None, r.EMPTY_RESPONSE)
+                if start is None
+                else self._score(read[start : start + len(self.followups)])
+                for start in owners
+            ]
+            return regroup(groups, flat)
+
+        return Plan([(self.engine, requests)], finish)
 
     def _score(self, results: list[Any]) -> Score:
         failed = [r for r in results if isinstance(r, Failed)]

@@ -10,8 +10,9 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import PairwiseJudgeConfig
 from steps.engines import Failed, load_engine
-from steps.judges import Verdict, bradley_terry, judge_pairs
-from steps.labelers.base import Labeler, PromptGroup, Score
+from steps.engines.base import ReadResult
+from steps.judges import Verdict, bradley_terry, pair_requests, pair_verdicts
+from steps.labelers.base import Labeler, Plan, PromptGroup, Score
 
 
 class PairwiseJudgeLabeler(Labeler):
@@ -21,18 +22,22 @@ class PairwiseJudgeLabeler(Labeler):
         self.signal = config.name
         self.engine = load_engine(config.model)
 
-    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
+    def plan(self, groups: list[PromptGroup]) -> Plan:
         jobs, index = [], []
         for k, group in enumerate(groups):
             live = [i for i, text in enumerate(group.responses) if text.strip()]
             for i, j in itertools.combinations(live, 2):
                 jobs.append((group.prompt[c.MESSAGES], group.responses[i], group.responses[j]))
                 index.append((k, i, j))
-        verdicts = judge_pairs(self.engine, jobs)
-        per_prompt: dict[int, dict[tuple[int, int], Verdict | Failed]] = {}
-        for (k, i, j), verdict in zip(index, verdicts, strict=True):
-            per_prompt.setdefault(k, {})[(i, j)] = verdict
-        return [self._prompt_scores(group.responses, per_prompt.get(k, {})) for k, group in enumerate(groups)]
+
+        def finish(results: list[list[ReadResult]]) -> list[list[Score]]:
+            [read] = results
+            per_prompt: dict[int, dict[tuple[int, int], Verdict | Failed]] = {}
+            for (k, i, j), verdict in zip(index, pair_verdicts(read), strict=True):
+                per_prompt.setdefault(k, {})[(i, j)] = verdict
+            return [self._prompt_scores(g.responses, per_prompt.get(k, {})) for k, g in enumerate(groups)]
+
+        return Plan([(self.engine, pair_requests(jobs))], finish)
 
     def _prompt_scores(
         self, responses: list[str], verdicts: dict[tuple[int, int], Verdict | Failed]

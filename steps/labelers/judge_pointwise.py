@@ -10,9 +10,9 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import PointwiseJudgeConfig
 from steps.engines import Failed, OptionRequest, SamplingParams, derive_seed, load_engine
-from steps.engines.base import Message
+from steps.engines.base import Message, ReadResult
 from steps.judges import SCORE_OPTIONS, SCORE_PREFILL, normalised, parse_score, pointwise_prompt
-from steps.labelers.base import Labeler, PromptGroup, Score, regroup
+from steps.labelers.base import Labeler, Plan, PromptGroup, Score, regroup
 
 
 class PointwiseJudgeLabeler(Labeler):
@@ -21,32 +21,23 @@ class PointwiseJudgeLabeler(Labeler):
         self.config = config
         self.engine = load_engine(config.model)
 
-    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
-        prompts = [(g.prompt, text) for g in groups for text in g.responses]
-        judged = [
-            pointwise_prompt(g.prompt[c.MESSAGES], text, g.responses) for g in groups for text in g.responses
-        ]
-        if self.config.mode == "expected":
-            flat = self._expected(prompts, judged)
-        else:
-            flat = self._sampled(prompts, judged)
-        return regroup(groups, flat)
+    def plan(self, groups: list[PromptGroup]) -> Plan | None:
+        if self.config.mode != "expected":  # sampled judgements are generated, not read
+            return None
+        texts = [text for g in groups for text in g.responses]
+        requests = [OptionRequest(conv, SCORE_PREFILL, SCORE_OPTIONS) for conv in _judge_prompts(groups)]
 
-    def _expected(
-        self, prompts: list[tuple[dict[str, Any], str]], judged: list[list[Message]]
-    ) -> list[Score]:
-        requests = [OptionRequest(conversation, SCORE_PREFILL, SCORE_OPTIONS) for conversation in judged]
-        scores = []
-        for (_, text), result in zip(prompts, self.engine.option_logprobs(requests), strict=True):
-            if not text.strip():
-                scores.append(Score(None, r.EMPTY_RESPONSE))
-            elif isinstance(result, Failed):
-                scores.append(Score(None, result.reason))
-            else:
-                probs = normalised(result)
-                expected = sum(int(k) * p for k, p in probs.items())
-                scores.append(Score(expected, details={"probs": {k: round(v, 6) for k, v in probs.items()}}))
-        return scores
+        def finish(results: list[list[ReadResult]]) -> list[list[Score]]:
+            [read] = results
+            return regroup(groups, [_expected(t, res) for t, res in zip(texts, read, strict=True)])
+
+        return Plan([(self.engine, requests)], finish)
+
+    def score_prompts(self, groups: list[PromptGroup]) -> list[list[Score]]:
+        if self.config.mode == "expected":
+            return super().score_prompts(groups)
+        prompts = [(g.prompt, text) for g in groups for text in g.responses]
+        return regroup(groups, self._sampled(prompts, _judge_prompts(groups)))
 
     def _sampled(
         self, prompts: list[tuple[dict[str, Any], str]], conversations: list[list[Message]]
@@ -73,3 +64,20 @@ class PointwiseJudgeLabeler(Labeler):
             else:  # the unparsed verdicts are left out of the mean, never read as a rating
                 scores.append(Score(fmean(parsed), details=details, counts=unparsed))
         return scores
+
+
+def _judge_prompts(groups: list[PromptGroup]) -> list[list[Message]]:
+    """The rubric prompt of every response, in order."""
+    return [pointwise_prompt(g.prompt[c.MESSAGES], text, g.responses) for g in groups for text in g.responses]
+
+
+def _expected(text: str, result: ReadResult) -> Score:
+    """The expected rating under the rating tokens' probabilities."""
+    if not text.strip():
+        return Score(None, r.EMPTY_RESPONSE)
+    if isinstance(result, Failed):
+        return Score(None, result.reason)
+    assert isinstance(result, dict)
+    probs = normalised(result)
+    expected = sum(int(k) * p for k, p in probs.items())
+    return Score(expected, details={"probs": {k: round(v, 6) for k, v in probs.items()}})

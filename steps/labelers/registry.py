@@ -24,6 +24,7 @@ from steps.labelers.base import Labeler
 from steps.labelers.bleu import BleuLabeler
 from steps.labelers.density_ratio import DensityRatioLabeler
 from steps.labelers.follow_up import FollowUpLabeler
+from steps.labelers.joint import label_jointly
 from steps.labelers.judge_pairwise import PairwiseJudgeLabeler
 from steps.labelers.judge_pointwise import PointwiseJudgeLabeler
 from steps.labelers.reward_model import RewardModelLabeler
@@ -47,13 +48,14 @@ def build_labeler(config: LabelerConfig) -> Labeler:
 
 
 def label_shard(recipe: Recipe, prompts_uri: str, responses_uri: str, out_uri: str) -> ShardResult:
-    """Run every labeler of the recipe over one shard; one LABELS table holds all signals."""
+    """Run every labeler of the recipe over one shard, model reads pooled per engine; one LABELS table."""
     start = time.perf_counter()
     prompts = read_table(prompts_uri, PROMPTS)
     responses = read_table(responses_uri, RESPONSES)
     tables, total = [], StageStats("labeling", rows_in=responses.num_rows)
-    for config in recipe.labelers:
-        table, stats = build_labeler(config).label(prompts, responses)
+    labelers = [build_labeler(config) for config in recipe.labelers]
+    for config, done in zip(recipe.labelers, label_jointly(labelers, prompts, responses), strict=True):
+        table, stats = done.table, done.stats
         tables.append(table)
         total.drops.update({f"{config.name}:{k}": v for k, v in stats.drops.items()})
         total.examples.update({f"{config.name}:{k}": v for k, v in stats.examples.items()})
