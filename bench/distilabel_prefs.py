@@ -154,9 +154,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def our_recipe(cfg: dict[str, Any], n_prompts: int) -> dict[str, Any]:
-    """The recipe of our side: the same GGUF, sampling and threads; one judge labeler on that GGUF."""
+def our_recipe(cfg: dict[str, Any], n_prompts: int, judge_engine: str = "llama_cpp") -> dict[str, Any]:
+    """The recipe of our side: the same GGUF, sampling and threads; one judge labeler on that GGUF.
+
+    ``judge_engine: transformers`` is how our labelers run by default: the same weights, read
+    from the same GGUF file, in the dtype the CPU is fast at (bf16 where it has bf16 kernels).
+    """
     model = {"model": cfg["model"], "engine": "llama_cpp", "n_ctx": cfg["n_ctx"], "n_threads": cfg["threads"]}
+    judge = model if judge_engine == "llama_cpp" else {**model, "engine": judge_engine, "dtype": "auto"}
     return {
         "name": "bench-distilabel-prefs",
         "description": "distilabel's preference recipe, our way: sample 4, rubric judge, best vs worst",
@@ -167,7 +172,7 @@ def our_recipe(cfg: dict[str, Any], n_prompts: int) -> dict[str, Any]:
             "n": cfg["n"], "temperature": cfg["temperature"], "top_p": cfg["top_p"],
             "max_tokens": cfg["max_tokens"], "seed": 0,
         },
-        "labelers": [{"kind": "judge_pointwise", "name": "judge", "mode": "expected", "model": model}],
+        "labelers": [{"kind": "judge_pointwise", "name": "judge", "mode": "expected", "model": judge}],
         # best vs worst by the judge; a tie (no preference) is dropped, as distilabel's side drops it
         "pairing": {"rule": "best_vs_worst"},
         "consistency": {"drop_mislabeled": True},
@@ -237,12 +242,26 @@ def distilabel_agreement(rows: list[dict[str, Any]], ratings: dict[str, Any]) ->
     return counts
 
 
-def _ours_job(cfg: dict[str, Any], scratch: Path) -> dict[str, Any]:
-    recipe = scratch / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(our_recipe(cfg, cfg["n_prompts"]), sort_keys=False))
-    out = scratch / "ours-out"
-    cmd = [sys.executable, "-m", "flows.build_prefs", "--recipe", str(recipe), "--output", str(out)]
-    outcome = run_measured(cmd, env={**os.environ, "PREFSMITH_CACHE": str(scratch / "cache")})
+def _ours_job(cfg: dict[str, Any], scratch: Path, judge_engine: str) -> dict[str, Any]:
+    """One CLI run in a fresh process, a fresh output and work location (nothing of the job reused).
+
+    The machine's own cache stays: a llama.cpp build checked on this CPU once, and a GGUF
+    converted for transformers once, are what every run after a machine's first finds.
+    """
+    recipe = scratch / f"recipe-{judge_engine}.yaml"
+    recipe.write_text(yaml.safe_dump(our_recipe(cfg, cfg["n_prompts"], judge_engine), sort_keys=False))
+    out = scratch / f"ours-out-{judge_engine}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.build_prefs",
+        "--recipe",
+        str(recipe),
+        "--output",
+        str(out),
+        "--fresh",
+    ]
+    outcome = run_measured(cmd)
     if outcome["returncode"] != 0:
         raise RuntimeError(
             f"flows.build_prefs failed (exit {outcome['returncode']}):\n{outcome['stderr'][-4000:]}"
@@ -305,8 +324,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     theirs_job: dict[str, Any] | None = None
     theirs_agree: dict[str, Any] | None = None
     try:
-        ours_job = _ours_job(cfg, scratch)
+        ours_job = _ours_job(cfg, scratch, "llama_cpp")
         log(f"{NAME}: ours {ours_job['seconds']:.1f}s, {ours_job['pairs']} pairs")
+        shipped = _ours_job(cfg, scratch, "transformers")
+        log(f"{NAME}: ours, judge on transformers {shipped['seconds']:.1f}s, {shipped['pairs']} pairs")
         ours_agree = _ours_agreement(cfg, scratch) if cfg["n_pairs"] else None
         python = ensure_venv(args.venv, install=not args.no_install)
         if python is not None:
@@ -327,12 +348,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         NAME,
         args,
         table(
-            cfg, workload, pairs_workload, ours_job, ours_agree, theirs_job, theirs_agree, len(instructions)
+            cfg,
+            workload,
+            pairs_workload,
+            (ours_job, shipped),
+            ours_agree,
+            theirs_job,
+            theirs_agree,
+            len(instructions),
         ),
         {
             "settings": cfg,
             "judge_max_tokens": JUDGE_MAX_TOKENS,
-            "ours": {"job": ours_job, "agreement": ours_agree, "recipe": our_recipe(cfg, cfg["n_prompts"])},
+            "ours": {
+                "job": ours_job,
+                "job_judge_on_transformers": shipped,
+                "agreement": ours_agree,
+                "recipe": our_recipe(cfg, cfg["n_prompts"]),
+            },
             "distilabel": {"job": theirs_job, "agreement": theirs_agree},
             "distilabel_status": "ran" if theirs_job else f"skipped: no virtualenv at {args.venv}",
         },
@@ -344,7 +377,7 @@ def table(
     cfg: dict[str, Any],
     workload: str,
     pairs_workload: str,
-    ours_job: dict[str, Any],
+    ours_jobs: tuple[dict[str, Any], dict[str, Any]],
     ours_agree: dict[str, Any] | None,
     theirs_job: dict[str, Any] | None,
     theirs_agree: dict[str, Any] | None,
@@ -352,13 +385,17 @@ def table(
 ) -> list[Row]:
     """The rows: speed against the 2x target, memory, usable pairs, and agreement (equal or better)."""
     tj, ta = theirs_job or {}, theirs_agree or {}
+    ours_job, shipped = ours_jobs
     ours_share = ours_job["pairs"] / n_prompts
     theirs_share = tj["pairs"] / n_prompts if theirs_job else None
     parsed = f"distilabel parsed {tj['parsed']} of {n_prompts * cfg['n']} ratings" if theirs_job else ""
     rows = [
         Row(NAME, "wall time, sample 4 → judge → best vs worst", workload, ours_job["seconds"],
             tj.get("seconds"), "s", ratio(tj.get("seconds"), ours_job["seconds"]), target=2.0,
-            note="ours: the CLI (Prefect server, card, Parquet); distilabel: Pipeline.run"),
+            note="judge on llama.cpp both sides; ours: the CLI (Prefect server, card, Parquet)"),
+        Row(NAME, "same, our judge on its default engine (transformers, dtype auto, same GGUF weights)",
+            workload, shipped["seconds"], tj.get("seconds"), "s",
+            ratio(tj.get("seconds"), shipped["seconds"]), target=2.0, note=f"{shipped['pairs']} pairs"),
         Row(NAME, "peak RSS of the process tree", workload, ours_job["peak_tree_rss_mib"],
             tj.get("peak_tree_rss_mib"), "MiB",
             ratio(tj.get("peak_tree_rss_mib"), ours_job["peak_tree_rss_mib"])),

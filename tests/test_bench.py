@@ -175,7 +175,8 @@ def test_distilabel_prefs_without_its_virtualenv_runs_our_cli_and_judge(
     payload = load(tmp_path, "distilabel_prefs")
     details = payload["details"]
     assert details["distilabel_status"].startswith("skipped") and not absent.exists()
-    assert 0 <= details["ours"]["job"]["pairs"] <= 1 and details["ours"]["job"]["tokens"] > 0
+    for job in (details["ours"]["job"], details["ours"]["job_judge_on_transformers"]):
+        assert 0 <= job["pairs"] <= 1 and job["tokens"] > 0
     agreement = details["ours"]["agreement"]
     assert agreement["n"] == 2 and agreement["agree"] + agreement["disagree"] + agreement["tie"] == 2
-    assert payload["rows"][0]["metric"].startswith("wall time") and len(payload["rows"]) == 4
+    assert payload["rows"][0]["metric"].startswith("wall time") and len(payload["rows"]) == 5
