@@ -179,9 +179,15 @@ def our_recipe(cfg: dict[str, Any], n_prompts: int, judge_engine: str = "llama_c
     }  # fmt: skip
 
 
-def _result(outcome: dict[str, Any], who: str) -> dict[str, Any]:
+def _checked(outcome: dict[str, Any], who: str) -> dict[str, Any]:
+    """``run_measured``'s outcome, or an error carrying the end of the failed command's stderr."""
     if outcome["returncode"] != 0:
         raise RuntimeError(f"{who} failed (exit {outcome['returncode']}):\n{outcome['stderr'][-4000:]}")
+    return outcome
+
+
+def _result(outcome: dict[str, Any], who: str) -> dict[str, Any]:
+    _checked(outcome, who)
     lines = [line for line in outcome["stdout"].splitlines() if line.startswith("RESULT ")]
     result = json.loads(lines[-1].removeprefix("RESULT ")) if lines else {}
     result.update(seconds=outcome["seconds"], peak_tree_rss_mib=outcome["peak_tree_rss_mib"])
@@ -261,11 +267,7 @@ def _ours_job(cfg: dict[str, Any], scratch: Path, judge_engine: str) -> dict[str
         str(out),
         "--fresh",
     ]
-    outcome = run_measured(cmd)
-    if outcome["returncode"] != 0:
-        raise RuntimeError(
-            f"flows.build_prefs failed (exit {outcome['returncode']}):\n{outcome['stderr'][-4000:]}"
-        )
+    outcome = _checked(run_measured(cmd), "flows.build_prefs")
     manifest = json.loads((out / "manifest.json").read_text())
     stages = manifest["stats"]["stages"]
     return {
@@ -284,11 +286,7 @@ def _ours_agreement(cfg: dict[str, Any], scratch: Path) -> dict[str, Any]:
         sys.executable, "-m", "flows.eval_labelers", "--pairs", cfg["pairs_file"], "--recipe", str(recipe),
         "--limit", str(cfg["n_pairs"]), "--json", str(report), "--cache", str(scratch / "eval"), "--fresh",
     ]  # fmt: skip
-    outcome = run_measured(cmd)
-    if outcome["returncode"] != 0:
-        raise RuntimeError(
-            f"flows.eval_labelers failed (exit {outcome['returncode']}):\n{outcome['stderr'][-4000:]}"
-        )
+    outcome = _checked(run_measured(cmd), "flows.eval_labelers")
     rows = json.loads(report.read_text())["rows"]
     judge = next(row for row in rows if row["labeler"] == "judge")
     return {**judge, "seconds": outcome["seconds"]}

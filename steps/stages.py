@@ -249,7 +249,7 @@ def pair(
         tokens = tokens_through_models()
         result = pair_shard(recipe, prompts.uri, responses.uri, labels.uri, files["data"], stats_of_run)
         if recipe.pairing.judge is not None:  # the pair judge reads a model
-            result.stats.counts["tokens_scored"] = tokens_through_models() - tokens
+            result.stats.counts[SCORED] = tokens_through_models() - tokens
         return result.stats, {"data": result.rows}, {}
 
     return area.run("pairing", key, compute).result()
