@@ -96,3 +96,17 @@ def test_a_part_that_raises_leaves_the_rest(
     assert [error["part"] for error in payload["errors"]] == [s.name for s in gpu.SMOKE_SHAPES.values()]
     assert len(payload["rows"]) == 2 * len(gpu.SMOKE.row_tokens)  # both shapes' scoring rows
     assert "ERROR in" in capsys.readouterr().out
+
+
+def test_rates_smoke_measures_every_part(tmp_path: Path, one_thread: None) -> None:
+    """The recipe-cost rates (bench.gpu_rates) at toy sizes: both shapes, prefill and decode."""
+    from bench import gpu_rates
+
+    assert gpu_rates.main(["--cpu-smoke", "--out", str(tmp_path)]) == gpu_rates.EXIT_OK
+    payload = json.loads((tmp_path / "gpu_rates.json").read_text())
+    assert not payload["errors"] and not payload["skipped"]
+    for key in ("8b", "32b"):
+        detail = payload["shapes"][key]
+        assert detail["decode"]["batch"] == gpu_rates.SMOKE.decode_batch[key]
+        assert detail["decode"]["tokens_per_second"] > 0 and detail["prefill"]["tokens_per_second"] > 0
+    assert len(payload["rows"]) == 4
