@@ -36,6 +36,10 @@ def test_default_recipe_loads_and_matches_design() -> None:
         ({"sampling": {"n": 1}}, "sampling.n"),
         ({"sampling": {"temperature": -0.1}}, "sampling.temperature"),
         ({"sampling": {"temperature": 0}}, "sampling.temperature"),
+        ({"sampling": {"temperature": [0.7, 0.7]}}, "repeat a value"),
+        ({"sampling": {"temperature": [0.7, 0.0]}}, "temperature 0"),
+        ({"sampling": {"temperature": []}}, "sampling.temperature"),
+        ({"sampling": {"n": 4, "temperature": [0.6, 0.8, 1.0]}}, "does not split evenly"),
         ({"sampling": {"top_p": 1.5}}, "sampling.top_p"),
         ({"sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
         ({"sampling": {"n": "four"}}, "sampling.n"),
@@ -162,3 +166,43 @@ def test_setting_lists_come_from_the_settings_metadata() -> None:
     for option, value in [("tensor_parallel_size", 2), ("enforce_eager", True)]:
         with pytest.raises(ValueError, match=f"{option}: vllm options, but engine is transformers"):
             ModelConfig(engine="transformers", **{option: value})
+
+
+@pytest.mark.parametrize("name", ["gpu-onpolicy", "ultrafeedback-like"])
+def test_gpu_recipes_validate_and_split_the_gpus(name: str) -> None:
+    """The shipped cluster recipes: valid, vLLM throughout, and their labelers' shares fit one GPU."""
+    from steps.labelers.checks import check_gpu_shares, recipe_models
+
+    recipe = load_recipe(name)
+    models = [model for _, model in recipe_models(recipe)]
+    assert all(model.engine == "vllm" for model in models)
+    check_gpu_shares(recipe)
+    labeling = {m.model_dump_json(): m for k, m in recipe_models(recipe) if k != "policy.model"}
+    assert 0.8 <= sum(m.gpu_memory_utilization for m in labeling.values()) <= 1.0
+    assert len({m.tensor_parallel_size for m in labeling.values()}) == 1  # a group's GPUs load alike
+    assert 8 % max(m.tensor_parallel_size for m in models) == 0  # groups tile an 8-GPU node
+
+
+def test_ultrafeedback_like_samples_at_several_temperatures() -> None:
+    recipe = load_recipe("ultrafeedback-like")
+    assert len(recipe.sampling.temperatures) == 3 and recipe.sampling.n % 3 == 0
+
+
+def test_labelers_claiming_more_than_a_gpu_fail_before_loading(tmp_path: Path) -> None:
+    from steps.labelers.checks import check_gpu_shares
+
+    vllm = {"engine": "vllm", "gpu_memory_utilization": 0.6}
+    data = {
+        "name": "t",
+        "policy": {"engine": "vllm", "model": "org/policy-8B"},
+        "labelers": [
+            {"kind": "reward_model", "model": {"model": "org/rm-8B", **vllm}},
+            {"kind": "judge_pointwise", "model": {"model": "org/judge-32B", **vllm}},
+            # the same settings as the judge's load once: not counted twice
+            {"kind": "judge_pointwise", "name": "judge2", "model": {"model": "org/judge-32B", **vllm}},
+        ],
+    }
+    with pytest.raises(RecipeError, match=r"claim 1\.20 of each GPU.*labelers\.0\.model\.model"):
+        check_gpu_shares(load_recipe(write(tmp_path, data)))
+    data["labelers"] = data["labelers"][1:]
+    check_gpu_shares(load_recipe(write(tmp_path, data)))

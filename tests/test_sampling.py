@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from schemas import columns as c
 from schemas.records import PROMPTS, RESPONSES
-from steps.engines import Generator, SamplingParams
+from steps.engines import Failed, Generator, SamplingParams
 from steps.prompts import normalise_messages, prompt_id
 from steps.sampling import sample_table
 from tests.conftest import FakeEngine
@@ -66,3 +66,34 @@ def test_seeds_depend_on_prompt_not_position(fake_engine: FakeEngine) -> None:
     )
     other, _ = sample_table(prompts_table(["x", "y"]), fake_engine, PARAMS, seed=6)
     assert other.column(c.SEED).to_pylist() != forward.column(c.SEED).to_pylist()
+
+
+def test_several_temperatures_split_n_and_record_each(fake_engine: FakeEngine) -> None:
+    """UltraFeedback-style diversity from one policy: n/len samples at each temperature, own seeds."""
+    prompts = prompts_table(["one", "two"])
+    table, stats = sample_table(prompts, fake_engine, PARAMS, seed=3, temperatures=[0.6, 1.0])
+    assert fake_engine.calls == 2 and table.num_rows == 8 and stats.rows_out == 8
+    for pid in prompts.column(c.PROMPT_ID).to_pylist():
+        rows = [r for r in table.to_pylist() if r[c.PROMPT_ID] == pid]
+        assert [r[c.SAMPLE_INDEX] for r in rows] == [0, 1, 2, 3]
+        assert [r[c.TEMPERATURE] for r in rows] == [0.6, 0.6, 1.0, 1.0]
+        assert len({r[c.SEED] for r in rows}) == 4  # the groups do not repeat each other's seeds
+    # One temperature given as a list samples exactly what the plain setting samples.
+    single, _ = sample_table(prompts, FakeEngine(), PARAMS, seed=3, temperatures=[0.8])
+    plain, _ = sample_table(prompts, FakeEngine(), PARAMS, seed=3)
+    assert single.equals(plain)
+
+
+def test_a_prompt_failing_at_one_temperature_is_dropped_whole() -> None:
+    class FailsHot(FakeEngine):
+        def generate(self, conversations, params, seeds):  # type: ignore[no-untyped-def]
+            out = super().generate(conversations, params, seeds)
+            if params.temperature > 0.9:
+                out[0] = Failed("prompt_too_long", "hot group failed")
+            return out
+
+    table, stats = sample_table(
+        prompts_table(["one", "two"]), FailsHot(), PARAMS, seed=0, temperatures=[0.5, 1.0]
+    )
+    assert table.num_rows == 4 and stats.drops == {"prompt_too_long": 1}
+    assert "hot group failed" in stats.examples["prompt_too_long"]

@@ -28,6 +28,7 @@ def preflight(recipe: Recipe) -> None:
     from steps.engines.reward import head_index, local_labels
     from steps.labelers.follow_up import load_followups
 
+    check_gpu_shares(recipe)
     for key, model in recipe_models(recipe):
         try:
             resolve_model(model.model, model.engine)
@@ -69,3 +70,32 @@ def recipe_models(recipe: Recipe) -> list[tuple[str, ModelConfig]]:
     if recipe.pairing.judge is not None:
         found.append(("pairing.judge.model.model", recipe.pairing.judge.model))
     return found
+
+
+def _load_key(model: ModelConfig) -> tuple[object, ...]:
+    """Settings under which two configs load one engine (steps.engines caches by all of them)."""
+    return tuple(sorted(model.model_dump().items()))
+
+
+def check_gpu_shares(recipe: Recipe) -> None:
+    """vLLM models that one process holds together must not claim more than a whole GPU between them.
+
+    Each vLLM engine reserves ``gpu_memory_utilization`` of every GPU it spans. The labeling stage
+    loads all its labelers' models in one process (per GPU group on a pool), and the pair judge
+    loads where the labelers' engines are still cached, so their shares add up; the second engine
+    would otherwise fail for want of memory after the first had loaded, minutes into the run.
+    Equal settings load once and count once. The sum is checked against the first GPU of a group,
+    which every model of the stage spans, whatever its ``tensor_parallel_size``.
+    """
+    held: dict[tuple[object, ...], tuple[str, ModelConfig]] = {}
+    for key, model in recipe_models(recipe):
+        if key != "policy.model" and model.engine == "vllm":
+            held.setdefault(_load_key(model), (key, model))
+    total = sum(model.gpu_memory_utilization for _, model in held.values())
+    if total > 1.0 + 1e-9:
+        parts = ", ".join(f"{key}: {model.gpu_memory_utilization:g}" for key, model in held.values())
+        raise RecipeError(
+            f"the labelers' vLLM models claim {total:.2f} of each GPU together ({parts}); one process "
+            "loads them all, so lower their gpu_memory_utilization until the sum is at most 1 "
+            "(about 0.9 leaves room for activations)"
+        )
