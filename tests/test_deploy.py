@@ -27,7 +27,9 @@ import httpx
 import pytest
 import yaml
 
-from steps import faults, resume, writer
+from flows.build_prefs import build_prefs
+from schemas.recipe import LockSettings
+from steps import faults, resume, work_gc, writer
 from tests.conftest import ROOT
 from tests.test_end_to_end import free_port
 from tests.test_faults import tiny_model  # noqa: F401  (a fixture, used by name)
@@ -187,6 +189,10 @@ def test_prefect_yaml_defines_the_scheduled_and_the_gpu_deployment() -> None:
     assert nightly["schedules"][0]["cron"] and nightly["work_pool"]["name"] == "cpu"
     assert nightly["parameters"]["model_deployment"] == "model-stage"
     assert "recipe" in nightly["parameters"]
+    # The nightly run collects the work location's garbage, and its parameters are ones the flow takes.
+    assert nightly["parameters"]["gc_keep_runs"] >= 1
+    valid = build_prefs.validate_parameters(nightly["parameters"])
+    assert valid["lock"] == LockSettings(on_busy="wait", max_wait_s=3600)
     assert model["entrypoint"] == "flows/model_stage.py:model_stage" and model["work_pool"]["name"] == "gpu"
 
 
@@ -244,6 +250,10 @@ def test_nightly_deployment_runs_its_model_stage_on_the_gpu_pool(
     # ... and the pipeline itself found those shards finished instead of computing them again.
     logs = run_logs(stack, run_id)
     assert logs.count("found finished earlier, reused") >= 4, logs
+    # The nightly parameters collect garbage after publishing; the run left its record for the next GC.
+    assert "gc of " in logs and "kept " in logs, logs
+    records = list((work / work_gc.RECORDS_DIR / "pools").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["status"] == "finished"
     assert not re.search(r"sampling shard \d/4: .* in [\d.]+s;", logs), logs
 
 
