@@ -260,12 +260,9 @@ def build_prefs(
     config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
     work_uri = check_placement(model_deployment, batch_shards, dask, work_uri)
     settings, purpose, say = lock or LockSettings(), f"build-prefs {config.name}", get_run_logger().warning
-    with (
-        lease.held(out, settings, purpose, "output", say) as out_lease,
-        lease.held(work_uri, settings, purpose, "work location", say) as work_lease,
-    ):
+    with lease.held_each([("output", out), ("work location", work_uri)], settings, purpose, say) as leases:
         return _build(
-            config, out, work_uri, (out_lease, work_lease), push_to_hub, private, fresh,
+            config, out, work_uri, (leases[0], leases[1]), push_to_hub, private, fresh,
             model_deployment, batch_shards, model_job_variables, dask, gc_keep_runs,
         )  # fmt: skip
 

@@ -32,8 +32,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -365,6 +365,31 @@ def held(
         yield lease
     finally:
         lease.release()
+
+
+@contextmanager
+def held_each(
+    roots: Sequence[tuple[str, str]],
+    settings: LockSettings,
+    purpose: str,
+    report: Callable[[str], None] = print,
+) -> Iterator[list[Lease]]:
+    """Leases on several ``(what, root)`` locations, one per distinct location, taken in the order given.
+
+    Every run takes them in the same order (output, then work location), so two runs never each
+    hold one while waiting for the other's. A location named twice (``--work`` equal to the output)
+    is leased once: a second lease would wait for this run's own.
+    """
+    with ExitStack() as stack:
+        by_location: dict[str, Lease] = {}
+        leases = []
+        for what, root in roots:
+            fs, path = fsspec.core.url_to_fs(root)
+            where = fs.unstrip_protocol(path.rstrip("/"))
+            if where not in by_location:
+                by_location[where] = stack.enter_context(held(root, settings, purpose, what, report))
+            leases.append(by_location[where])
+        yield leases
 
 
 def check_all(leases: Iterable[Lease]) -> None:
