@@ -16,9 +16,11 @@ Every change of the lease is a compare-and-swap, so two runs never both believe 
 * any other fsspec store: best effort. The lease is written, read back after ``SETTLE_S`` and kept
   only if the write survived; two runs that start within that window can both go on.
 
-A lease is stale when the wall clock is past its ``expires_at`` (this assumes the hosts' clocks
-agree to well under the expiry) or when a waiter has seen it unchanged for longer than its
-time-to-live by its own monotonic clock, which holds whatever the clocks say.
+A lease is stale when its process is gone (checked only where the holder's pid means the same
+process: same kernel boot and pid namespace, so a run killed on this machine is taken over at
+once), when the wall clock is past its ``expires_at`` (this assumes the hosts' clocks agree to well
+under the expiry), or when a waiter has seen it unchanged for longer than its time-to-live by its
+own monotonic clock, which holds whatever the clocks say.
 """
 
 from __future__ import annotations
@@ -75,13 +77,38 @@ class Holder:
     expires_at: float
     ttl_s: float
     token: str  # new with every write, so no two versions of the object are ever equal
+    space: str = ""  # the kernel boot and pid namespace its pid belongs to (``_pid_space``)
 
     @classmethod
     def new(cls, owner: str, purpose: str, ttl_s: float) -> Holder:
         now = time.time()
         return cls(
-            owner, socket.gethostname(), os.getpid(), purpose, now, now + ttl_s, ttl_s, uuid.uuid4().hex
+            owner,
+            socket.gethostname(),
+            os.getpid(),
+            purpose,
+            now,
+            now + ttl_s,
+            ttl_s,
+            uuid.uuid4().hex,
+            _pid_space(),
         )
+
+    def process_gone(self) -> bool:
+        """True only when the holder's pid is in this process's pid space and no process has it.
+
+        A run killed on this machine is then taken over at once instead of after its expiry. A pid
+        reused by another process reads as alive: the lease then simply waits for its expiry.
+        """
+        if not self.space or self.space != _pid_space():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # someone else's live process
+            return False
+        return False
 
     def renewed(self) -> Holder:
         return replace(self, expires_at=time.time() + self.ttl_s, token=uuid.uuid4().hex)
@@ -340,11 +367,21 @@ def acquire(
         # Another run changed the lease between our read and our write: look again.
 
 
+def _pid_space() -> str:
+    """This kernel boot and pid namespace: where a pid means the same process (Linux; else unknown)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def _stale(
     current: Holder | None, version: str | None, first_seen: dict[str, float], settings: LockSettings
 ) -> bool:
-    """Past its wall-clock expiry, or unchanged for longer than its time-to-live as this process saw it."""
-    if current is not None and time.time() > current.expires_at:
+    """Its process is gone, it is past its wall-clock expiry, or this process saw it unchanged too long."""
+    if current is not None and (current.process_gone() or time.time() > current.expires_at):
         return True
     seen = first_seen.setdefault(str(version), time.monotonic())
     ttl = current.ttl_s if current is not None else settings.expiry_s
