@@ -15,6 +15,7 @@ import argparse
 import errno
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.checks import NothingSampledError, OutputError, prepare, require_responses
+from flows.checks import WORK_DIR, NothingSampledError, OutputError, prepare, require_responses
 from flows.console import quiet_console
 from flows.eval_labelers import LabelQualityError, PairsFileError, check_eval_sets, measure_recipe
 from flows.placement import (
@@ -34,10 +35,10 @@ from flows.placement import (
     run_model_batches,
 )
 from flows.summary import summary_markdown
-from schemas.recipe import Recipe, RecipeError
-from steps import stages
+from schemas.recipe import LockSettings, Recipe, RecipeError, load_recipe, lock_settings
+from steps import lease, stages
 from steps.aggregate import Aggregation
-from steps.base import ShardResult, StageStats, merge_stats
+from steps.base import ShardResult, StageStats, join_uri, merge_stats
 from steps.cost import cost_summary
 from steps.engines import ModelSpecError
 from steps.engines.llama_build import cache_root
@@ -47,6 +48,7 @@ from steps.labelers.checks import recipe_models
 from steps.prompts import PromptSourceError, source_label
 from steps.publish import publish
 from steps.resume import WorkArea
+from steps.work_gc import DEFAULT_KEEP_RUNS, RECORD_EVERY_S, GcError, RunRecord, collect
 
 
 def _log_progress(stage: str, done: int, total: int, result: ShardResult, started: float) -> None:
@@ -138,6 +140,12 @@ def publish_task(
     return manifest
 
 
+@task(name="gc", cache_policy=NO_CACHE)
+def gc_task(work_uri: str, keep_runs: int, held: lease.Lease) -> None:
+    """After publishing, under the run's own lease on the work location: nothing else can be using it."""
+    collect(work_uri, keep_runs, check=held.check, report=get_run_logger().info)
+
+
 @task(name="push-to-hub", cache_policy=NO_CACHE, retries=0)
 def push_task(output: str, repo_id: str, private: bool) -> str:
     url = push_dataset(output, repo_id, private=private)
@@ -145,14 +153,33 @@ def push_task(output: str, repo_id: str, private: bool) -> str:
     return url
 
 
-def _run_stage(name: str, shards: list[tuple[Any, ...]], fn: Any) -> list[ShardResult]:
+def _run_stage(
+    name: str, shards: list[tuple[Any, ...]], fn: Any, note: Callable[[int, ShardResult], None] | None = None
+) -> list[ShardResult]:
+    """Each shard in turn; ``note`` hears of each finished one (its index and result)."""
     started = time.perf_counter()
     results = []
     for i, args in enumerate(shards, start=1):
         result = fn(*args)
         results.append(result)
+        if note is not None:
+            note(i - 1, result)
         _log_progress(name, i, len(shards), result, started)
     return results
+
+
+def _label_entries(
+    config: Recipe,
+    area: WorkArea,
+    prompts: list[ShardResult],
+    responses: list[ShardResult],
+    labels: list[ShardResult],
+) -> list[str]:
+    """The merged label shards and the per-labeler parts they were made from, as run-record entries."""
+    parts = [
+        e for p, r in zip(prompts, responses, strict=True) for e in stages.label_entries(config, area, p, r)
+    ]
+    return parts + [area.entry_of(s.uri) for s in labels]
 
 
 def _resolved(item: Any) -> ShardResult:
@@ -215,6 +242,8 @@ def build_prefs(
     batch_shards: int = DEFAULT_BATCH_SHARDS,
     model_job_variables: dict[str, Any] | None = None,
     dask: str | None = None,
+    lock: LockSettings | None = None,
+    gc_keep_runs: int | None = None,
 ) -> str:
     """Build a preference dataset from a recipe name or path; returns the output URI.
 
@@ -224,20 +253,55 @@ def build_prefs(
     to that deployment's work pool, ``batch_shards`` shards per run (``model_job_variables``
     are passed to those runs, e.g. ``{"env": {...}}``); the work location must then be storage
     the pool's workers share. ``dask`` (``local`` or a scheduler address) runs the CPU stages on Dask.
+    The run holds a lease on its output and its work location while it lives (``lock`` says whether
+    to wait for another run's); ``gc_keep_runs`` N removes, after publishing, the work entries that
+    none of the last N runs of any recipe used.
     """
     config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
     work_uri = check_placement(model_deployment, batch_shards, dask, work_uri)
+    settings, purpose, say = lock or LockSettings(), f"build-prefs {config.name}", get_run_logger().warning
+    with lease.held_each([("output", out), ("work location", work_uri)], settings, purpose, say) as leases:
+        return _build(
+            config, out, work_uri, (leases[0], leases[1]), push_to_hub, private, fresh,
+            model_deployment, batch_shards, model_job_variables, dask, gc_keep_runs,
+        )  # fmt: skip
+
+
+def _build(
+    config: Recipe,
+    out: str,
+    work_uri: str,
+    leases: tuple[lease.Lease, lease.Lease],
+    push_to_hub: str | None,
+    private: bool,
+    fresh: bool,
+    model_deployment: str | None,
+    batch_shards: int,
+    model_job_variables: dict[str, Any] | None,
+    dask: str | None,
+    gc_keep_runs: int | None,
+) -> str:
+    """The data path, under the run's leases; every stage's entries go into the run's record for GC."""
     area = WorkArea(work_uri, fresh=fresh)
+    record = RunRecord(work_uri, config.name, out)
     # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.
     model_area = WorkArea(work_uri) if model_deployment else area
     # Eval scores depend on the labelers and the pairs only, not on this run: one cache for every run.
     quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
     prompts, prompt_stats = prompts_task(config, area)
+    record.add(area.entry_of(p.uri) for p in prompts)
     if model_deployment:
         run_model_batches(
             model_deployment, config, work_uri, "sampling", prompts, batch_shards, fresh, model_job_variables
         )
-    responses = _run_stage("sampling", [(config, model_area, p) for p in prompts], sample_task)
+    # A killed run's record keeps what it finished (to within RECORD_EVERY_S), so GC spares it.
+    responses = _run_stage(
+        "sampling",
+        [(config, model_area, p) for p in prompts],
+        sample_task,
+        lambda _, r: record.add([area.entry_of(r.uri)], at_most_every_s=RECORD_EVERY_S),
+    )
+    record.add(area.entry_of(r.uri) for r in responses)
     sampled = merge_stats("sampling", [r.stats for r in responses])
     require_responses(sampled)
     model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
@@ -253,7 +317,12 @@ def build_prefs(
             "labeling",
             [(config, area, p, r, model_area) for p, r in zip(prompts, responses, strict=True)],
             label_task,
+            lambda i, r: record.add(
+                _label_entries(config, area, prompts[i : i + 1], responses[i : i + 1], [r]),
+                at_most_every_s=RECORD_EVERY_S,
+            ),
         )
+        record.add(_label_entries(config, area, prompts, responses, labels))
     if pairs_on_dask:
         assert dask is not None
         labels, pairs = cpu_stages.with_options(task_runner=dask_runner(dask))(
@@ -271,7 +340,11 @@ def build_prefs(
             ],
             pair_task,
         )
+    record.add(
+        _label_entries(config, area, prompts, responses, labels) + [area.entry_of(s.uri) for s in pairs]
+    )
     kept, dropped, length = consistency_task(config, area, pairs)
+    record.add([area.entry_of(kept.uri)])
     stages_ = {
         "prompts": prompt_stats,
         "sampling": sampled,
@@ -287,10 +360,14 @@ def build_prefs(
         "eval": quality,
         "cost": cost_summary(stages_, kept.rows, None if quality is None else quality["seconds"]),
     }
+    lease.check_all(leases)  # a run that lost its output's lease must not publish over its new holder
     manifest = publish_task(config, out, kept, dropped, stats)
+    record.finish()
     create_markdown_artifact(
         key="build-prefs-summary", markdown=summary_markdown(out, manifest), description="Run summary"
     )
+    if gc_keep_runs is not None:
+        gc_task(work_uri, gc_keep_runs, leases[1])
     if push_to_hub:
         push_task(out, push_to_hub, private)
     return out
@@ -327,12 +404,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="ADDRESS|local",
         help="run the CPU stages (BLEU labeling, pairing) on Dask: a new LocalCluster or a scheduler address",
     )
+    locking = parser.add_argument_group("locking (one run at a time per output and work location)")
+    locking.add_argument(
+        "--on-busy",
+        choices=["wait", "fail"],
+        help="when another live run holds the output or work location: wait for it (default) or stop",
+    )
+    locking.add_argument("--max-wait", type=float, metavar="S", help="stop waiting after S seconds")
+    locking.add_argument(
+        "--lock-expiry",
+        type=float,
+        metavar="S",
+        help="a lease not renewed for S seconds is stale (default 60)",
+    )
+    locking.add_argument(
+        "--lock-renew", type=float, metavar="S", help="renew the lease every S seconds (default 10)"
+    )
+    gc = parser.add_argument_group("garbage collection of the work location (instead of a run)")
+    gc.add_argument(
+        "--gc",
+        action="store_true",
+        help="remove work entries none of the last --keep-runs runs of any recipe used, then stop",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="with --gc: report what would go, remove nothing")
+    gc.add_argument(
+        "--keep-runs",
+        type=int,
+        default=DEFAULT_KEEP_RUNS,
+        metavar="N",
+        help=f"with --gc: keep the entries of the last N runs per recipe (default {DEFAULT_KEEP_RUNS})",
+    )
     return parser.parse_args(argv)
+
+
+def collect_garbage(args: argparse.Namespace, settings: LockSettings) -> int:
+    """``--gc``: under the work location's lease, so it never races a live run (which it waits for)."""
+    try:
+        if args.keep_runs < 1:
+            raise RecipeError(
+                "--keep-runs must be at least 1: the latest run's entries are what a resume needs"
+            )
+        work = args.work or join_uri(args.output or load_recipe(args.recipe).output_uri(), WORK_DIR)
+        with lease.held(work, settings, "gc (python -m flows.build_prefs --gc)", "work location") as held:
+            collect(work, args.keep_runs, dry_run=args.dry_run, check=held.check)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (lease.LeaseBusyError, lease.LeaseLostError, GcError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_console()
+    try:
+        settings = lock_settings(
+            on_busy=args.on_busy, max_wait_s=args.max_wait, expiry_s=args.lock_expiry, renew_s=args.lock_renew
+        )
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.gc:
+        return collect_garbage(args, settings)
+    if args.dry_run:
+        print("error: --dry-run goes with --gc (a build has no dry run)", file=sys.stderr)
+        return 2
+
     try:
         if args.limit is not None and args.limit < 1:
             raise RecipeError("--limit must be at least 1")
@@ -361,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             model_deployment=args.model_deployment,
             batch_shards=args.batch_shards,
             dask=args.dask,
+            lock=settings,
         )
     except (
         RecipeError,
@@ -372,7 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ModelPoolError, NothingSampledError, LabelQualityError) as exc:
+    except (
+        ModelPoolError, NothingSampledError, LabelQualityError, lease.LeaseBusyError, lease.LeaseLostError,
+        GcError,
+    ) as exc:  # fmt: skip
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except HubError as exc:

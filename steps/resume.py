@@ -127,6 +127,18 @@ class WorkArea:
     def marker_uri(self, stage: str, key: str) -> str:
         return join_uri(self._dir(stage), f"{key}{MARKER_SUFFIX}")
 
+    @staticmethod
+    def entry(stage: str, key: str) -> str:
+        """A finished shard's name in run records and GC: its files' path below the root, sans suffix."""
+        return f"{stage.replace(':', '/')}/{key}"
+
+    def entry_of(self, uri: str) -> str:
+        """The entry a shard file of this work location belongs to (the inverse of ``file_uri``)."""
+        prefix = f"{self.root.rstrip('/')}/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"{uri} is not a shard file under the work location {self.root}")
+        return uri.removeprefix(prefix).split(".", 1)[0]
+
     def lookup(self, stage: str, key: str) -> Done | None:
         """A finished shard whose files still match their checksums, else None (so it is recomputed)."""
         if self.fresh:

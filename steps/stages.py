@@ -147,6 +147,11 @@ def _label_now(
     return out
 
 
+def label_entries(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> list[str]:
+    """The per-labeler parts one shard's merged labels were made from (for the run record, GC)."""
+    return [area.entry(*_label_key(config, area, prompts, responses)) for config in recipe.labelers]
+
+
 def label_models(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> int:
     """Only the model-reading labelers' parts of one shard (what a model pool runs).
 

@@ -27,7 +27,9 @@ import httpx
 import pytest
 import yaml
 
-from steps import faults, resume, writer
+from flows.build_prefs import build_prefs
+from schemas.recipe import LockSettings
+from steps import faults, resume, work_gc, writer
 from tests.conftest import ROOT
 from tests.test_end_to_end import free_port
 from tests.test_faults import tiny_model  # noqa: F401  (a fixture, used by name)
@@ -152,8 +154,10 @@ def flow_runs(stack: dict[str, Any], flow_name: str) -> list[dict[str, Any]]:
     return [r for r in runs if r["state"]["type"] != "SCHEDULED"]  # not the nightly schedule's future runs
 
 
-def run_logs(stack: dict[str, Any], run_id: str) -> str:
-    body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+def run_logs(stack: dict[str, Any], run_id: str, newest: bool = False) -> str:
+    """A run's log messages, the first 200 (the API's most per request) or, with ``newest``, the last."""
+    order = "TIMESTAMP_DESC" if newest else "TIMESTAMP_ASC"
+    body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": order, "limit": 200}
     return "\n".join(
         r["message"] for r in httpx.post(f"{stack['api']}/logs/filter", json=body, timeout=10).json()
     )
@@ -187,6 +191,10 @@ def test_prefect_yaml_defines_the_scheduled_and_the_gpu_deployment() -> None:
     assert nightly["schedules"][0]["cron"] and nightly["work_pool"]["name"] == "cpu"
     assert nightly["parameters"]["model_deployment"] == "model-stage"
     assert "recipe" in nightly["parameters"]
+    # The nightly run collects the work location's garbage, and its parameters are ones the flow takes.
+    assert nightly["parameters"]["gc_keep_runs"] >= 1
+    valid = build_prefs.validate_parameters(nightly["parameters"])
+    assert valid["lock"] == LockSettings(on_busy="wait", max_wait_s=3600)
     assert model["entrypoint"] == "flows/model_stage.py:model_stage" and model["work_pool"]["name"] == "gpu"
 
 
@@ -244,6 +252,11 @@ def test_nightly_deployment_runs_its_model_stage_on_the_gpu_pool(
     # ... and the pipeline itself found those shards finished instead of computing them again.
     logs = run_logs(stack, run_id)
     assert logs.count("found finished earlier, reused") >= 4, logs
+    # The nightly parameters collect garbage after publishing; the run left its record for the next GC.
+    last = run_logs(stack, run_id, newest=True)
+    assert "gc of " in last and "removed 0 entries" in last, last
+    records = list((work / work_gc.RECORDS_DIR / "pools").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["status"] == "finished"
     assert not re.search(r"sampling shard \d/4: .* in [\d.]+s;", logs), logs
 
 
