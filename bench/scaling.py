@@ -76,7 +76,7 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
         # The engine is the boundary being replaced: sample_shard itself runs unchanged.
         sampling.load_engine = lambda policy: engine  # type: ignore[assignment]
         results = [
-            sampling.sample_shard(recipe, p, shard_uri(str(work), "responses", i))
+            sampling.sample_shard(recipe, p, shard_uri(str(work), "responses", i)).result
             for i, p in enumerate(prompts)
         ]
     elif stage == "labeling":
