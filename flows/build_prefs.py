@@ -61,9 +61,7 @@ def _log_progress(stage: str, done: int, total: int, result: ShardResult, starte
 
 
 @task(name="load-prompts", cache_policy=NO_CACHE)
-def prompts_task(
-    recipe: Recipe, area: WorkArea
-) -> tuple[list[ShardResult], StageStats, dict[str, Any]]:
+def prompts_task(recipe: Recipe, area: WorkArea) -> tuple[list[ShardResult], StageStats, dict[str, Any]]:
     filters: dict[str, Any] = {}
     shards, stats = stages.prompt_shards(recipe, area, filters)
     added = "".join(f", {name} {secs:.1f}s" for name, secs in sorted(stats.timings.items()))
