@@ -20,6 +20,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.recipe import BleuConfig, PromptsConfig, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import Aggregation, run_stats, wide_scores
@@ -79,13 +80,18 @@ class PromptFilters:
                 shard = step.apply(shard, stats)
         return shard
 
-    def report(self) -> dict[str, Any]:
+    def report(self, stats: StageStats) -> dict[str, Any]:
         """What ``stats.json`` (and so the manifest and the card) says about the filters that ran."""
         out: dict[str, Any] = {}
         if self.decontaminate is not None:
             out["decontamination"] = self.decontaminate.report()
+            for name, facts in out["decontamination"]["sets"].items():
+                facts["dropped"] = stats.drops.get(r.contaminated(name), 0)
         if self.near_duplicates is not None:
-            out["near_duplicates"] = self.near_duplicates.report()
+            out["near_duplicates"] = {
+                **self.near_duplicates.report(),
+                "dropped": stats.drops.get(r.NEAR_DUPLICATE, 0),
+            }
         return out
 
 
@@ -119,7 +125,7 @@ def prompt_shards(
 
         shards.append(replace(area.run("prompts", key, compute).result(), slot=slot))
     if report is not None:
-        report.update(filters.report())
+        report.update(filters.report(stats))
     if not shards:
         drops = ", ".join(f"{k} x{v}" for k, v in stats.drops.most_common())
         examples = "".join(f"\n  {k}: {v}" for k, v in sorted(stats.examples.items()))

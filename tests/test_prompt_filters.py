@@ -366,6 +366,7 @@ def test_build_prefs_reports_the_filters_in_stats_card_and_funnel(
     prompts = manifest["stats"]["stages"]["prompts"]
     assert prompts["drops"] == {"contaminated:gsm_mini": 1, r.NEAR_DUPLICATE: 1}
     assert manifest["stats"]["prompts"]["decontamination"]["sets"]["gsm_mini"]["items"] == 3
+    assert manifest["stats"]["prompts"]["decontamination"]["sets"]["gsm_mini"]["dropped"] == 1
     assert manifest["stats"]["prompts"]["near_duplicates"]["library"] == "datasketch"
     steps = dict(funnel_steps(manifest["stats"], 0))
     assert (
