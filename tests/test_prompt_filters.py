@@ -378,3 +378,14 @@ def test_build_prefs_reports_the_filters_in_stats_card_and_funnel(
     stats_file = next(out.glob("runs/*/stats.json"))
     assert json.loads(stats_file.read_text())["stages"]["prompts"]["drops"] == prompts["drops"]
     assert sorted(engine.prompts) == sorted(texts[:4])
+
+
+def test_filters_that_drop_every_prompt_stop_the_run_with_counts(tmp_path: Path) -> None:
+    every = jsonl(
+        tmp_path / "all.jsonl",
+        [{"prompt": f"Question {i}: name a colour you like."} for i in range(6)]
+        + [{"prompt": "TOO_LONG prompt here"}],
+    )
+    recipe = recipe_with(tmp_path, {"sets": [{"name": "all", "uri": every}], "threshold": 0.1})
+    with pytest.raises(PromptSourceError, match=r"dropped every prompt.*contaminated:all x6"):
+        stages.prompt_shards(recipe, WorkArea(str(tmp_path / "work")))
