@@ -1,5 +1,10 @@
 """Scaling and memory: 10k → 50k → 200k prompts × 4 responses through the real stages.
 
+The prompt stage runs a second time, in its own process, with ``prompts.decontaminate`` against a
+10k-prompt eval set (one item copies a built-in prompt, so ~2.6% of the pool is contaminated): the
+time it adds and its peak RSS are reported as ratios against the plain prompt stage of the same
+size and run.
+
 The policy is the null engine (instant canned answers), so what is measured is the
 pipeline's own cost: prompt loading, sampling bookkeeping, BLEU labels, pairing,
 consistency and publication. Every stage of every size runs in a fresh process that
@@ -26,6 +31,11 @@ STAGES = ("prompts", "sampling", "labeling", "pairing", "consistency", "publish"
 FULL_SIZES = (10_000, 50_000, 200_000)
 QUICK_SIZES = (100, 400)
 GROWTH_TARGET = 1.5  # peak RSS at the largest size over the smallest; "flat" below this
+DECONTAMINATED = "prompts_decontaminated"  # the prompt stage with prompts.decontaminate on
+EVAL_SIZE, QUICK_EVAL_SIZE = 10_000, 200
+# Eval items that copy a pool prompt. The pool cycles the built-in prompts (a variant number keeps
+# ids unique), so one copy contaminates that prompt's every variant: 1 of 39, ~2.6% of any size.
+EVAL_COPIES = 1
 
 
 def _recipe(quick: bool) -> Any:
@@ -56,15 +66,33 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
     from steps.base import merge_stats, shard_uri, write_table
 
     recipe = _recipe(quick)
-    if stage == "prompts":
+    if stage in ("prompts", DECONTAMINATED):
         from steps.base import StageStats
         from steps.prompts import stream_prompts
+        from steps.stages import PromptFilters
 
         # As steps.stages.prompt_shards does: the source streamed one shard at a time.
         stats = StageStats("prompts")
         source = FilePrompts(source="file", uri=str(work / "source.jsonl"))
+        filters, folder = PromptFilters(), "prompts"
+        if stage == DECONTAMINATED:
+            from schemas.recipe import DecontaminationConfig
+            from steps.decontaminate import Decontaminator
+            from steps.resume import WorkArea
+
+            start = time.perf_counter()
+            spec = {"name": "bench_eval", "uri": str(work / "eval.jsonl")}
+            config = DecontaminationConfig(sets=[spec])
+            filters = PromptFilters(Decontaminator(config, WorkArea(str(work / ".work"))))
+            (work / "index_seconds.json").write_text(json.dumps(time.perf_counter() - start))
+            folder = "prompts-decontaminated"
         for i, shard in enumerate(stream_prompts(source, stats, recipe.output.prompts_per_shard)):
-            write_table(shard, shard_uri(str(work), "prompts", i), PROMPTS, what="prompts")
+            shard = filters.apply(shard, stats)
+            write_table(shard, shard_uri(str(work), folder, i), PROMPTS, what="prompts")
+        if stage == DECONTAMINATED:
+            (work / "stats").mkdir(exist_ok=True)
+            (work / "stats" / f"{stage}.json").write_text(json.dumps(stats.to_dict()))
+            return stats.rows_out
         _save_stats(work, stage, stats)
         return stats.rows_out
     prompts = _shards(work, "prompts")
@@ -76,7 +104,7 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
         # The engine is the boundary being replaced: sample_shard itself runs unchanged.
         sampling.load_engine = lambda policy: engine  # type: ignore[assignment]
         results = [
-            sampling.sample_shard(recipe, p, shard_uri(str(work), "responses", i))
+            sampling.sample_shard(recipe, p, shard_uri(str(work), "responses", i)).result
             for i, p in enumerate(prompts)
         ]
     elif stage == "labeling":
@@ -151,13 +179,38 @@ def _write_source(path: Path, size: int) -> None:
             handle.write(json.dumps({"prompt": messages, "references": refs}, ensure_ascii=False) + "\n")
 
 
+def _write_eval_set(path: Path, size: int) -> None:
+    """An eval set of ``size`` prompts: word salads of the built-in references, plus a copied pool prompt.
+
+    Its n-grams rarely meet the pool's by chance (as a real benchmark's), and ``EVAL_COPIES`` of its
+    items are pool prompts word for word, so the match path runs too.
+    """
+    import random
+
+    from bench.data import builtin, perturb, prompts_table
+    from schemas import columns as c
+
+    rng = random.Random(7)
+    references = [ref for _, refs in builtin() for ref in refs]
+    copies = prompts_table(EVAL_COPIES).column(c.MESSAGES).to_pylist()
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(size):
+            if i < len(copies):
+                text = copies[i][-1][c.CONTENT]
+            else:
+                salad = [perturb(rng.choice(references), rng) for _ in range(2)]
+                text = f"Item {i}: {' '.join(salad)}"
+            handle.write(json.dumps({"prompt": text}, ensure_ascii=False) + "\n")
+
+
 def measure_size(size: int, scratch: Path, quick: bool) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"scaling-{size}-", dir=scratch))
     try:
         _write_source(work / "source.jsonl", size)
+        _write_eval_set(work / "eval.jsonl", QUICK_EVAL_SIZE if quick else EVAL_SIZE)
         stages: dict[str, Any] = {}
         wall = time.perf_counter()
-        for stage in STAGES:
+        for stage in (*STAGES, DECONTAMINATED):
             cmd = [sys.executable, "-m", "bench.scaling", "--worker", stage, "--work", str(work)]
             outcome = run_measured([*cmd, *(["--quick"] if quick else [])])
             if outcome["returncode"] != 0:
@@ -165,6 +218,12 @@ def measure_size(size: int, scratch: Path, quick: bool) -> dict[str, Any]:
                     f"scaling stage {stage} at {size} prompts failed:\n{outcome['stderr'][-3000:]}"
                 )
             result = json.loads((work / f"result-{stage}.json").read_text())
+            if stage == DECONTAMINATED:
+                result["index_seconds"] = json.loads((work / "index_seconds.json").read_text())
+                result["drops"] = json.loads((work / "stats" / f"{stage}.json").read_text())["drops"]
+                result["filter_seconds"] = json.loads((work / "stats" / f"{stage}.json").read_text())[
+                    "timings"
+                ].get("decontaminate", 0.0)
             result["process_seconds"] = outcome["seconds"]
             result["peak_tree_rss_mib_sampled"] = outcome["peak_tree_rss_mib"]  # cross-check, 50 ms polls
             stages[stage] = result
@@ -175,9 +234,11 @@ def measure_size(size: int, scratch: Path, quick: bool) -> dict[str, Any]:
         wall = time.perf_counter() - wall
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    decontaminated = stages.pop(DECONTAMINATED)  # a variant of the prompt stage, not one more stage
     peak_stage = max(stages, key=lambda s: stages[s]["peak_rss_mib"])
     return {
         "prompts": size,
+        "decontamination": decontaminated,
         "stage_seconds": sum(s["seconds"] for s in stages.values()),
         "wall_seconds": wall,  # including one interpreter start and import per stage
         "peak_rss_mib": stages[peak_stage]["peak_rss_mib"],
@@ -227,6 +288,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             note="grows in: " + (", ".join(f"{s} {growth[s]:.1f}×" for s in growing) if growing else "none"),
         )
     )
+    eval_size = QUICK_EVAL_SIZE if args.quick else EVAL_SIZE
+    for r in results:
+        d, plain = r["decontamination"], r["stages"]["prompts"]
+        rows.append(
+            Row(
+                NAME,
+                "prompt stage with decontamination: time / without (same run)",
+                f"{r['prompts']:,} prompts vs {eval_size:,}-prompt eval set",
+                d["seconds"],
+                plain["seconds"],
+                "s",
+                ratio(d["seconds"], plain["seconds"]),
+                note=f"adds {d['seconds'] - plain['seconds']:.1f} s (matching {d['filter_seconds']:.1f} s, "
+                f"index build {d['index_seconds']:.1f} s); peak RSS {d['peak_rss_mib']:.0f} vs "
+                f"{plain['peak_rss_mib']:.0f} MiB "
+                f"({ratio(d['peak_rss_mib'], plain['peak_rss_mib']) or 0:.2f}×); drops {d['drops']}",
+            )
+        )
+    first_d, last_d = small["decontamination"], large["decontamination"]
+    rows.append(
+        Row(
+            NAME,
+            "peak RSS growth with decontamination, largest / smallest size",
+            f"{small['prompts']:,} → {large['prompts']:,} prompts",
+            last_d["peak_rss_mib"],
+            first_d["peak_rss_mib"],
+            "MiB",
+            ratio(last_d["peak_rss_mib"], first_d["peak_rss_mib"]),
+            target=GROWTH_TARGET,
+            direction="<=",
+        )
+    )
     details = {
         "sizes": list(sizes),
         "responses_per_prompt": recipe.sampling.n,
@@ -245,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sizes", type=int, nargs="+", help="prompt counts (default 10k 50k 200k; --quick 100 400)"
     )
-    p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=(*STAGES, DECONTAMINATED), help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

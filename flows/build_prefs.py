@@ -63,13 +63,15 @@ def _log_progress(stage: str, done: int, total: int, result: ShardResult, starte
 
 
 @task(name="load-prompts", cache_policy=NO_CACHE)
-def prompts_task(recipe: Recipe, area: WorkArea) -> tuple[list[ShardResult], StageStats]:
-    shards, stats = stages.prompt_shards(recipe, area)
+def prompts_task(recipe: Recipe, area: WorkArea) -> tuple[list[ShardResult], StageStats, dict[str, Any]]:
+    filters: dict[str, Any] = {}
+    shards, stats = stages.prompt_shards(recipe, area, filters)
+    added = "".join(f", {name} {secs:.1f}s" for name, secs in sorted(stats.timings.items()))
     get_run_logger().info(
-        f"prompts: {stats.rows_out} unique of {stats.rows_in} read from {source_label(recipe.prompts)} "
-        f"(drops: {dict(stats.drops) or 'none'}) → {len(shards)} shard(s)"
+        f"prompts: {stats.rows_out} kept of {stats.rows_in} read from {source_label(recipe.prompts)} "
+        f"(drops: {dict(stats.drops) or 'none'}{added}) → {len(shards)} shard(s)"
     )
-    return shards, stats
+    return shards, stats, filters
 
 
 @task(name="sample", cache_policy=NO_CACHE)
@@ -288,7 +290,7 @@ def _build(
     model_area = WorkArea(work_uri) if model_deployment else area
     # Eval scores depend on the labelers and the pairs only, not on this run: one cache for every run.
     quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
-    prompts, prompt_stats = prompts_task(config, area)
+    prompts, prompt_stats, prompt_filters = prompts_task(config, area)
     record.add(area.entry_of(p.uri) for p in prompts)
     if model_deployment:
         run_model_batches(
@@ -353,7 +355,7 @@ def _build(
         "consistency": kept.stats,
     }
     stats = {
-        "prompts": {"source": source_label(config.prompts)},
+        "prompts": {"source": source_label(config.prompts), **prompt_filters},
         "stages": {name: s.to_dict() for name, s in stages_.items()},
         "length": length,
         "aggregation": stats_of_run,

@@ -18,6 +18,8 @@ from steps.engines.dtypes import resolve_recipe_dtypes
 from steps.engines.native_check import check_models
 from steps.labelers.checks import preflight, recipe_models
 from steps.prompts import check_prompts
+from steps.resume import WorkArea
+from steps.stages import PromptFilters
 
 WORK_DIR = ".work"
 
@@ -64,12 +66,15 @@ def prepare(
         if report is not None:
             report(note)
     check_prompts(loaded.prompts)
-    # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139).
-    check_models([model for _, model in recipe_models(loaded)])
     out = loaded.output_uri()
     work_uri = work or join_uri(out, WORK_DIR)
     check_writable(out, "output")
     check_writable(work_uri, "work location")
+    # Every eval set is read now (its index built once per checksum, in the work location, where the
+    # prompt stage finds it): a missing file, column or dataset fails here, before any model loads.
+    PromptFilters.of(loaded.prompts, WorkArea(work_uri))
+    # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139).
+    check_models([model for _, model in recipe_models(loaded)])
     return loaded, out, work_uri
 
 

@@ -42,12 +42,13 @@ def prompt_shard(shard: dict[str, Any]) -> ShardResult:
             "The model pool must see the same work location as the flow that triggered it: use a "
             "shared fsspec URI (s3://…, a shared mount) for --work."
         )
-    return ShardResult(shard["uri"], int(shard["rows"]), StageStats("prompts"), shard["sha256"])
+    slot = str(shard.get("slot", ""))  # absent in batches from before prompt filters: no slot reuse
+    return ShardResult(shard["uri"], int(shard["rows"]), StageStats("prompts"), shard["sha256"], slot=slot)
 
 
 def shard_ref(shard: ShardResult) -> dict[str, Any]:
     """What a batch parameter carries per prompt shard: JSON, so it travels through the Prefect API."""
-    return {"uri": shard.uri, "rows": shard.rows, "sha256": shard.sha256}
+    return {"uri": shard.uri, "rows": shard.rows, "sha256": shard.sha256, "slot": shard.slot}
 
 
 def stage_models(config: Recipe, stage: str) -> list[ModelConfig]:

@@ -13,6 +13,17 @@ UNKNOWN_ROLE = "unknown_role"  # a role other than system/user/assistant
 NON_STRING_CONTENT = "non_string_content"  # message content or a reference that is not a string
 INVALID_UNICODE = "invalid_unicode"  # an escaped unpaired surrogate
 DUPLICATE_PROMPT = "duplicate_prompt"  # the same conversation as an earlier row, after normalisation
+CONTAMINATED_PREFIX = "contaminated:"  # + an eval set's name: the prompt overlaps that set (decontaminate)
+NEAR_DUPLICATE = "near_duplicate"  # MinHash-similar to an earlier kept prompt (prompts.near_duplicates)
+
+
+def contaminated(set_name: str) -> str:
+    """The drop code of a prompt that overlaps the evaluation set ``set_name``."""
+    return f"{CONTAMINATED_PREFIX}{set_name}"
+
+
+# --- decontamination: an eval set's row that cannot be indexed (counted with the set, not a prompt drop)
+NO_WORDS = "no_words"  # the eval prompt has no word characters, so no n-gram can match it
 
 # --- sampling: a prompt gets no responses
 PROMPT_TOO_LONG = "prompt_too_long"  # the prompt plus max_tokens does not fit the policy's context

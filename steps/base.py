@@ -98,6 +98,9 @@ class ShardResult:
 
     ``sha256`` is the file's checksum (the next stage's keys are built from it);
     ``resumed`` says the shard was found finished from an earlier run, not computed now.
+    ``slot`` (prompt shards) names the prompts the shard was cut from before the prompt filters
+    dropped any: shards of one slot hold subsets of the same prompts, so when only a filter setting
+    changed, sampling finds each surviving prompt's samples in the slot's earlier shard.
     """
 
     uri: str
@@ -105,6 +108,7 @@ class ShardResult:
     stats: StageStats
     sha256: str = ""
     resumed: bool = False
+    slot: str = ""
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # (and all later stages') are then recomputed on the next run, earlier stages are reused.
 CODE_VERSIONS: dict[str, int] = {
     "prompts": 1,
+    "decontamination": 1,  # an eval set's n-gram index (steps.decontaminate)
     "sampling": 1,
     "label:bleu": 1,
     "label:density_ratio": 1,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas import columns as c
 from schemas.recipe import Recipe
@@ -33,6 +35,11 @@ def sampling_params(recipe: Recipe) -> SamplingParams:
     )
 
 
+# A prompt the engine could not take: its reason and message, kept with the shard so a later shard
+# holding the same prompt (same settings) can report the same drop without asking the engine again.
+Failures = dict[str, tuple[str, str]]
+
+
 def sample_table(
     prompts: pa.Table,
     engine: Generator,
@@ -40,12 +47,24 @@ def sample_table(
     seed: int,
     temperatures: Sequence[float] | None = None,
 ) -> tuple[pa.Table, StageStats]:
-    """``params.n`` responses per prompt; with several ``temperatures``, ``n / len`` at each.
+    table, stats, _ = sample_rows(prompts, engine, params, seed, temperatures)
+    return table, stats
 
-    One temperature keeps the seeds of a plain run (derived from the prompt id alone), so adding
-    the option changes nothing for recipes that do not use it. Several temperatures each get their
-    own seeds (prompt id and group), and a prompt any group fails on is dropped whole: a prompt
-    with answers from only some temperatures would skew its pair toward them.
+
+def sample_rows(
+    prompts: pa.Table,
+    engine: Generator,
+    params: SamplingParams,
+    seed: int,
+    temperatures: Sequence[float] | None = None,
+) -> tuple[pa.Table, StageStats, Failures]:
+    """The responses of ``prompts``, the stage's stats and the prompts the engine failed (by id).
+
+    ``params.n`` responses per prompt; with several ``temperatures``, ``n / len`` at each. One
+    temperature keeps the seeds of a plain run (derived from the prompt id alone), so adding the
+    option changes nothing for recipes that do not use it. Several temperatures each get their own
+    seeds (prompt id and group), and a prompt any group fails on is dropped whole: a prompt with
+    answers from only some temperatures would skew its pair toward them.
     """
     stats = StageStats("sampling", rows_in=prompts.num_rows)
     ids = prompts.column(c.PROMPT_ID).to_pylist()
@@ -59,15 +78,15 @@ def sample_table(
         seeds = [derive_seed(seed, pid) if len(temps) == 1 else derive_seed(seed, pid, group) for pid in ids]
         groups.append(engine.generate(conversations, replace(per_group, temperature=temperature), seeds))
     rows: dict[str, list[Any]] = {name: [] for name in RESPONSES.names}
+    failed: Failures = {}
     for at, pid in enumerate(ids):
         results = [group[at] for group in groups]
-        failed = next((r for r in results if isinstance(r, Failed)), None)
-        if failed is not None:
-            stats.drop(failed.reason, example=f"prompt {pid}: {failed.message}")
+        failure = next((r for r in results if isinstance(r, Failed)), None)
+        if failure is not None:
+            stats.drop(failure.reason, example=f"prompt {pid}: {failure.message}")
+            failed[pid] = (failure.reason, f"prompt {pid}: {failure.message}")
             continue
         result = [(completion, temps[g]) for g, group in enumerate(results) for completion in group]
-        if result and result[0][0].prompt_turns_dropped:
-            stats.counts["prompts_truncated"] += 1
         for index, (completion, temperature) in enumerate(result):
             text = completion.text
             rows[c.PROMPT_ID].append(pid)
@@ -87,22 +106,88 @@ def sample_table(
             rows[c.MAX_TOKENS].append(params.max_tokens)
             rows[c.SEED].append(completion.seed)
     table = pa.Table.from_pydict(rows, schema=RESPONSES)
+    _count(table, stats)
+    return table, stats, failed
+
+
+def _count(table: pa.Table, stats: StageStats) -> None:
+    """The stage's counts, from the responses table itself (so reused and new rows count alike)."""
     stats.rows_out = table.num_rows
     stats.counts["responses"] = table.num_rows
-    stats.counts["truncated"] = sum(rows[c.TRUNCATED])
-    stats.counts["empty"] = sum(rows[c.IS_EMPTY])
-    stats.counts["tokens"] = sum(rows[c.NUM_TOKENS])
-    return table, stats
+    stats.counts["truncated"] = pc.sum(table.column(c.TRUNCATED)).as_py() or 0
+    stats.counts["empty"] = pc.sum(table.column(c.IS_EMPTY)).as_py() or 0
+    stats.counts["tokens"] = pc.sum(table.column(c.NUM_TOKENS)).as_py() or 0
+    first = table.filter(pc.equal(table.column(c.SAMPLE_INDEX), 0))
+    truncated = pc.sum(pc.greater(first.column(c.PROMPT_TURNS_DROPPED), 0)).as_py() or 0
+    if truncated:
+        stats.counts["prompts_truncated"] = truncated
 
 
-def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str) -> ShardResult:
-    """Sample one prompt shard; the engine is loaded once per process and reused."""
+@dataclass(frozen=True)
+class Earlier:
+    """A finished sampling shard with the same settings whose prompts may overlap this one's."""
+
+    uri: str  # its responses
+    failed: Failures
+
+
+@dataclass(frozen=True)
+class Sampled:
+    result: ShardResult
+    failed: Failures
+
+
+def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Sequence[Earlier] = ()) -> Sampled:
+    """Sample one prompt shard; the engine is loaded once per process and reused.
+
+    A prompt that an ``earlier`` shard (same sampling settings) already sampled, or failed, is
+    taken from it instead of asking the engine again: samples depend only on the settings and
+    the prompt id, so they are the same rows. The engine loads only if some prompt is new.
+    """
     start = time.perf_counter()
     prompts = read_table(prompts_uri, PROMPTS)
-    engine = load_engine(recipe.policy)
-    table, stats = sample_table(
-        prompts, engine, sampling_params(recipe), recipe.sampling.seed, recipe.sampling.temperatures
-    )
+    ids = prompts.column(c.PROMPT_ID).to_pylist()
+    wanted = set(ids)
+    reused: list[pa.Table] = []
+    failed: Failures = {}
+    for shard in earlier:
+        if not wanted:
+            break
+        old = read_table(shard.uri, RESPONSES)
+        old = old.filter(pc.is_in(old.column(c.PROMPT_ID), pa.array(sorted(wanted), pa.string())))
+        if old.num_rows:
+            reused.append(old)
+            wanted -= set(old.column(c.PROMPT_ID).to_pylist())
+        for pid in sorted(wanted & shard.failed.keys()):
+            reason, message = shard.failed[pid]  # a JSON list in the marker
+            failed[pid] = (str(reason), str(message))
+            wanted.discard(pid)
+    stats = StageStats("sampling", rows_in=prompts.num_rows)
+    for reason, message in failed.values():  # an earlier shard's drops, reported again
+        stats.drop(reason, example=message)
+    tables = list(reused)
+    todo = prompts.filter(pc.is_in(prompts.column(c.PROMPT_ID), pa.array(sorted(wanted), pa.string())))
+    if todo.num_rows:
+        new, new_stats, new_failed = sample_rows(
+            todo,
+            load_engine(recipe.policy),
+            sampling_params(recipe),
+            recipe.sampling.seed,
+            recipe.sampling.temperatures,
+        )
+        tables.append(new)
+        for reason, count in new_stats.drops.items():
+            stats.drop(reason, count, example=new_stats.examples.get(reason))
+        failed.update(new_failed)
+    table = pa.concat_tables(tables) if tables else RESPONSES.empty_table()
+    order = {pid: i for i, pid in enumerate(ids)}
+    position = [order[pid] for pid in table.column(c.PROMPT_ID).to_pylist()]
+    ranked = np.lexsort((table.column(c.SAMPLE_INDEX).to_numpy(), np.asarray(position, dtype=np.int64)))
+    table = table.take(pa.array(ranked, pa.int64()))
+    _count(table, stats)
+    reused_prompts = prompts.num_rows - todo.num_rows
+    if reused_prompts:
+        stats.counts["prompts_reused"] = reused_prompts
     write_table(table, out_uri, RESPONSES, what="responses")
     stats.seconds = time.perf_counter() - start
-    return ShardResult(out_uri, table.num_rows, stats)
+    return Sampled(ShardResult(out_uri, table.num_rows, stats), failed)

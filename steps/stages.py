@@ -12,48 +12,128 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
+import fsspec
 import polars as pl
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas.recipe import BleuConfig, Recipe
+from schemas import reasons as r
+from schemas.recipe import BleuConfig, PromptsConfig, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import Aggregation, run_stats, wide_scores
-from steps.base import ShardResult, StageStats, parquet_rows, read_table, write_table
+from steps.base import (
+    ShardResult,
+    StageStats,
+    join_uri,
+    parquet_rows,
+    read_table,
+    write_bytes_atomic,
+    write_table,
+)
 from steps.consistency import consistency_stage, read_columns
 from steps.cost import JOINTLY, PASS_TOKENS, SCORED
+from steps.decontaminate import Decontaminator
 from steps.engines import resolve_model, tokens_through_models
 from steps.labelers.joint import label_jointly
 from steps.labelers.registry import build_labeler
+from steps.near_duplicates import NearDuplicates
 from steps.pairing import pair_shard
-from steps.prompts import stream_prompts
+from steps.prompts import PromptSourceError, source_label, stream_prompts
 from steps.resume import Done, WorkArea, shaping_settings
-from steps.sampling import sample_shard
+from steps.sampling import Earlier, sample_shard
 
 
 def _dump(model: Any) -> Any:
     return shaping_settings(model.model_dump(mode="json"))
 
 
-def prompt_shards(recipe: Recipe, area: WorkArea) -> tuple[list[ShardResult], StageStats]:
-    """Read and split the prompts (cheap, redone every run); a shard's key is its content.
+def _content_sha(table: pa.Table) -> str:
+    content = json.dumps(table.to_pylist(), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+@dataclass
+class PromptFilters:
+    """The run's prompt filters (``prompts.decontaminate``, ``prompts.near_duplicates``), in that order.
+
+    Decontamination first: a contaminated prompt must not be the kept copy that makes a clean
+    paraphrase of it a near-duplicate.
+    """
+
+    decontaminate: Decontaminator | None = None
+    near_duplicates: NearDuplicates | None = None
+
+    @classmethod
+    def of(cls, config: PromptsConfig, area: WorkArea) -> PromptFilters:
+        """Load the filters (eval set indexes are built once per set checksum, in ``area``)."""
+        return cls(
+            Decontaminator(config.decontaminate, area) if config.decontaminate else None,
+            NearDuplicates(config.near_duplicates) if config.near_duplicates else None,
+        )
+
+    def apply(self, shard: pa.Table, stats: StageStats) -> pa.Table:
+        for step in (self.decontaminate, self.near_duplicates):
+            if step is not None and shard.num_rows:
+                shard = step.apply(shard, stats)
+        return shard
+
+    def report(self, stats: StageStats) -> dict[str, Any]:
+        """What ``stats.json`` (and so the manifest and the card) says about the filters that ran."""
+        out: dict[str, Any] = {}
+        if self.decontaminate is not None:
+            out["decontamination"] = self.decontaminate.report()
+            for name, facts in out["decontamination"]["sets"].items():
+                facts["dropped"] = stats.drops.get(r.contaminated(name), 0)
+        if self.near_duplicates is not None:
+            out["near_duplicates"] = {
+                **self.near_duplicates.report(),
+                "dropped": stats.drops.get(r.NEAR_DUPLICATE, 0),
+            }
+        return out
+
+
+def prompt_shards(
+    recipe: Recipe, area: WorkArea, report: dict[str, Any] | None = None
+) -> tuple[list[ShardResult], StageStats]:
+    """Read, filter and split the prompts (cheap, redone every run); a shard's key is its content.
 
     The source is streamed shard by shard, so only one shard of prompts is in memory at a time.
+    Shards are cut before the prompt filters run (each shard is its slot's prompts less the
+    dropped ones), so changing a filter setting changes only the shards whose drops changed, and
+    sampling finds the surviving prompts' samples in their slot (``sample``). ``report`` gets the
+    filters' own facts (eval set sizes and checksums, near-duplicate settings).
     """
     stats = StageStats("prompts")
+    filters = PromptFilters.of(recipe.prompts, area)
     shards = []
-    for shard in stream_prompts(recipe.prompts, stats, recipe.output.prompts_per_shard, recipe.limit):
-        content = json.dumps(shard.to_pylist(), sort_keys=True, ensure_ascii=False, default=str)
-        key = area.key("prompts", {}, [hashlib.sha256(content.encode()).hexdigest()])
+    for slot_table in stream_prompts(recipe.prompts, stats, recipe.output.prompts_per_shard, recipe.limit):
+        slot = _content_sha(slot_table)
+        shard = filters.apply(slot_table, stats)
+        if not shard.num_rows:
+            continue
+        # Unfiltered, the shard is its slot: the key the prompts stage always had.
+        content = slot if shard.num_rows == slot_table.num_rows else _content_sha(shard)
+        key = area.key("prompts", {}, [content])
 
         def compute(files: dict[str, str], shard: pa.Table = shard) -> Any:
             write_table(shard, files["data"], PROMPTS, what="prompts")
             part = StageStats("prompts", rows_in=shard.num_rows, rows_out=shard.num_rows)
             return part, {"data": shard.num_rows}, {}
 
-        shards.append(area.run("prompts", key, compute).result())
+        shards.append(replace(area.run("prompts", key, compute).result(), slot=slot))
+    if report is not None:
+        report.update(filters.report(stats))
+    if not shards:
+        drops = ", ".join(f"{k} x{v}" for k, v in stats.drops.most_common())
+        examples = "".join(f"\n  {k}: {v}" for k, v in sorted(stats.examples.items()))
+        raise PromptSourceError(
+            f"the prompt filters dropped every prompt of {source_label(recipe.prompts)} "
+            f"({stats.rows_in} read; {drops}){examples}\nloosen prompts.decontaminate / "
+            "prompts.near_duplicates (threshold) or check the eval sets"
+        )
     return shards, stats
 
 
@@ -62,14 +142,61 @@ def sampling_settings(recipe: Recipe) -> dict[str, Any]:
     return {"policy": _dump(recipe.policy), "model_id": model.model_id, "sampling": _dump(recipe.sampling)}
 
 
+SLOT_MEMORY = 4  # earlier sampling shards remembered per slot (the latest first)
+
+
+def _slot_uri(area: WorkArea, settings: dict[str, Any], slot: str) -> str:
+    """Where a slot's finished sampling shards are listed: one small file per (settings, slot)."""
+    return join_uri(area.root, "sampling", "slots", f"{area.key('sampling', settings, ['slot', slot])}.json")
+
+
+def _slot_keys(uri: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        with fs.open(path, "r", encoding="utf-8") as handle:
+            keys = json.load(handle)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):  # a list cut short is only a lost chance to reuse
+        return []
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
+def _earlier(area: WorkArea, uri: str, key: str) -> list[Earlier]:
+    """The slot's finished sampling shards (checked against their checksums), latest first."""
+    out = []
+    for earlier_key in _slot_keys(uri):
+        done = area.lookup("sampling", earlier_key) if earlier_key != key else None
+        if done is not None:
+            failed = done.extra.get("failed", {})
+            out.append(Earlier(done.files["data"], failed if isinstance(failed, dict) else {}))
+    return out
+
+
 def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
-    key = area.key("sampling", sampling_settings(recipe), [prompts.sha256])
+    """One shard's samples: found finished, or computed, reusing any prompt its slot sampled before.
+
+    The key is the sampling settings and the shard's content only (never a prompt filter's
+    settings): a shard whose prompts are unchanged is found as it is; one that lost or gained a
+    prompt takes each prompt sampled before from the slot's earlier shard and samples only the rest.
+    """
+    settings = sampling_settings(recipe)
+    key = area.key("sampling", settings, [prompts.sha256])
+    slot_uri = _slot_uri(area, settings, prompts.slot) if prompts.slot else None
 
     def compute(files: dict[str, str]) -> Any:
-        result = sample_shard(recipe, prompts.uri, files["data"])
-        return result.stats, {"data": result.rows}, {}
+        earlier = _earlier(area, slot_uri, key) if slot_uri else []
+        done = sample_shard(recipe, prompts.uri, files["data"], earlier)
+        failed = {pid: list(value) for pid, value in sorted(done.failed.items())}
+        return done.result.stats, {"data": done.result.rows}, {"failed": failed}
 
-    return area.run("sampling", key, compute).result()
+    done = area.run("sampling", key, compute)
+    if slot_uri is not None:
+        keys = _slot_keys(slot_uri)
+        if not keys or keys[0] != key:
+            listed = [key, *(k for k in keys if k != key)][:SLOT_MEMORY]
+            write_bytes_atomic(slot_uri, json.dumps(listed).encode())
+    return done.result()
 
 
 def reads_a_model(config: Any) -> bool:
