@@ -63,9 +63,11 @@ def _log_progress(stage: str, done: int, total: int, result: ShardResult, starte
 
 
 @task(name="load-prompts", cache_policy=NO_CACHE)
-def prompts_task(recipe: Recipe, area: WorkArea) -> tuple[list[ShardResult], StageStats, dict[str, Any]]:
+def prompts_task(
+    recipe: Recipe, area: WorkArea, entries: set[str]
+) -> tuple[list[ShardResult], StageStats, dict[str, Any]]:
     filters: dict[str, Any] = {}
-    shards, stats = stages.prompt_shards(recipe, area, filters)
+    shards, stats = stages.prompt_shards(recipe, area, filters, entries)
     added = "".join(f", {name} {secs:.1f}s" for name, secs in sorted(stats.timings.items()))
     get_run_logger().info(
         f"prompts: {stats.rows_out} kept of {stats.rows_in} read from {source_label(recipe.prompts)} "
@@ -290,8 +292,10 @@ def _build(
     model_area = WorkArea(work_uri) if model_deployment else area
     # Eval scores depend on the labelers and the pairs only, not on this run: one cache for every run.
     quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
-    prompts, prompt_stats, prompt_filters = prompts_task(config, area)
-    record.add(area.entry_of(p.uri) for p in prompts)
+    filter_entries: set[str] = set()
+    prompts, prompt_stats, prompt_filters = prompts_task(config, area, filter_entries)
+    slots = [stages.slot_entry(config, area, p) for p in prompts]
+    record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *(s for s in slots if s)])
     if model_deployment:
         run_model_batches(
             model_deployment, config, work_uri, "sampling", prompts, batch_shards, fresh, model_job_variables

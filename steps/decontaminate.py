@@ -137,6 +137,7 @@ class EvalIndex:
     stats: StageStats  # rows read, items indexed, unusable rows by reason
     checksum: str
     resumed: bool
+    entry: str  # its work entry, which the run's record keeps from GC
 
     def text(self, item: int) -> str:
         return str(self.items.filter(pl.col("item") == item)["text"][0])
@@ -254,6 +255,7 @@ def build_index(spec: EvalPromptSet, n: int, area: WorkArea, where: str) -> Eval
         stats=done.stats,
         checksum=checksum,
         resumed=done.resumed,
+        entry=area.entry(STAGE, key),
     )
 
 

@@ -80,6 +80,10 @@ class PromptFilters:
                 shard = step.apply(shard, stats)
         return shard
 
+    def entries(self) -> list[str]:
+        """The work entries the filters read (eval set indexes): a run's record keeps them from GC."""
+        return [index.entry for index in self.decontaminate.indexes] if self.decontaminate else []
+
     def report(self, stats: StageStats) -> dict[str, Any]:
         """What ``stats.json`` (and so the manifest and the card) says about the filters that ran."""
         out: dict[str, Any] = {}
@@ -96,7 +100,10 @@ class PromptFilters:
 
 
 def prompt_shards(
-    recipe: Recipe, area: WorkArea, report: dict[str, Any] | None = None
+    recipe: Recipe,
+    area: WorkArea,
+    report: dict[str, Any] | None = None,
+    entries: set[str] | None = None,
 ) -> tuple[list[ShardResult], StageStats]:
     """Read, filter and split the prompts (cheap, redone every run); a shard's key is its content.
 
@@ -104,7 +111,8 @@ def prompt_shards(
     Shards are cut before the prompt filters run (each shard is its slot's prompts less the
     dropped ones), so changing a filter setting changes only the shards whose drops changed, and
     sampling finds the surviving prompts' samples in their slot (``sample``). ``report`` gets the
-    filters' own facts (eval set sizes and checksums, near-duplicate settings).
+    filters' own facts (eval set sizes and checksums, near-duplicate settings); ``entries`` the
+    work entries the filters read, for the run's record.
     """
     stats = StageStats("prompts")
     filters = PromptFilters.of(recipe.prompts, area)
@@ -126,6 +134,8 @@ def prompt_shards(
         shards.append(replace(area.run("prompts", key, compute).result(), slot=slot))
     if report is not None:
         report.update(filters.report(stats))
+    if entries is not None:
+        entries.update(filters.entries())
     if not shards:
         drops = ", ".join(f"{k} x{v}" for k, v in stats.drops.most_common())
         examples = "".join(f"\n  {k}: {v}" for k, v in sorted(stats.examples.items()))
@@ -148,6 +158,13 @@ SLOT_MEMORY = 4  # earlier sampling shards remembered per slot (the latest first
 def _slot_uri(area: WorkArea, settings: dict[str, Any], slot: str) -> str:
     """Where a slot's finished sampling shards are listed: one small file per (settings, slot)."""
     return join_uri(area.root, "sampling", "slots", f"{area.key('sampling', settings, ['slot', slot])}.json")
+
+
+def slot_entry(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> str | None:
+    """The slot list a shard's sampling reads and writes, as a run-record entry (None: no slot)."""
+    if not prompts.slot:
+        return None
+    return area.entry_of(_slot_uri(area, sampling_settings(recipe), prompts.slot))
 
 
 def _slot_keys(uri: str) -> list[str]:

@@ -389,3 +389,33 @@ def test_filters_that_drop_every_prompt_stop_the_run_with_counts(tmp_path: Path)
     recipe = recipe_with(tmp_path, {"sets": [{"name": "all", "uri": every}], "threshold": 0.1})
     with pytest.raises(PromptSourceError, match=r"dropped every prompt.*contaminated:all x6"):
         stages.prompt_shards(recipe, WorkArea(str(tmp_path / "work")))
+
+
+def test_gc_keeps_the_eval_index_and_the_slot_lists_a_run_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's record names the filters' work entries too: GC after the run leaves the rerun
+    nothing to rebuild (the eval set index) and nothing to resample after a filter change (slots)."""
+    from steps.work_gc import RunRecord, collect
+
+    monkeypatch.setattr(sampling, "load_engine", lambda policy: CountingEngine())
+    eval_a = jsonl(tmp_path / "a.jsonl", [{"prompt": "Question 1: name a colour you like."}])
+    recipe = recipe_with(tmp_path, {"sets": [{"name": "a", "uri": eval_a}]})
+    work = str(tmp_path / "work")
+    area = WorkArea(work)
+    entries: set[str] = set()
+    shards, _ = stages.prompt_shards(recipe, area, entries=entries)
+    responses = [stages.sample(recipe, area, s) for s in shards]
+    assert entries and all(e.startswith("decontamination/") for e in entries)
+    record = RunRecord(work, recipe.name, str(tmp_path / "out"))
+    slots = [stages.slot_entry(recipe, area, s) for s in shards]
+    assert all(slots)
+    record.add([*entries, *(area.entry_of(s.uri) for s in [*shards, *responses]), *(s for s in slots if s)])
+    record.finish()
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "work").rglob("*") if p.is_file())
+    collect(work, keep_runs=1, report=lambda _: None)
+    after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "work").rglob("*") if p.is_file())
+    assert after == before, "GC removed something the run used"
+    again: set[str] = set()
+    stages.prompt_shards(recipe, area, entries=again)
+    assert again == entries
