@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from schemas import columns as c
+from schemas.reasons import INVALID_RESPONSE, INVALID_UNICODE, NOT_AN_OBJECT
 from schemas.recipe import EvalPairs, Recipe, RecipeError, load_recipe, resolve_recipe_path
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import AGG, Aggregation, aggregate_scores, feature, features, run_stats, wide_scores
@@ -39,7 +40,14 @@ from steps.engines.dtypes import resolve_recipe_dtypes
 from steps.engines.native_check import EngineCrashError, check_models
 from steps.fit_weights import FitResult, fit_weights
 from steps.labelers.checks import preflight, recipe_models
-from steps.prompts import InvalidRow, normalise_messages, normalise_references, prompt_id
+from steps.prompts import (
+    InvalidRow,
+    json_value,
+    normalise_messages,
+    normalise_references,
+    parquet_batches,
+    prompt_id,
+)
 from steps.resume import WorkArea, sha256_of
 from steps.stages import label_parts
 
@@ -72,16 +80,25 @@ def chosen_first(pid: str, seed: int) -> bool:
 
 def _parse_pair(record: Any, line: int, seen: set[str]) -> Pair:
     if not isinstance(record, dict):
-        raise InvalidRow("not_an_object", f"line {line}: expected a JSON object")
+        raise InvalidRow(NOT_AN_OBJECT, f"line {line}: expected a JSON object")
     for side in (c.CHOSEN, c.REJECTED):
-        if not isinstance(record.get(side), str):
-            raise InvalidRow("invalid_response", f"line {line}: {side!r} must be a string")
+        text = record.get(side)
+        if not isinstance(text, str):
+            raise InvalidRow(INVALID_RESPONSE, f"line {line}: {side!r} must be a string")
+        try:  # a JSON escape such as "\ud800" decodes to a lone surrogate, which Arrow cannot hold
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRow(
+                INVALID_UNICODE, f"line {line}: {side!r} has an unpaired surrogate at character {exc.start}"
+            ) from None
     messages = normalise_messages(record.get(c.PROMPT))
     # A pair id is unique by contract, but one prompt often has several pairs: hashing the prompt
     # alone would merge them into one group and let z-scores mix responses of different pairs.
     pid = str(record.get("id") or prompt_id(messages))
-    if pid in seen:
-        pid = f"{pid}@{line}"
+    base, k = pid, 1
+    while pid in seen:  # "<id>@<line>" may itself be an id given earlier: count on until it is free
+        pid = f"{base}@{line}" if k == 1 else f"{base}@{line}.{k}"
+        k += 1
     references = normalise_references(record.get("reference"))
     return Pair(pid, messages, references, record[c.CHOSEN], record[c.REJECTED], line)
 
@@ -108,21 +125,39 @@ def _records(source: Path | EvalPairs) -> Iterator[tuple[int, Any]]:
         raise PairsFileError(f"pairs file {uri!r} cannot be opened ({exc})") from None
     with handle:
         if fmt == "parquet":
-            line = 0
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
-                for record in batch.to_pylist():
-                    line += 1
-                    yield line, record
+            yield from _parquet_records(handle, uri)
             return
         for line, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             try:
-                yield line, json.loads(raw.decode("utf-8"))
+                # A byte-order mark (some Windows editors write one) is not part of the JSON.
+                record = json_value(raw.decode("utf-8-sig" if line == 1 else "utf-8"))
             except UnicodeDecodeError as exc:
                 raise PairsFileError(f"{uri} line {line}: not valid UTF-8 ({exc.reason})") from None
-            except json.JSONDecodeError as exc:
-                raise PairsFileError(f"{uri} line {line}: invalid JSON ({exc.msg})") from None
+            except ValueError as exc:
+                raise PairsFileError(f"{uri} line {line}: invalid JSON ({exc})") from None
+            yield line, record
+
+
+def _parquet_records(handle: Any, uri: str) -> Iterator[tuple[int, Any]]:
+    """Rows of a Parquet pairs file, numbered from 1; a file that is not (all) Parquet is named."""
+
+    def unreadable(exc: Exception) -> PairsFileError:
+        return PairsFileError(
+            f"pairs file {uri!r} is not a readable Parquet file ({exc}); check the file, "
+            "or set format: jsonl if it is JSON lines"
+        )
+
+    try:
+        parquet = pq.ParquetFile(handle)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(exc) from None
+    line = 0
+    for batch in parquet_batches(parquet, None, 1024, unreadable):
+        for record in batch.to_pylist():
+            line += 1
+            yield line, record
 
 
 def read_pairs(source: Path | EvalPairs, limit: int | None = None) -> tuple[list[Pair], Counter[str]]:

@@ -13,6 +13,7 @@ UNKNOWN_ROLE = "unknown_role"  # a role other than system/user/assistant
 NON_STRING_CONTENT = "non_string_content"  # message content or a reference that is not a string
 INVALID_UNICODE = "invalid_unicode"  # an escaped unpaired surrogate
 DUPLICATE_PROMPT = "duplicate_prompt"  # the same conversation as an earlier row, after normalisation
+INVALID_REFERENCES = "invalid_references"  # references neither a string nor a list (a number, a mapping)
 CONTAMINATED_PREFIX = "contaminated:"  # + an eval set's name: the prompt overlaps that set (decontaminate)
 NEAR_DUPLICATE = "near_duplicate"  # MinHash-similar to an earlier kept prompt (prompts.near_duplicates)
 
@@ -24,6 +25,11 @@ def contaminated(set_name: str) -> str:
 
 # --- decontamination: an eval set's row that cannot be indexed (counted with the set, not a prompt drop)
 NO_WORDS = "no_words"  # the eval prompt has no word characters, so no n-gram can match it
+
+# --- eval pairs (flows/eval_labelers.py): a row of a human-labelled pairs file is skipped; the
+# prompt codes above apply to its prompt and reference, INVALID_UNICODE to chosen/rejected too
+NOT_AN_OBJECT = "not_an_object"  # a JSON line that is not an object
+INVALID_RESPONSE = "invalid_response"  # chosen or rejected missing or not a string
 
 # --- sampling: a prompt gets no responses
 PROMPT_TOO_LONG = "prompt_too_long"  # the prompt plus max_tokens does not fit the policy's context

@@ -37,7 +37,9 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or ±inf anywhere: `temperature: .inf` would pass every bound (inf >= 0), reach the
+    # engine and be written to the manifest as `Infinity`, which strict JSON readers reject.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # What a setting does, carried by the field itself (``json_schema_extra``) so that every list of
@@ -765,11 +767,19 @@ class Recipe(_Strict):
         return _validate(data, where=f"recipe {self.name!r} with overrides")
 
 
+def _key(part: str | int) -> str:
+    """A key as the message shows it: quoted when it is empty, padded or holds invisible characters
+    (a key holding a newline, printed plain, would break the message's one-line-per-key layout)."""
+    text = str(part)
+    return text if text and text.isprintable() and text == text.strip() else repr(text)
+
+
 def _format_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "<root>"
-        msg = err["msg"]
+        loc = ".".join(_key(part) for part in err["loc"]) or "<root>"
+        # pydantic quotes the offending value raw: a newline or U+2028 in it would split the line.
+        msg = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in err["msg"])
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see pipelines/default.yaml for valid keys)"
         lines.append(f"  {loc}: {msg}")
@@ -802,7 +812,17 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str = "default") -> Recipe:
     path = resolve_recipe_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: nested too deeply to read") from None
+    except ValueError as exc:  # a value YAML parses but Python refuses: 2024-02-30, a 5,000-digit integer
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: a value cannot be read ({exc})") from None
     return _validate(data, where=f"recipe {str(path)!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +100,7 @@ def normalise_references(value: Any) -> list[str]:
         value = [value]
     if not isinstance(value, list | tuple):
         raise InvalidRow(
-            "invalid_references",
+            r.INVALID_REFERENCES,
             f"references must be a string or a list of strings, got {type(value).__name__}",
         )
     refs = [_text(ref, f"reference {i}") for i, ref in enumerate(value)]
@@ -116,6 +116,22 @@ def prompt_id(messages: list[dict[str, str]]) -> str:
 # ---------------------------------------------------------------- sources
 
 
+def json_value(line: str) -> Any:
+    """``json.loads`` whose every failure is a ValueError saying why, for an error that names the line.
+
+    Besides malformed JSON, CPython refuses an integer of over 4,300 digits (a plain ValueError)
+    and nesting past its recursion limit (RecursionError, which is no ValueError at all).
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(exc.msg) from None
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+    except ValueError:
+        raise ValueError("an integer of more than 4,300 digits") from None
+
+
 def _jsonl_rows(handle: Any, label: str, prompt_col: str, refs_col: str | None) -> Iterator[RawRow]:
     for line_no, raw in enumerate(handle, start=1):
         try:
@@ -129,9 +145,9 @@ def _jsonl_rows(handle: Any, label: str, prompt_col: str, refs_col: str | None) 
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptSourceError(f"{label} line {line_no}: invalid JSON ({exc.msg})") from None
+            record = json_value(line)
+        except ValueError as exc:
+            raise PromptSourceError(f"{label} line {line_no}: invalid JSON ({exc})") from None
         if not isinstance(record, dict):
             raise PromptSourceError(f"{label} line {line_no}: expected a JSON object per line")
         if prompt_col not in record:
@@ -220,7 +236,7 @@ def _parquet_rows(handle: Any, config: FilePrompts) -> Iterator[RawRow]:
 
     try:
         parquet = pq.ParquetFile(handle)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise unreadable(exc) from None
     refs_col = _table_columns(
         parquet.schema_arrow,
@@ -230,19 +246,32 @@ def _parquet_rows(handle: Any, config: FilePrompts) -> Iterator[RawRow]:
         refs_required=references_named(config),
     )
     wanted = [config.prompt_column] + ([refs_col] if refs_col else [])
+    batches = parquet_batches(parquet, wanted, PARQUET_BATCH_ROWS, unreadable)
+    yield from _batch_rows(batches, config.prompt_column, refs_col)
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        reader = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted)
+
+def parquet_batches(
+    parquet: pq.ParquetFile,
+    columns: list[str] | None,
+    batch_rows: int,
+    unreadable: Callable[[Exception], Exception],
+) -> Iterator[pa.RecordBatch]:
+    """Record batches one row group at a time; any Arrow failure becomes ``unreadable(exc)``.
+
+    Row group by row group because pyarrow cannot return a nested column holding dictionary
+    (categorical) values in a batch that spans two row groups ("Nested data conversions not
+    implemented for chunked array outputs"), e.g. messages whose ``role`` is a pandas categorical.
+    """
+    for group in range(parquet.num_row_groups):
+        reader = parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
         while True:
             try:
-                batch = next(reader)
+                batch = next(reader)  # the generator starts reading (and can fail) here
             except StopIteration:
-                return
-            except (pa.ArrowInvalid, OSError) as exc:
+                break
+            except (pa.ArrowException, OSError) as exc:
                 raise unreadable(exc) from None
             yield batch
-
-    yield from _batch_rows(batches(), config.prompt_column, refs_col)
 
 
 def _infer_format(uri: str) -> str:

@@ -54,13 +54,22 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def _local_path(spec: str) -> Path:
+    """``spec`` as a local path, ``~`` expanded; ``~name`` of a user this machine lacks is a spec error."""
+    try:
+        return Path(spec).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        user = spec.split("/", 1)[0][1:]
+        raise ModelSpecError(f"model path {spec!r}: this machine has no user {user!r}") from None
+
+
 def resolve_model(spec: str, engine: str) -> ResolvedModel:
     if engine == "vllm":
         return _resolve_for_vllm(spec)
     if spec == SMOLLM2_ALIAS:
         path = smollm2_gguf()
         return ResolvedModel("gguf", str(path), SMOLLM2_ID, gguf_file=path.name)
-    path = Path(spec).expanduser()
+    path = _local_path(spec)
     if path.suffix == ".gguf" and not (":" in spec and _HUB_ID.match(spec) and not path.exists()):
         if not path.is_file():
             raise ModelSpecError(f"model file {spec!r} does not exist")
@@ -113,7 +122,7 @@ def _resolve_for_vllm(spec: str) -> ResolvedModel:
         raise ModelSpecError(
             f"{hint}; {SMOLLM2_ALIAS!r} is a GGUF file, use 'HuggingFaceTB/SmolLM2-135M-Instruct' instead"
         )
-    path = Path(spec).expanduser()
+    path = _local_path(spec)
     if path.suffix == ".gguf" or spec.endswith(".gguf"):
         raise ModelSpecError(f"{hint}, not a GGUF file ({spec!r}); use engine: llama_cpp or transformers")
     if path.is_dir():
