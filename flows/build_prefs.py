@@ -27,6 +27,7 @@ from flows.console import quiet_console
 from flows.eval_labelers import LabelQualityError, PairsFileError, check_eval_sets, measure_recipe
 from flows.placement import (
     DEFAULT_BATCH_SHARDS,
+    DEFAULT_START_TIMEOUT_S,
     ModelPoolError,
     PlacementError,
     check_placement,
@@ -215,6 +216,7 @@ def build_prefs(
     batch_shards: int = DEFAULT_BATCH_SHARDS,
     model_job_variables: dict[str, Any] | None = None,
     dask: str | None = None,
+    model_start_timeout: float = DEFAULT_START_TIMEOUT_S,
 ) -> str:
     """Build a preference dataset from a recipe name or path; returns the output URI.
 
@@ -223,10 +225,11 @@ def build_prefs(
     ``model_deployment`` (e.g. ``model-stage``) sends sampling and the model-reading labelers
     to that deployment's work pool, ``batch_shards`` shards per run (``model_job_variables``
     are passed to those runs, e.g. ``{"env": {...}}``); the work location must then be storage
-    the pool's workers share. ``dask`` (``local`` or a scheduler address) runs the CPU stages on Dask.
+    the pool's workers share. Batches that no worker starts for ``model_start_timeout`` seconds are
+    cancelled and fail the run. ``dask`` (``local`` or a scheduler address) runs the CPU stages on Dask.
     """
     config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
-    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri)
+    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri, model_start_timeout)
     area = WorkArea(work_uri, fresh=fresh)
     # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.
     model_area = WorkArea(work_uri) if model_deployment else area
@@ -235,7 +238,15 @@ def build_prefs(
     prompts, prompt_stats = prompts_task(config, area)
     if model_deployment:
         run_model_batches(
-            model_deployment, config, work_uri, "sampling", prompts, batch_shards, fresh, model_job_variables
+            model_deployment,
+            config,
+            work_uri,
+            "sampling",
+            prompts,
+            batch_shards,
+            fresh,
+            model_job_variables,
+            model_start_timeout,
         )
     responses = _run_stage("sampling", [(config, model_area, p) for p in prompts], sample_task)
     sampled = merge_stats("sampling", [r.stats for r in responses])
@@ -243,7 +254,15 @@ def build_prefs(
     model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
     if model_deployment and model_labelers:
         run_model_batches(
-            model_deployment, config, work_uri, "labeling", prompts, batch_shards, fresh, model_job_variables
+            model_deployment,
+            config,
+            work_uri,
+            "labeling",
+            prompts,
+            batch_shards,
+            fresh,
+            model_job_variables,
+            model_start_timeout,
         )
     labels_on_dask = dask is not None and (model_deployment is not None or not model_labelers)
     pairs_on_dask = dask is not None and config.pairing.judge is None
@@ -323,6 +342,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"shards per model-stage run (default {DEFAULT_BATCH_SHARDS})",
     )
     parser.add_argument(
+        "--model-start-timeout",
+        type=float,
+        default=DEFAULT_START_TIMEOUT_S,
+        metavar="SECONDS",
+        help="cancel model-stage batches and fail when no worker has started any of them for this long, "
+        f"e.g. because none polls the pool (default {DEFAULT_START_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--dask",
         metavar="ADDRESS|local",
         help="run the CPU stages (BLEU labeling, pairing) on Dask: a new LocalCluster or a scheduler address",
@@ -340,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         engine_check = check_models([model for _, model in recipe_models(loaded)])  # prepare's result
         if engine_check is not None:
             print(engine_check.describe(), file=sys.stderr)
-        check_placement(args.model_deployment, args.batch_shards, args.dask, work_uri)
+        check_placement(
+            args.model_deployment, args.batch_shards, args.dask, work_uri, args.model_start_timeout
+        )
         check_eval_sets(loaded)
     except (
         RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError, EngineCrashError,
@@ -361,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             model_deployment=args.model_deployment,
             batch_shards=args.batch_shards,
             dask=args.dask,
+            model_start_timeout=args.model_start_timeout,
         )
     except (
         RecipeError,
