@@ -35,6 +35,7 @@ from flows.placement import (
     run_model_batches,
 )
 from flows.summary import summary_markdown
+from flows.temp_server import TemporaryServerError, ensure_server
 from schemas.recipe import Recipe, RecipeError
 from steps import stages
 from steps.aggregate import Aggregation
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        # Prefect's own temporary server would outlive a run killed by a signal; this one dies with it.
+        ensure_server()
         result = build_prefs(
             recipe=args.recipe,
             output=args.output,
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ModelPoolError, NothingSampledError, LabelQualityError) as exc:
+    except (ModelPoolError, NothingSampledError, LabelQualityError, TemporaryServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except HubError as exc:
