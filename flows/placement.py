@@ -18,6 +18,7 @@ from prefect import get_run_logger
 from prefect.task_runners import TaskRunner
 
 from flows.model_stage import shard_ref
+from flows.temp_server import is_temporary
 from schemas.recipe import Recipe
 from steps.base import ShardResult
 
@@ -71,7 +72,7 @@ def check_placement(
         return work_uri
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    if not PREFECT_API_URL.value() or is_temporary(PREFECT_API_URL.value()):
         raise PlacementError(
             f"--model-deployment {model_deployment} needs a Prefect server that the work pool's workers "
             "poll: start one (prefect server start) and set PREFECT_API_URL, see README "

@@ -79,6 +79,11 @@ def ensure_server() -> TemporaryServer | None:
     return server
 
 
+def is_temporary(api_url: str | None) -> bool:
+    """Whether ``api_url`` is this process's temporary server, which no other process can rely on."""
+    return _server is not None and api_url == _server.api_url
+
+
 def start_server(timeout: float | None = None) -> TemporaryServer:
     """A temporary server on a free loopback port, healthy when this returns; its lifeline held here."""
     import httpx

@@ -206,3 +206,21 @@ def test_a_start_timeout_must_be_positive(tmp_path: Path) -> None:
         PlacementError, match="--model-start-timeout must be a positive number of seconds, got 0"
     ):
         check_placement(None, 8, None, str(tmp_path), 0)
+
+
+def test_a_model_pool_cannot_use_the_clis_temporary_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the CLI started its temporary server in this process, PREFECT_API_URL names it: workers
+    elsewhere cannot poll it, so it must not pass for the server a model deployment needs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import temp_server
+
+    own = temp_server.TemporaryServer(process=None, port=65000)  # type: ignore[arg-type]
+    monkeypatch.setattr(temp_server, "_server", own)
+    with (
+        temporary_settings({PREFECT_API_URL: own.api_url}),
+        pytest.raises(PlacementError, match="PREFECT_API_URL"),
+    ):
+        check_placement("model-stage", 8, None, "s3://b/work")
+    with temporary_settings({PREFECT_API_URL: "http://10.0.0.5:4200/api"}):
+        assert check_placement("model-stage", 8, None, "s3://b/work") == "s3://b/work"
