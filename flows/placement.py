@@ -36,7 +36,7 @@ MODEL_FLOW = "model-stage"
 # cancelled: long enough for a GPU node to be provisioned or an image pulled, short of forever.
 DEFAULT_START_TIMEOUT_S = 900.0
 WAIT_WARNING_S = 120
-POLL_S = 5.0
+POLL_S = 2.0
 
 
 DEFAULT_BATCH_SHARDS = 8
