@@ -28,6 +28,7 @@ from flows.console import quiet_console
 from flows.eval_labelers import LabelQualityError, PairsFileError, check_eval_sets, measure_recipe
 from flows.placement import (
     DEFAULT_BATCH_SHARDS,
+    DEFAULT_START_TIMEOUT_S,
     ModelPoolError,
     PlacementError,
     check_placement,
@@ -35,6 +36,7 @@ from flows.placement import (
     run_model_batches,
 )
 from flows.summary import summary_markdown
+from flows.temp_server import TemporaryServerError, ensure_server
 from schemas.recipe import LockSettings, Recipe, RecipeError, load_recipe, lock_settings
 from steps import lease, stages
 from steps.aggregate import Aggregation
@@ -248,6 +250,7 @@ def build_prefs(
     dask: str | None = None,
     lock: LockSettings | None = None,
     gc_keep_runs: int | None = None,
+    model_start_timeout: float = DEFAULT_START_TIMEOUT_S,
 ) -> str:
     """Build a preference dataset from a recipe name or path; returns the output URI.
 
@@ -256,18 +259,19 @@ def build_prefs(
     ``model_deployment`` (e.g. ``model-stage``) sends sampling and the model-reading labelers
     to that deployment's work pool, ``batch_shards`` shards per run (``model_job_variables``
     are passed to those runs, e.g. ``{"env": {...}}``); the work location must then be storage
-    the pool's workers share. ``dask`` (``local`` or a scheduler address) runs the CPU stages on Dask.
+    the pool's workers share. Batches that no worker starts for ``model_start_timeout`` seconds are
+    cancelled and fail the run. ``dask`` (``local`` or a scheduler address) runs the CPU stages on Dask.
     The run holds a lease on its output and its work location while it lives (``lock`` says whether
     to wait for another run's); ``gc_keep_runs`` N removes, after publishing, the work entries that
     none of the last N runs of any recipe used.
     """
     config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
-    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri)
+    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri, model_start_timeout)
     settings, purpose, say = lock or LockSettings(), f"build-prefs {config.name}", get_run_logger().warning
     with lease.held_each([("output", out), ("work location", work_uri)], settings, purpose, say) as leases:
         return _build(
             config, out, work_uri, (leases[0], leases[1]), push_to_hub, private, fresh,
-            model_deployment, batch_shards, model_job_variables, dask, gc_keep_runs,
+            model_deployment, batch_shards, model_job_variables, dask, gc_keep_runs, model_start_timeout,
         )  # fmt: skip
 
 
@@ -284,6 +288,7 @@ def _build(
     model_job_variables: dict[str, Any] | None,
     dask: str | None,
     gc_keep_runs: int | None,
+    model_start_timeout: float,
 ) -> str:
     """The data path, under the run's leases; every stage's entries go into the run's record for GC."""
     area = WorkArea(work_uri, fresh=fresh)
@@ -298,7 +303,15 @@ def _build(
     record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *(s for s in slots if s)])
     if model_deployment:
         run_model_batches(
-            model_deployment, config, work_uri, "sampling", prompts, batch_shards, fresh, model_job_variables
+            model_deployment,
+            config,
+            work_uri,
+            "sampling",
+            prompts,
+            batch_shards,
+            fresh,
+            model_job_variables,
+            model_start_timeout,
         )
     # A killed run's record keeps what it finished (to within RECORD_EVERY_S), so GC spares it.
     responses = _run_stage(
@@ -313,7 +326,15 @@ def _build(
     model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
     if model_deployment and model_labelers:
         run_model_batches(
-            model_deployment, config, work_uri, "labeling", prompts, batch_shards, fresh, model_job_variables
+            model_deployment,
+            config,
+            work_uri,
+            "labeling",
+            prompts,
+            batch_shards,
+            fresh,
+            model_job_variables,
+            model_start_timeout,
         )
     labels_on_dask = dask is not None and (model_deployment is not None or not model_labelers)
     pairs_on_dask = dask is not None and config.pairing.judge is None
@@ -406,6 +427,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"shards per model-stage run (default {DEFAULT_BATCH_SHARDS})",
     )
     parser.add_argument(
+        "--model-start-timeout",
+        type=float,
+        default=DEFAULT_START_TIMEOUT_S,
+        metavar="SECONDS",
+        help="cancel model-stage batches and fail when no worker has started any of them for this long, "
+        f"e.g. because none polls the pool (default {DEFAULT_START_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
         "--dask",
         metavar="ADDRESS|local",
         help="run the CPU stages (BLEU labeling, pairing) on Dask: a new LocalCluster or a scheduler address",
@@ -485,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         engine_check = check_models([model for _, model in recipe_models(loaded)])  # prepare's result
         if engine_check is not None:
             print(engine_check.describe(), file=sys.stderr)
-        check_placement(args.model_deployment, args.batch_shards, args.dask, work_uri)
+        check_placement(
+            args.model_deployment, args.batch_shards, args.dask, work_uri, args.model_start_timeout
+        )
         check_eval_sets(loaded)
     except (
         RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError, EngineCrashError,
@@ -494,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        # Prefect's own temporary server would outlive a run killed by a signal; this one dies with it.
+        ensure_server()
         result = build_prefs(
             recipe=args.recipe,
             output=args.output,
@@ -507,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_shards=args.batch_shards,
             dask=args.dask,
             lock=settings,
+            model_start_timeout=args.model_start_timeout,
         )
     except (
         RecipeError,
@@ -520,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (
         ModelPoolError, NothingSampledError, LabelQualityError, lease.LeaseBusyError, lease.LeaseLostError,
-        GcError,
+        GcError, TemporaryServerError,
     ) as exc:  # fmt: skip
         print(f"error: {exc}", file=sys.stderr)
         return 1

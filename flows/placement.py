@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from prefect import get_run_logger
 from prefect.task_runners import TaskRunner
 
 from flows.model_stage import shard_ref
+from flows.temp_server import is_temporary
 from schemas.recipe import Recipe
 from steps.base import ShardResult
 
@@ -30,7 +32,11 @@ class ModelPoolError(RuntimeError):
 
 
 MODEL_FLOW = "model-stage"
+# A batch waits this long for a worker to start it (while no batch of its stage runs) before it is
+# cancelled: long enough for a GPU node to be provisioned or an image pulled, short of forever.
+DEFAULT_START_TIMEOUT_S = 900.0
 WAIT_WARNING_S = 120
+POLL_S = 2.0
 
 
 DEFAULT_BATCH_SHARDS = 8
@@ -41,7 +47,13 @@ def deployment_name(model_deployment: str) -> str:
     return model_deployment if "/" in model_deployment else f"{MODEL_FLOW}/{model_deployment}"
 
 
-def check_placement(model_deployment: str | None, batch_shards: int, dask: str | None, work_uri: str) -> str:
+def check_placement(
+    model_deployment: str | None,
+    batch_shards: int,
+    dask: str | None,
+    work_uri: str,
+    start_timeout: float = DEFAULT_START_TIMEOUT_S,
+) -> str:
     """Validate where stages run; returns the work location as every worker must name it.
 
     A model pool's workers run in their own processes (other machines, usually), so a relative
@@ -50,13 +62,17 @@ def check_placement(model_deployment: str | None, batch_shards: int, dask: str |
     """
     if batch_shards < 1:
         raise PlacementError(f"--batch-shards must be at least 1, got {batch_shards}")
+    if not start_timeout > 0:
+        raise PlacementError(
+            f"--model-start-timeout must be a positive number of seconds, got {start_timeout:g}"
+        )
     if dask is not None and dask != "local" and not dask.strip():
         raise PlacementError("--dask takes 'local' or a scheduler address such as tcp://10.0.0.5:8786")
     if model_deployment is None:
         return work_uri
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    if not PREFECT_API_URL.value() or is_temporary(PREFECT_API_URL.value()):
         raise PlacementError(
             f"--model-deployment {model_deployment} needs a Prefect server that the work pool's workers "
             "poll: start one (prefect server start) and set PREFECT_API_URL, see README "
@@ -86,11 +102,15 @@ def run_model_batches(
     batch_shards: int,
     fresh: bool,
     job_variables: dict[str, Any] | None,
+    start_timeout: float = DEFAULT_START_TIMEOUT_S,
 ) -> None:
     """One ``model-stage`` deployment run per batch of shards: submit them all, then wait for all.
 
     The runs write into the shared work location; nothing comes back but their states. A batch
     that failed fails this flow with a message naming it; its finished shards stay for the rerun.
+    Batches that cannot start (no run of the stage has been running for ``start_timeout`` seconds
+    while some still wait in Scheduled or Pending) are cancelled, and the message says why the
+    pool did not start them.
     """
     from prefect.deployments import run_deployment
     from prefect.utilities.asyncutils import run_coro_as_sync
@@ -117,57 +137,151 @@ def run_model_batches(
         submitted.append(run)
     logger.info(
         f"{stage}: {len(batches)} batch(es) of up to {batch_shards} shard(s) submitted to deployment "
-        f"{name!r}; waiting for its work pool's workers"
+        f"{name!r}; waiting for its work pool's workers (cancelled if none starts for {start_timeout:g} s)"
     )
     failures: list[str] = []
 
-    def finished(i: int, run: Any) -> None:
+    def what(i: int) -> str:
         first = (i - 1) * batch_shards + 1
-        what = f"batch {i}/{len(batches)} (shards {first}-{first + len(batches[i - 1]) - 1})"
+        return f"batch {i}/{len(batches)} (shards {first}-{first + len(batches[i - 1]) - 1})"
+
+    def finished(i: int, run: Any) -> None:
         if run.state is not None and run.state.is_completed():
-            logger.info(f"{stage} {what} finished on the pool (flow run {run.name})")
+            logger.info(f"{stage} {what(i)} finished on the pool (flow run {run.name})")
         else:
             state = run.state.name if run.state is not None else "without a state"
             message = (run.state.message if run.state is not None else None) or "no message"
-            failures.append(f"{what}: flow run {run.name} ({run.id}) ended {state}: {message}")
+            failures.append(f"{what(i)}: flow run {run.name} ({run.id}) ended {state}: {message}")
 
-    run_coro_as_sync(_await_runs([run.id for run in submitted], finished, stage, logger))
+    stall = run_coro_as_sync(
+        _await_runs([run.id for run in submitted], finished, stage, logger, start_timeout)
+    )
+    problems = []
+    if stall is not None:
+        listed = "\n  ".join(
+            f"{what(i)}: flow run {run.name} ({run.id}) was {state}" for i, run, state in stall.runs
+        )
+        problems.append(
+            f"{len(stall.runs)} of {len(batches)} batch(es) did not start within {start_timeout:g} s and "
+            f"were cancelled: {stall.reason}.\n  {listed}"
+        )
     if failures:
+        problems.append(f"{len(failures)} of {len(batches)} batch(es) failed:\n  " + "\n  ".join(failures))
+    if problems:
         raise ModelPoolError(
-            f"{stage} on deployment {name!r}: {len(failures)} of {len(batches)} batch(es) failed:\n  "
-            + "\n  ".join(failures)
-            + "\nShards those batches finished are kept; rerun the same command to do the rest."
+            f"{stage} on deployment {name!r}: "
+            + "\n".join(problems)
+            + "\nShards the finished batches wrote are kept; rerun the same command to do the rest."
         )
 
 
-async def _await_runs(
-    run_ids: list[Any], finished: Callable[[int, Any], None], stage: str, logger: Any
-) -> None:
-    """Wait for every run with Prefect's own ``wait_for_flow_run`` (its state events, no polling).
+@dataclass(frozen=True)
+class Stall:
+    """Batches cancelled because nothing started them: (batch number, flow run, state it was in), and why."""
 
-    ``finished(i, run)`` is called as each ends (1-based, in submission order of ``run_ids``). A
-    run still waiting after ``WAIT_WARNING_S`` gets one warning for all: runs that stay Scheduled
-    mean no worker polls the deployment's work pool.
+    runs: list[tuple[int, Any, str]]
+    reason: str
+
+
+async def _await_runs(
+    run_ids: list[Any],
+    finished: Callable[[int, Any], None],
+    stage: str,
+    logger: Any,
+    start_timeout: float = DEFAULT_START_TIMEOUT_S,
+) -> Stall | None:
+    """Wait for every run, reading their states every few seconds; cancel them if none can start.
+
+    ``finished(i, run)`` is called as each ends (1-based, in submission order of ``run_ids``).
+    States are read rather than only final ones awaited, because a stalled pool and a busy one
+    differ in what the other runs do: while any batch of the stage runs, waiting ones are queued
+    behind it (a pool at its concurrency limit) and wait as long as it takes. The clock restarts
+    whenever a batch is seen running or ends; once it has run for ``start_timeout`` with batches
+    still Scheduled or Pending, those are cancelled and returned with the pool's diagnosis.
     """
     import asyncio
+    import time
 
-    from prefect.exceptions import FlowRunWaitTimeout
-    from prefect.flow_runs import wait_for_flow_run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.objects import StateType
 
+    waiting_types = {StateType.SCHEDULED, StateType.PENDING}
+    poll_s = min(POLL_S, max(0.2, start_timeout / 5))
+    index = {run_id: i for i, run_id in enumerate(run_ids, start=1)}
+    progress = time.monotonic()
     warned = False
-
-    async def one(i: int, run_id: Any) -> None:
-        nonlocal warned
-        try:
-            run = await wait_for_flow_run(run_id, timeout=WAIT_WARNING_S)
-        except FlowRunWaitTimeout:
-            if not warned:
+    async with get_client() as client:
+        while index:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(index))), limit=len(index)
+            )
+            waiting = []
+            for run in runs:
+                if run.state is not None and run.state.is_final():
+                    finished(index.pop(run.id), run)
+                    progress = time.monotonic()
+                elif run.state is None or run.state.type in waiting_types:
+                    waiting.append(run)
+                else:  # Running (or Paused, Cancelling): a worker has this stage in hand
+                    progress = time.monotonic()
+            idle = time.monotonic() - progress
+            if waiting and idle >= start_timeout:
+                reason = await _why_not_started(client, waiting)
+                stalled = []
+                for run in sorted(waiting, key=lambda r: index[r.id]):
+                    state = run.state.name if run.state is not None else "without a state"
+                    await _cancel(client, run, f"not started within {start_timeout:g} s: {reason}")
+                    stalled.append((index[run.id], run, state))
+                return Stall(stalled, reason)
+            if waiting and not warned and idle >= min(WAIT_WARNING_S, start_timeout / 2):
                 warned = True
                 logger.warning(
-                    f"{stage}: batch(es) still waiting after {WAIT_WARNING_S} s; if their runs stay "
-                    "Scheduled, no worker polls the deployment's work pool (prefect worker start --pool …)"
+                    f"{stage}: {len(waiting)} batch(es) waiting {idle:.0f} s for a worker to start them; "
+                    f"if none does within {start_timeout:g} s they are cancelled and the run fails "
+                    f"(is a worker polling the pool? prefect worker start --pool …)"
                 )
-            run = await wait_for_flow_run(run_id, timeout=None)
-        finished(i, run)
+            if index:
+                await asyncio.sleep(poll_s)
+    return None
 
-    await asyncio.gather(*(one(i, run_id) for i, run_id in enumerate(run_ids, start=1)))
+
+async def _cancel(client: Any, run: Any, message: str) -> None:
+    """A Scheduled run is simply cancelled; a Pending one may have infrastructure its worker must stop."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    pending = run.state is not None and run.state.type == StateType.PENDING
+    state = Cancelling(message=message) if pending else Cancelled(message=message)
+    await client.set_flow_run_state(run.id, state, force=True)
+
+
+async def _why_not_started(client: Any, waiting: list[Any]) -> str:
+    """What the work pool says about why no worker started these runs, and what to do."""
+    from prefect.client.schemas.objects import StateType, WorkerStatus, WorkPoolStatus
+    from prefect.exceptions import ObjectNotFound
+
+    pool = next((run.work_pool_name for run in waiting if run.work_pool_name), None)
+    if pool is None:
+        return "the deployment has no work pool, so only a process serving it starts its runs, and none did"
+    try:
+        work_pool = await client.read_work_pool(pool)
+    except ObjectNotFound:
+        return f"work pool {pool!r} does not exist (prefect work-pool create {pool} --type process)"
+    if work_pool.is_paused or work_pool.status == WorkPoolStatus.PAUSED:
+        return f"work pool {pool!r} is paused (prefect work-pool resume {pool})"
+    workers = await client.read_workers_for_work_pool(pool)
+    if not any(worker.status == WorkerStatus.ONLINE for worker in workers):
+        return (
+            f"no worker is polling work pool {pool!r}; start one where the models should run "
+            f"(prefect worker start --pool {pool})"
+        )
+    if any(run.state is not None and run.state.type == StateType.PENDING for run in waiting):
+        return (
+            f"a worker of work pool {pool!r} took them but they never started running (Pending): it "
+            "could not start their process or container; its log says why"
+        )
+    return (
+        f"work pool {pool!r} has online workers but none took them: the pool, its queue or the "
+        "deployment may be at its concurrency limit with other runs, or the workers poll another queue"
+    )

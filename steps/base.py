@@ -8,6 +8,7 @@ and read back by whoever needs it.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -128,6 +129,10 @@ def write_table(table: pa.Table, uri: str, schema: pa.Schema | None = None, what
     return uri
 
 
+# A local atomic write's temporary sibling: <name>.tmp-<host>-<pid>-<random>.
+TEMP_INFIX = ".tmp-"
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> str:
     """Replace a file so that a reader sees the old bytes or the new ones, never a partial write.
 
@@ -144,7 +149,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> str:
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)
         return uri
-    temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(path)
+    temporary = f"{path}{TEMP_INFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
@@ -155,6 +161,44 @@ def write_bytes_atomic(uri: str, data: bytes) -> str:
         if os.path.exists(temporary):
             os.remove(temporary)
     return uri
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Delete the temporaries of ``path`` whose writer, on this host, no longer runs.
+
+    A writer killed between writing its temporary and renaming it (SIGKILL runs no ``finally``)
+    leaves ``<name>.tmp-<host>-<pid>-<random>`` beside the file, forever: a file no manifest
+    lists. The next atomic write of the same file removes those of dead processes. A live
+    writer's temporary, or one written from another host sharing the folder, is left alone.
+    """
+    folder, name = os.path.split(path)
+    prefix = f"{name}{TEMP_INFIX}"
+    try:
+        entries = [e for e in os.listdir(folder or ".") if e.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        owner = entry[len(prefix) :].rpartition("-")[0]  # <host>-<pid>, before the random part
+        host, _, pid = owner.rpartition("-")
+        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.remove(os.path.join(folder, entry))
+            removed.append(entry)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def read_table(uri: str, schema: pa.Schema | None = None) -> pa.Table:

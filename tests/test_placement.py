@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flows import build_prefs as bp
-from flows.placement import check_placement, deployment_name
+from flows.placement import (
+    MODEL_FLOW,
+    ModelPoolError,
+    PlacementError,
+    Stall,
+    _await_runs,
+    check_placement,
+    deployment_name,
+    run_model_batches,
+)
+from schemas.recipe import Recipe
 from steps import sampling, writer
+from steps.base import ShardResult, StageStats
 from tests.conftest import FakeEngine
 from tests.test_resume import markers, rows, write_recipe
 
@@ -82,3 +97,130 @@ def test_run_wide_aggregation_on_dask_waits_for_every_label_and_matches_in_proce
     bp.build_prefs(recipe=recipe, output=str(tmp_path / "plain"))
     bp.build_prefs(recipe=recipe, output=str(tmp_path / "dask"), dask="local")
     assert rows(tmp_path / "dask") == rows(tmp_path / "plain")
+
+
+@pytest.fixture
+def idle_deployment(prefect_home: Path) -> tuple[str, Any]:
+    """A ``model-stage`` deployment on a work pool of its own that no worker polls (yet)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    pool = f"idle-{uuid.uuid4().hex[:8]}"
+
+    async def create() -> Any:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            flow_id = await client.create_flow_from_name(MODEL_FLOW)
+            return await client.create_deployment(flow_id, pool, work_pool_name=pool)
+
+    return pool, asyncio.run(create())
+
+
+def test_batches_no_worker_starts_are_cancelled_and_the_run_fails_naming_the_pool(
+    tmp_path: Path, idle_deployment: tuple[str, Any]
+) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.objects import StateType
+
+    pool, deployment_id = idle_deployment
+    shard = tmp_path / "prompts.parquet"
+    shard.write_bytes(b"not read: no worker ever starts the batch")
+    prompts = [ShardResult(str(shard), 1, StageStats("prompts"), "0" * 64) for _ in range(3)]
+
+    @flow
+    def pipeline() -> None:
+        config = Recipe.model_validate({"name": "idle"})
+        run_model_batches(
+            f"{MODEL_FLOW}/{pool}", config, str(tmp_path), "sampling", prompts, 2, False, None, 1.5
+        )
+
+    with pytest.raises(ModelPoolError) as failed:
+        pipeline()
+    message = str(failed.value)
+    assert "2 of 2 batch(es) did not start within 1.5 s and were cancelled" in message, message
+    assert (
+        f"no worker is polling work pool {pool!r}" in message
+        and f"prefect worker start --pool {pool}" in message
+    )
+    assert "batch 1/2 (shards 1-2)" in message and "batch 2/2 (shards 3-3)" in message
+    assert "rerun the same command" in message
+
+    async def states() -> list[StateType]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+            return [run.state.type for run in runs if run.state is not None]
+
+    assert asyncio.run(states()) == [StateType.CANCELLED] * 2, "no run may stay queued for a later worker"
+
+
+def test_a_batch_queued_behind_a_running_one_waits_and_a_stuck_pending_one_is_cancelled(
+    idle_deployment: tuple[str, Any],
+) -> None:
+    """The start clock runs only while no batch of the stage runs: a busy pool is not a stalled one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Completed, Pending, Running
+
+    pool, deployment_id = idle_deployment
+    ended: list[tuple[int, StateType]] = []
+
+    async def scenario() -> tuple[Stall | None, list[StateType]]:
+        async with get_client() as client:
+            ids = [(await client.create_flow_run_from_deployment(deployment_id)).id for _ in range(2)]
+            # A worker of the pool is online and took both: batch 1 runs, batch 2 stays Pending.
+            await client.send_worker_heartbeat(pool, "gpu-host-1")
+            for run_id in ids:
+                await client.set_flow_run_state(run_id, Pending(), force=True)
+            await client.set_flow_run_state(ids[0], Running(), force=True)
+            waiting = asyncio.create_task(
+                _await_runs(
+                    ids,
+                    lambda i, run: ended.append((i, run.state.type)),
+                    "sampling",
+                    logging.getLogger(),
+                    0.5,
+                )
+            )
+            await asyncio.sleep(2.5)  # five timeouts while batch 1 runs: batch 2 is queued, not stalled
+            assert not waiting.done()
+            await client.set_flow_run_state(ids[0], Completed(), force=True)
+            stall = await asyncio.wait_for(waiting, 30)
+            return stall, [(await client.read_flow_run(run_id)).state.type for run_id in ids]
+
+    stall, states = asyncio.run(scenario())
+    assert ended == [(1, StateType.COMPLETED)]
+    assert stall is not None and [(i, state) for i, _, state in stall.runs] == [(2, "Pending")]
+    assert (
+        f"a worker of work pool {pool!r} took them but they never started running (Pending)" in stall.reason
+    )
+    # A Pending run may have a process or container starting: its worker is asked to stop it.
+    assert states == [StateType.COMPLETED, StateType.CANCELLING]
+
+
+def test_a_start_timeout_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(
+        PlacementError, match="--model-start-timeout must be a positive number of seconds, got 0"
+    ):
+        check_placement(None, 8, None, str(tmp_path), 0)
+
+
+def test_a_model_pool_cannot_use_the_clis_temporary_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the CLI started its temporary server in this process, PREFECT_API_URL names it: workers
+    elsewhere cannot poll it, so it must not pass for the server a model deployment needs."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import temp_server
+
+    own = temp_server.TemporaryServer(process=None, port=65000)  # type: ignore[arg-type]
+    monkeypatch.setattr(temp_server, "_server", own)
+    with (
+        temporary_settings({PREFECT_API_URL: own.api_url}),
+        pytest.raises(PlacementError, match="PREFECT_API_URL"),
+    ):
+        check_placement("model-stage", 8, None, "s3://b/work")
+    with temporary_settings({PREFECT_API_URL: "http://10.0.0.5:4200/api"}):
+        assert check_placement("model-stage", 8, None, "s3://b/work") == "s3://b/work"

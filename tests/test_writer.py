@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -13,11 +18,11 @@ from huggingface_hub import DatasetCard
 from schemas import columns as c
 from schemas.recipe import Recipe
 from steps import writer
-from steps.base import write_table
+from steps.base import write_bytes_atomic, write_table
 from steps.card import fence, md
 from steps.pairing import make_pairs
 from steps.publish import publish
-from tests.conftest import make_recipe
+from tests.conftest import ROOT, make_recipe
 from tests.test_labeling import responses
 from tests.test_pairing import labels_for
 from tests.test_sampling import prompts_table
@@ -186,3 +191,30 @@ def test_rebuilt_dataset_in_the_same_folder_is_not_served_from_the_datasets_cach
     publish(recipe, str(out), pair_shards(tmp_path / "v2", recipe, [["d", "e"]]), STATS)
     again = datasets.load_dataset(str(out), split="train")
     assert [p[0]["content"] for p in again["prompt"]] == ["d", "e"]
+
+
+KILLED_BEFORE_RENAME = """
+import os, signal, sys
+from steps import base
+os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # the kill lands between write and rename
+base.write_bytes_atomic(sys.argv[1], b"never published")
+"""
+
+
+def test_a_writer_killed_before_its_rename_leaves_no_temporary_after_the_next_write(tmp_path: Path) -> None:
+    """A kill in the few milliseconds before the rename broke tests/test_kill_loop.py's "no file outside
+    the manifest": SIGKILL runs no ``finally``, and the temporary stayed for good."""
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b"old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RENAME, str(target)], cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir() if p != target]
+    assert len(left) == 1 and left[0].startswith("manifest.json.tmp-"), left
+    assert target.read_bytes() == b"old"
+    # A live writer's temporary (this process's pid) is not touched.
+    live = tmp_path / f"manifest.json.tmp-{socket.gethostname()}-{os.getpid()}-0000abcd"
+    live.write_bytes(b"being written")
+
+    write_bytes_atomic(str(target), b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
