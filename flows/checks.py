@@ -68,13 +68,16 @@ def prepare(
     check_prompts(loaded.prompts)
     out = loaded.output_uri()
     work_uri = work or join_uri(out, WORK_DIR)
+    if loaded.prompts.decontaminate is not None:
+        # Every eval set is read now (its index built once per checksum, in the work location, where
+        # the prompt stage finds it): a missing file, column or dataset fails before any model loads.
+        check_writable(work_uri, "work location")
+        PromptFilters.of(loaded.prompts, WorkArea(work_uri))
+    # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139), and
+    # before anything is written to the output.
+    check_models([model for _, model in recipe_models(loaded)])
     check_writable(out, "output")
     check_writable(work_uri, "work location")
-    # Every eval set is read now (its index built once per checksum, in the work location, where the
-    # prompt stage finds it): a missing file, column or dataset fails here, before any model loads.
-    PromptFilters.of(loaded.prompts, WorkArea(work_uri))
-    # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139).
-    check_models([model for _, model in recipe_models(loaded)])
     return loaded, out, work_uri
 
 
