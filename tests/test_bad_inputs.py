@@ -94,10 +94,15 @@ def test_non_string_content(tmp_path: Path) -> None:
         {"prompt": [{"role": "user", "content": ["a", "list"]}]},
         {"prompt": [{"role": "user", "content": None}]},
         {"prompt": "fine text", "references": [7]},
+        {"prompt": "also fine", "references": 7},  # not a list at all: its own reason
+        {"prompt": "still fine", "references": {"a": "b"}},
     ]
     table, drops, examples = drops_of(rows, tmp_path)
-    assert table.num_rows == 1 and drops == {"non_string_content": 4}
+    assert table.num_rows == 1 and drops == {"non_string_content": 4, "invalid_references": 2}
     assert examples["non_string_content"] == "row 1: message 0 content must be a string, got int"
+    assert (
+        examples["invalid_references"] == "row 5: references must be a string or a list of strings, got int"
+    )
     # In Parquet the type is the column's, so it is one error naming the column, not N drops.
     messages = pa.array(
         [[{"role": "user", "content": 1}]],
