@@ -25,7 +25,6 @@ import fsspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from schemas import columns as c
@@ -45,6 +44,7 @@ from steps.prompts import (
     json_value,
     normalise_messages,
     normalise_references,
+    open_parquet,
     parquet_batches,
     prompt_id,
 )
@@ -149,12 +149,8 @@ def _parquet_records(handle: Any, uri: str) -> Iterator[tuple[int, Any]]:
             "or set format: jsonl if it is JSON lines"
         )
 
-    try:
-        parquet = pq.ParquetFile(handle)
-    except (pa.ArrowException, OSError) as exc:
-        raise unreadable(exc) from None
     line = 0
-    for batch in parquet_batches(parquet, None, 1024, unreadable):
+    for batch in parquet_batches(open_parquet(handle, unreadable), None, 1024, unreadable):
         for record in batch.to_pylist():
             line += 1
             yield line, record

@@ -26,7 +26,7 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import DecontaminationConfig, EvalPromptSet, FilePrompts, HFPrompts
 from steps.base import StageStats, read_table, write_table
-from steps.prompts import InvalidRow, PromptSourceError, normalise_messages, raw_rows
+from steps.prompts import InvalidRow, PromptSourceError, load_hf_split, normalise_messages, raw_rows
 from steps.resume import WorkArea, sha256_of
 
 STAGE = "decontamination"
@@ -116,14 +116,11 @@ def set_checksum(spec: EvalPromptSet, where: str) -> str:
         if digest is None:
             raise PromptSourceError(f"{where}: eval set file {spec.uri!r} does not exist or cannot be read")
         return digest
-    import datasets
-
+    assert spec.hf is not None
     try:
-        dataset = datasets.load_dataset(spec.hf, spec.config, split=spec.split)
-    except (FileNotFoundError, ValueError) as exc:
-        raise PromptSourceError(
-            f"{where}: cannot load dataset {spec.hf!r} split {spec.split!r}: {exc}"
-        ) from None
+        dataset = load_hf_split(spec.hf, spec.config, spec.split)
+    except PromptSourceError as exc:
+        raise PromptSourceError(f"{where}: {exc}") from None
     return f"datasets:{dataset._fingerprint}"
 
 

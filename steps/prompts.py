@@ -234,10 +234,7 @@ def _parquet_rows(handle: Any, config: FilePrompts) -> Iterator[RawRow]:
             "or set prompts.format: jsonl if it is JSON lines"
         )
 
-    try:
-        parquet = pq.ParquetFile(handle)
-    except (pa.ArrowException, OSError) as exc:
-        raise unreadable(exc) from None
+    parquet = open_parquet(handle, unreadable)
     refs_col = _table_columns(
         parquet.schema_arrow,
         config.uri,
@@ -248,6 +245,14 @@ def _parquet_rows(handle: Any, config: FilePrompts) -> Iterator[RawRow]:
     wanted = [config.prompt_column] + ([refs_col] if refs_col else [])
     batches = parquet_batches(parquet, wanted, PARQUET_BATCH_ROWS, unreadable)
     yield from _batch_rows(batches, config.prompt_column, refs_col)
+
+
+def open_parquet(handle: Any, unreadable: Callable[[Exception], Exception]) -> pq.ParquetFile:
+    """The Parquet file behind ``handle``; a file that is not (all) Parquet becomes ``unreadable(exc)``."""
+    try:
+        return pq.ParquetFile(handle)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(exc) from None
 
 
 def parquet_batches(
@@ -319,15 +324,18 @@ def _builtin_rows(config: BuiltinPrompts) -> Iterator[RawRow]:
         yield from _jsonl_rows(handle, f"built-in set {config.name!r}", "prompt", "references")
 
 
-def _hf_rows(config: HFPrompts) -> Iterator[RawRow]:
+def load_hf_split(path: str, config: str | None, split: str) -> Any:
+    """``datasets.load_dataset(path, config, split=split)``; a dataset that cannot load is named."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(config.path, config.config, split=config.split)
+        return datasets.load_dataset(path, config, split=split)
     except (FileNotFoundError, ValueError) as exc:
-        raise PromptSourceError(
-            f"cannot load dataset {config.path!r} split {config.split!r}: {exc}"
-        ) from None
+        raise PromptSourceError(f"cannot load dataset {path!r} split {split!r}: {exc}") from None
+
+
+def _hf_rows(config: HFPrompts) -> Iterator[RawRow]:
+    dataset = load_hf_split(config.path, config.config, config.split)
     wanted = [config.prompt_column] + ([config.references_column] if config.references_column else [])
     missing = [col for col in wanted if col not in dataset.column_names]
     if missing:
