@@ -14,12 +14,11 @@ import fsspec
 from schemas import reasons as r
 from schemas.recipe import Recipe, load_recipe
 from steps.base import StageStats, join_uri
+from steps.decontaminate import check_sets
 from steps.engines.dtypes import resolve_recipe_dtypes
 from steps.engines.native_check import check_models
 from steps.labelers.checks import preflight, recipe_models
 from steps.prompts import check_prompts
-from steps.resume import WorkArea
-from steps.stages import PromptFilters
 
 WORK_DIR = ".work"
 
@@ -69,10 +68,7 @@ def prepare(
     out = loaded.output_uri()
     work_uri = work or join_uri(out, WORK_DIR)
     if loaded.prompts.decontaminate is not None:
-        # Every eval set is read now (its index built once per checksum, in the work location, where
-        # the prompt stage finds it): a missing file, column or dataset fails before any model loads.
-        check_writable(work_uri, "work location")
-        PromptFilters.of(loaded.prompts, WorkArea(work_uri))
+        check_sets(loaded.prompts.decontaminate)  # reads each eval set's first rows; writes nothing
     # A llama.cpp build that crashes on this CPU dies in a child here, not in the run (exit 139), and
     # before anything is written to the output.
     check_models([model for _, model in recipe_models(loaded)])

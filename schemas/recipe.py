@@ -439,8 +439,8 @@ class SamplingConfig(_Strict):
         if not values:
             raise ValueError("an empty list samples nothing; give one temperature or several")
         for t in values:
-            if t < 0.0 or not math.isfinite(t):
-                raise ValueError(f"temperature {t} is not a sampling temperature; use a finite value > 0")
+            if t < 0.0:  # inf and NaN never get here: the models refuse them (allow_inf_nan=False)
+                raise ValueError(f"temperature {t} is not a sampling temperature; use a value > 0")
             if t == 0.0:
                 raise ValueError("temperature 0 makes every sample identical, so no pair can form; use > 0")
         if len(set(values)) != len(values):

@@ -7,6 +7,7 @@ and read back by whoever needs it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import uuid
@@ -150,7 +151,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> str:
         fs.pipe_file(path, data)
         return uri
     remove_stale_temporaries(path)
-    temporary = f"{path}{TEMP_INFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary = f"{path}{TEMP_INFIX}{_space_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)
@@ -164,12 +165,13 @@ def write_bytes_atomic(uri: str, data: bytes) -> str:
 
 
 def remove_stale_temporaries(path: str) -> list[str]:
-    """Delete the temporaries of ``path`` whose writer, on this host, no longer runs.
+    """Delete the temporaries of ``path`` whose writer, in this pid space, no longer runs.
 
     A writer killed between writing its temporary and renaming it (SIGKILL runs no ``finally``)
-    leaves ``<name>.tmp-<host>-<pid>-<random>`` beside the file, forever: a file no manifest
+    leaves ``<name>.tmp-<space>-<pid>-<random>`` beside the file, forever: a file no manifest
     lists. The next atomic write of the same file removes those of dead processes. A live
-    writer's temporary, or one written from another host sharing the folder, is left alone.
+    writer's temporary, or one written from another machine or container sharing the folder
+    (another boot or pid namespace, where its pid means nothing here), is left alone.
     """
     folder, name = os.path.split(path)
     prefix = f"{name}{TEMP_INFIX}"
@@ -179,9 +181,9 @@ def remove_stale_temporaries(path: str) -> list[str]:
         return []
     removed = []
     for entry in entries:
-        owner = entry[len(prefix) :].rpartition("-")[0]  # <host>-<pid>, before the random part
-        host, _, pid = owner.rpartition("-")
-        if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+        owner = entry[len(prefix) :].rpartition("-")[0]  # <space>-<pid>, before the random part
+        space, _, pid = owner.rpartition("-")
+        if space != _space_tag() or not pid.isdigit() or alive(int(pid)):
             continue
         try:
             os.remove(os.path.join(folder, entry))
@@ -191,7 +193,29 @@ def remove_stale_temporaries(path: str) -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_space() -> str:
+    """This kernel boot and pid namespace: where a pid means the same process (Linux; else unknown).
+
+    A hostname is not enough: containers sharing one (host networking) have their own pids.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+def _space_tag() -> str:
+    """``pid_space`` as a short name part; where it is unknown, the host (the best left)."""
+    space = pid_space()
+    if not space:
+        return socket.gethostname().replace("-", "_")
+    return hashlib.sha256(space.encode()).hexdigest()[:12]
+
+
+def alive(pid: int) -> bool:
+    """Whether a process has ``pid`` (in this pid space); someone else's process counts as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

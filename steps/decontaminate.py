@@ -26,7 +26,14 @@ from schemas import columns as c
 from schemas import reasons as r
 from schemas.recipe import DecontaminationConfig, EvalPromptSet, FilePrompts, HFPrompts
 from steps.base import StageStats, read_table, write_table
-from steps.prompts import InvalidRow, PromptSourceError, load_hf_split, normalise_messages, raw_rows
+from steps.prompts import (
+    InvalidRow,
+    PromptSourceError,
+    check_prompts,
+    load_hf_split,
+    normalise_messages,
+    raw_rows,
+)
 from steps.resume import WorkArea, sha256_of
 
 STAGE = "decontamination"
@@ -100,6 +107,19 @@ def _source(spec: EvalPromptSet) -> FilePrompts | HFPrompts:
     return HFPrompts(
         source="hf", path=spec.hf, config=spec.config, split=spec.split, prompt_column=spec.prompt_column
     )
+
+
+def check_sets(config: DecontaminationConfig) -> None:
+    """Every eval set readable and holding a usable prompt, found before any model loads.
+
+    Reads each set only up to its first usable row (``check_prompts``) and writes nothing: the
+    index itself is built by the prompt stage, under the run's lease on the work location.
+    """
+    for i, spec in enumerate(config.sets):
+        try:
+            check_prompts(_source(spec))
+        except PromptSourceError as exc:
+            raise _where_error(f"prompts.decontaminate.sets[{i}] ({spec.name})", exc) from None
 
 
 def _where_error(where: str, exc: PromptSourceError) -> PromptSourceError:

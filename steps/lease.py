@@ -44,7 +44,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.recipe import LockSettings
-from steps.base import join_uri, write_bytes_atomic
+from steps.base import alive, join_uri, pid_space, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Holder:
     expires_at: float
     ttl_s: float
     token: str  # new with every write, so no two versions of the object are ever equal
-    space: str = ""  # the kernel boot and pid namespace its pid belongs to (``_pid_space``)
+    space: str = ""  # the kernel boot and pid namespace its pid belongs to (``steps.base.pid_space``)
 
     @classmethod
     def new(cls, owner: str, purpose: str, ttl_s: float) -> Holder:
@@ -91,7 +91,7 @@ class Holder:
             now + ttl_s,
             ttl_s,
             uuid.uuid4().hex,
-            _pid_space(),
+            pid_space(),
         )
 
     def process_gone(self) -> bool:
@@ -100,15 +100,7 @@ class Holder:
         A run killed on this machine is then taken over at once instead of after its expiry. A pid
         reused by another process reads as alive: the lease then simply waits for its expiry.
         """
-        if not self.space or self.space != _pid_space():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # someone else's live process
-            return False
-        return False
+        return bool(self.space) and self.space == pid_space() and not alive(self.pid)
 
     def renewed(self) -> Holder:
         return replace(self, expires_at=time.time() + self.ttl_s, token=uuid.uuid4().hex)
@@ -277,7 +269,9 @@ class Lease:
         while not self._stop.wait(self._renew_s) and self._lost is None:
             try:
                 self._renew_once()
-            except OSError as exc:  # a storage hiccup: try again next time; expiry decides if it lasts
+            except (
+                Exception
+            ) as exc:  # a storage hiccup (any client's error): retry; expiry decides if it lasts
                 log.warning("could not renew the lease on %s %s (%s); retrying", self.what, self.root, exc)
 
     def _renew_once(self) -> None:
@@ -365,16 +359,6 @@ def acquire(
         if got is not None:
             return Lease(root, what, store, mine, got, settings.renew_s)
         # Another run changed the lease between our read and our write: look again.
-
-
-def _pid_space() -> str:
-    """This kernel boot and pid namespace: where a pid means the same process (Linux; else unknown)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            boot = handle.read().strip()
-        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
-    except OSError:
-        return ""
 
 
 def _stale(

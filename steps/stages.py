@@ -221,12 +221,6 @@ def reads_a_model(config: Any) -> bool:
     return not isinstance(config, BleuConfig)
 
 
-def label_part(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> Done:
-    """One labeler's scores for one shard, found again when the labeler and both inputs are unchanged."""
-    [part] = label_parts([config], area, prompts, responses)
-    return part
-
-
 def _label_key(config: Any, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> tuple[str, str]:
     """A labeler's own part: its settings and both inputs, whichever labelers it is scored with."""
     stage = f"label:{config.kind}"

@@ -26,6 +26,8 @@ from tests.conftest import ROOT
 from tests.test_resume import write_recipe
 from tests.test_s3 import bucket, s3_endpoint  # noqa: F401  (fixtures, used by name)
 
+pytestmark = pytest.mark.integration  # real processes and moto's S3 server
+
 FAST = LockSettings(expiry_s=3.0, renew_s=0.5)
 
 
@@ -170,7 +172,9 @@ def test_the_lease_is_renewed_while_held_and_a_takeover_is_noticed(tmp_path: Pat
         path = tmp_path / "out" / lease.LEASE_FILE
         other = lease.Holder.new("someone-else", "other run", 60.0)
         store = lease._store(root)
-        assert store.swap(other.to_bytes(), store.read()[1]) is not None
+        # The renewal thread may write between our read and our swap: retry on a stale version.
+        while store.swap(other.to_bytes(), store.read()[1]) is None:
+            time.sleep(0.01)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -156,6 +156,21 @@ def test_the_index_is_built_once_per_set_checksum(tmp_path: Path) -> None:
     assert not changed.resumed and changed.stats.rows_in == 5
 
 
+def test_the_index_built_in_small_batches_equals_one_built_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eval set streams into the index batch by batch: batching must not change what it holds."""
+    from steps import decontaminate
+
+    spec = {"name": "mini", "uri": eval_file(tmp_path), "columns": {"prompt": "question"}}
+    whole = Decontaminator(DecontaminationConfig(sets=[spec]), WorkArea(str(tmp_path / "a"))).indexes[0]
+    monkeypatch.setattr(decontaminate, "INDEX_BATCH_ROWS", 1)
+    batched = Decontaminator(DecontaminationConfig(sets=[spec]), WorkArea(str(tmp_path / "b"))).indexes[0]
+    assert whole.grams.height > 0
+    assert batched.grams.sort(["gram", "item", "pos"]).equals(whole.grams.sort(["gram", "item", "pos"]))
+    assert batched.items.equals(whole.items) and batched.stats.to_dict() == whole.stats.to_dict()
+
+
 def test_several_sets_from_parquet_and_datasets_each_name_their_drops(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": ["Name three primes."]}), tmp_path / "a.parquet")
     folder = tmp_path / "hfset"
@@ -413,7 +428,10 @@ def test_gc_keeps_the_eval_index_and_the_slot_lists_a_run_used(
     record.add([*entries, *(area.entry_of(s.uri) for s in [*shards, *responses]), *(s for s in slots if s)])
     record.finish()
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "work").rglob("*") if p.is_file())
+    unused = tmp_path / "work" / "sampling" / f"{'0' * 32}.data.parquet"  # no record names it
+    unused.write_bytes(b"x")
     collect(work, keep_runs=1, report=lambda _: None)
+    assert not unused.exists(), "the control: GC does remove what no run used"
     after = sorted(p.relative_to(tmp_path) for p in (tmp_path / "work").rglob("*") if p.is_file())
     assert after == before, "GC removed something the run used"
     again: set[str] = set()

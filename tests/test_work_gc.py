@@ -69,6 +69,7 @@ def test_gc_keeps_the_latest_runs_entries_frees_the_rest_and_waits_for_live_runs
     code, said = gc(work, capsys, "--dry-run")
     assert code == 0 and "would remove" in said, said
     assert files(work) == before, "a dry run removes nothing"
+    assert sorted((work / work_gc.RECORDS_DIR / "resume-test").glob("*.json")) == sorted(records)
     would_free = freed(said)
     assert would_free > 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from huggingface_hub import DatasetCard
 
 from schemas import columns as c
 from schemas.recipe import Recipe
-from steps import writer
+from steps import base, writer
 from steps.base import write_bytes_atomic, write_table
 from steps.card import fence, md
 from steps.pairing import make_pairs
@@ -201,6 +200,14 @@ base.write_bytes_atomic(sys.argv[1], b"never published")
 """
 
 
+def killed_pid(tmp_path: Path) -> int:
+    """A pid that no process has any more."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(proc.stdout)
+
+
 def test_a_writer_killed_before_its_rename_leaves_no_temporary_after_the_next_write(tmp_path: Path) -> None:
     """A kill in the few milliseconds before the rename broke tests/test_kill_loop.py's "no file outside
     the manifest": SIGKILL runs no ``finally``, and the temporary stayed for good."""
@@ -212,9 +219,12 @@ def test_a_writer_killed_before_its_rename_leaves_no_temporary_after_the_next_wr
     assert len(left) == 1 and left[0].startswith("manifest.json.tmp-"), left
     assert target.read_bytes() == b"old"
     # A live writer's temporary (this process's pid) is not touched.
-    live = tmp_path / f"manifest.json.tmp-{socket.gethostname()}-{os.getpid()}-0000abcd"
+    live = tmp_path / f"manifest.json.tmp-{base._space_tag()}-{os.getpid()}-0000abcd"
     live.write_bytes(b"being written")
+    # A dead pid from another pid space (a container sharing this host's name) is not ours to judge.
+    elsewhere = tmp_path / f"manifest.json.tmp-{'f' * 12}-{killed_pid(tmp_path)}-0000abcd"
+    elsewhere.write_bytes(b"another container's")
 
     write_bytes_atomic(str(target), b"new")
     assert target.read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, elsewhere.name])
