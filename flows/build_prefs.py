@@ -267,6 +267,11 @@ def build_prefs(
     """
     config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
     work_uri = check_placement(model_deployment, batch_shards, dask, work_uri, model_start_timeout)
+    if gc_keep_runs is not None and gc_keep_runs < 1:  # found now, not after the run has published
+        raise RecipeError(
+            f"gc_keep_runs must be at least 1 (got {gc_keep_runs}): "
+            "the latest run's entries are what a resume needs"
+        )
     settings, purpose, say = lock or LockSettings(), f"build-prefs {config.name}", get_run_logger().warning
     with lease.held_each([("output", out), ("work location", work_uri)], settings, purpose, say) as leases:
         return _build(
@@ -299,8 +304,8 @@ def _build(
     quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
     filter_entries: set[str] = set()
     prompts, prompt_stats, prompt_filters = prompts_task(config, area, filter_entries)
-    slots = [stages.slot_entry(config, area, p) for p in prompts]
-    record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *(s for s in slots if s)])
+    slots = stages.slot_entries(config, area, prompts)
+    record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *slots])
     if model_deployment:
         run_model_batches(
             model_deployment,

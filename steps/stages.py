@@ -160,11 +160,10 @@ def _slot_uri(area: WorkArea, settings: dict[str, Any], slot: str) -> str:
     return join_uri(area.root, "sampling", "slots", f"{area.key('sampling', settings, ['slot', slot])}.json")
 
 
-def slot_entry(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> str | None:
-    """The slot list a shard's sampling reads and writes, as a run-record entry (None: no slot)."""
-    if not prompts.slot:
-        return None
-    return area.entry_of(_slot_uri(area, sampling_settings(recipe), prompts.slot))
+def slot_entries(recipe: Recipe, area: WorkArea, prompts: list[ShardResult]) -> list[str]:
+    """The slot lists the shards' sampling reads and writes, as run-record entries."""
+    settings = sampling_settings(recipe)  # resolves the policy's model: once, not per shard
+    return [area.entry_of(_slot_uri(area, settings, p.slot)) for p in prompts if p.slot]
 
 
 def _slot_keys(uri: str) -> list[str]:

@@ -37,15 +37,11 @@ from steps.prompts import PromptSourceError, normalise_messages, prompt_id
 from steps.publish import funnel_steps
 from steps.resume import WorkArea
 from tests.conftest import FakeEngine
+from tests.test_prompts import jsonl
 
 # A 16-word benchmark question: covering 8 of its words is exactly the default threshold (0.5).
 EVAL_QUESTION = "Natalia sold clips to 48 of her friends in April and half as many in May"
 SHORT_EVAL = "What is 2+2?"
-
-
-def jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return str(path)
 
 
 def eval_file(tmp_path: Path, name: str = "bench.jsonl", column: str = "question") -> str:
@@ -423,9 +419,9 @@ def test_gc_keeps_the_eval_index_and_the_slot_lists_a_run_used(
     responses = [stages.sample(recipe, area, s) for s in shards]
     assert entries and all(e.startswith("decontamination/") for e in entries)
     record = RunRecord(work, recipe.name, str(tmp_path / "out"))
-    slots = [stages.slot_entry(recipe, area, s) for s in shards]
-    assert all(slots)
-    record.add([*entries, *(area.entry_of(s.uri) for s in [*shards, *responses]), *(s for s in slots if s)])
+    slots = stages.slot_entries(recipe, area, shards)
+    assert len(slots) == len(shards)
+    record.add([*entries, *(area.entry_of(s.uri) for s in [*shards, *responses]), *slots])
     record.finish()
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "work").rglob("*") if p.is_file())
     unused = tmp_path / "work" / "sampling" / f"{'0' * 32}.data.parquet"  # no record names it

@@ -17,16 +17,9 @@ import pytest
 
 from flows import build_prefs as bp
 from schemas.recipe import LockSettings
-from steps import faults, lease, sampling, work_gc
+from steps import faults, lease, work_gc
 from tests.conftest import ROOT, FakeEngine
-from tests.test_resume import markers, run, write_recipe
-
-
-@pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch, prefect_home: Path) -> FakeEngine:
-    fake = FakeEngine()
-    monkeypatch.setattr(sampling, "load_engine", lambda policy: fake)
-    return fake
+from tests.test_resume import engine, markers, run, write_recipe  # noqa: F401  (engine: a fixture)
 
 
 def files(work: Path) -> dict[str, int]:
@@ -58,7 +51,9 @@ def freed(report: str) -> int:
 
 
 def test_gc_keeps_the_latest_runs_entries_frees_the_rest_and_waits_for_live_runs(
-    tmp_path: Path, engine: FakeEngine, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    engine: FakeEngine,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out, new = two_settings(tmp_path)
     work = out / ".work"
@@ -99,7 +94,9 @@ def test_gc_keeps_the_latest_runs_entries_frees_the_rest_and_waits_for_live_runs
 
 
 def test_gc_killed_midway_leaves_a_state_that_the_next_gc_and_the_next_run_complete(
-    tmp_path: Path, engine: FakeEngine, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    engine: FakeEngine,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out, new = two_settings(tmp_path)
     work = out / ".work"
