@@ -154,13 +154,21 @@ def flow_runs(stack: dict[str, Any], flow_name: str) -> list[dict[str, Any]]:
     return [r for r in runs if r["state"]["type"] != "SCHEDULED"]  # not the nightly schedule's future runs
 
 
-def run_logs(stack: dict[str, Any], run_id: str, newest: bool = False) -> str:
-    """A run's log messages, the first 200 (the API's most per request) or, with ``newest``, the last."""
+def run_logs(stack: dict[str, Any], run_id: str, newest: bool = False, until: str | None = None) -> str:
+    """A run's log messages, the first 200 (the API's most per request) or, with ``newest``, the last.
+
+    A run is marked finished before its process has shipped its last log lines (Prefect sends them
+    in the background, in batches), so ``until`` waits, up to 60 s, for a line containing it.
+    """
     order = "TIMESTAMP_DESC" if newest else "TIMESTAMP_ASC"
     body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": order, "limit": 200}
-    return "\n".join(
-        r["message"] for r in httpx.post(f"{stack['api']}/logs/filter", json=body, timeout=10).json()
-    )
+    deadline = time.monotonic() + 60
+    while True:
+        rows = httpx.post(f"{stack['api']}/logs/filter", json=body, timeout=10).json()
+        text = "\n".join(r["message"] for r in rows)
+        if until is None or until in text or time.monotonic() > deadline:
+            return text
+        time.sleep(1)
 
 
 def tiny_recipe(path: Path, model: Path, labelers: list[dict[str, Any]]) -> Path:
@@ -250,10 +258,10 @@ def test_nightly_deployment_runs_its_model_stage_on_the_gpu_pool(
     assert {r["work_pool_name"] for r in remote} == {"gpu"}
     assert len(markers(work, "sampling")) == 4 and len(markers(work, "label/density_ratio")) == 4
     # ... and the pipeline itself found those shards finished instead of computing them again.
-    logs = run_logs(stack, run_id)
+    logs = run_logs(stack, run_id, until="found finished earlier, reused")
     assert logs.count("found finished earlier, reused") >= 4, logs
     # The nightly parameters collect garbage after publishing; the run left its record for the next GC.
-    last = run_logs(stack, run_id, newest=True)
+    last = run_logs(stack, run_id, newest=True, until="gc of ")
     assert "gc of " in last and "removed 0 entries" in last, last
     records = list((work / work_gc.RECORDS_DIR / "pools").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["status"] == "finished"
