@@ -80,12 +80,22 @@ def test_a_smoke_run_is_not_a_measurement(tmp_path: Path) -> None:
         rc.load_rates(tmp_path / "bad.json")
 
 
+MEASURED = sorted(rc.DEFAULT_RATES.parent.glob("gpu_rates_*.json"))
+
+
+def test_both_target_cards_are_measured() -> None:
+    cards = {rc.load_rates(path)[0] for path in MEASURED}
+    assert any("H100" in c for c in cards) and any("H200" in c for c in cards), cards
+
+
+@pytest.mark.parametrize("rates", MEASURED, ids=lambda p: p.stem)
 @pytest.mark.parametrize("name", ["gpu-onpolicy", "ultrafeedback-like"])
-def test_shipped_recipes_price_on_the_shipped_measurement(
-    name: str, capsys: pytest.CaptureFixture[str]
+def test_shipped_recipes_price_on_each_shipped_measurement(
+    name: str, rates: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert rc.main([name, "--usd-per-gpu-hour", "3"]) == 0
+    assert rc.main([name, "--rates", str(rates), "--usd-per-gpu-hour", "3"]) == 0
     out = capsys.readouterr().out
-    assert "GPU-hours" in out and "per GPU-hour (your price)" in out
-    _, priced = rc.estimate(load_recipe(name), rc.DEFAULT_RATES)
+    card, _ = rc.load_rates(rates)
+    assert "GPU-hours" in out and "per GPU-hour (your price)" in out and card in out
+    _, priced = rc.estimate(load_recipe(name), rates)
     assert all(p.gpu_hours > 0 for p in priced)
