@@ -153,8 +153,14 @@ def run_model_batches(
             message = (run.state.message if run.state is not None else None) or "no message"
             failures.append(f"{what(i)}: flow run {run.name} ({run.id}) ended {state}: {message}")
 
+    def vanished(i: int, run_id: Any) -> None:
+        failures.append(
+            f"{what(i)}: flow run {submitted[i - 1].name} ({run_id}) is gone from the Prefect server "
+            "(deleted while this run waited for it), so it can never report an end"
+        )
+
     stall = run_coro_as_sync(
-        _await_runs([run.id for run in submitted], finished, stage, logger, start_timeout)
+        _await_runs([run.id for run in submitted], finished, stage, logger, start_timeout, vanished)
     )
     problems = []
     if stall is not None:
@@ -188,11 +194,14 @@ async def _await_runs(
     finished: Callable[[int, Any], None],
     stage: str,
     logger: Any,
-    start_timeout: float = DEFAULT_START_TIMEOUT_S,
+    start_timeout: float,
+    vanished: Callable[[int, Any], None],
 ) -> Stall | None:
     """Wait for every run, reading their states every few seconds; cancel them if none can start.
 
-    ``finished(i, run)`` is called as each ends (1-based, in submission order of ``run_ids``).
+    ``finished(i, run)`` is called as each ends (1-based, in submission order of ``run_ids``);
+    ``vanished(i, run_id)`` for a run the server no longer knows (deleted while we waited: it
+    will never end, so waiting on would hang the pipeline). Two reads in a row must miss it.
     States are read rather than only final ones awaited, because a stalled pool and a busy one
     differ in what the other runs do: while any batch of the stage runs, waiting ones are queued
     behind it (a pool at its concurrency limit) and wait as long as it takes. The clock restarts
@@ -211,12 +220,20 @@ async def _await_runs(
     index = {run_id: i for i, run_id in enumerate(run_ids, start=1)}
     progress = time.monotonic()
     warned = False
+    missing: set[Any] = set()
     async with get_client() as client:
         while index:
             runs = await client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(index))), limit=len(index)
             )
             waiting = []
+            listed = {run.id for run in runs}
+            absent = [run_id for run_id in index if run_id not in listed]
+            for run_id in absent:
+                if run_id in missing:
+                    vanished(index.pop(run_id), run_id)
+                    progress = time.monotonic()
+            missing = {run_id for run_id in absent if run_id in index}
             for run in runs:
                 if run.state is not None and run.state.is_final():
                     finished(index.pop(run.id), run)

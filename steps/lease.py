@@ -12,7 +12,8 @@ Every change of the lease is a compare-and-swap, so two runs never both believe 
 * local disks: the read-compare-write happens under ``flock`` on a sibling guard file, and the
   lease is replaced by an atomic rename (NFS: only where the mount's locks work, NFSv4 usually);
 * S3 and stores that implement S3's conditional writes (AWS since 2024, MinIO, moto): created with
-  ``If-None-Match: *``, renewed and taken over with ``If-Match: <ETag>``;
+  ``If-None-Match: *``, renewed, taken over and removed with ``If-Match: <ETag>`` (a conditional
+  delete: AWS since 2025; a store that ignores it on deletes still gets a read-and-compare first);
 * any other fsspec store: best effort. The lease is written, read back after ``SETTLE_S`` and kept
   only if the write survived; two runs that start within that window can both go on.
 
@@ -210,8 +211,18 @@ class _S3Store:
         return str(out["ETag"])
 
     def delete(self, expected: str) -> None:
-        if self.read()[1] == expected:  # ours and live: nobody may take it over before we delete it
-            self.fs.rm_file(self.path)
+        # Conditional, like the writes: a lease taken over between a read and a plain delete would
+        # be removed under its new holder, letting a third run in beside it. The read first still
+        # protects on a store that ignores the condition on deletes.
+        if self.read()[1] != expected:
+            return
+        try:
+            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=expected)
+        except OSError as exc:
+            if not _precondition_failed(exc):
+                raise
+        finally:
+            self.fs.invalidate_cache(self.path)
 
 
 class _BestEffortStore:

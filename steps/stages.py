@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +38,7 @@ from steps.consistency import consistency_stage, read_columns
 from steps.cost import JOINTLY, PASS_TOKENS, SCORED
 from steps.decontaminate import Decontaminator
 from steps.engines import resolve_model, tokens_through_models
-from steps.labelers.joint import label_jointly
+from steps.labelers.joint import Labelled, label_jointly
 from steps.labelers.registry import build_labeler
 from steps.near_duplicates import NearDuplicates
 from steps.pairing import pair_shard
@@ -233,16 +234,25 @@ def label_parts(
 
     Every part keeps its own key and marker, so a changed labeler recomputes alone and an
     unchanged one is found finished; those computed now read their models in one pass per
-    engine (``steps.labelers.joint``), where the text they share runs once.
+    engine (``steps.labelers.joint``), where the text they share runs once. Each part is stored
+    as soon as its pass ends, not when the shard's last one does: a run killed during a later
+    pass finds the earlier passes' parts finished.
     """
     keys = [_label_key(config, area, prompts, responses) for config in configs]
-    found = [area.lookup(stage, key) for stage, key in keys]
-    todo = [config for config, done in zip(configs, found, strict=True) if done is None]
-    computed = iter(_label_now(todo, prompts, responses) if todo else [])
-    parts = []
-    for config, (stage, key), done in zip(configs, keys, found, strict=True):
-        parts.append(done or _store(area, stage, key, *next(computed), f"labels of {config.name}"))
-    return parts
+    parts = [area.lookup(stage, key) for stage, key in keys]
+    todo = [i for i, done in enumerate(parts) if done is None]
+
+    def keep(j: int, table: pa.Table, stats: StageStats) -> None:
+        i = todo[j]
+        parts[i] = _store(area, *keys[i], table, stats, f"labels of {configs[i].name}")
+
+    if todo:
+        _label_now([configs[i] for i in todo], prompts, responses, keep)
+    done = [part for part in parts if part is not None]
+    if len(done) != len(parts):  # label_jointly hands over every labeler or raises
+        unwritten = [configs[i].name for i, part in enumerate(parts) if part is None]
+        raise RuntimeError(f"labeling left parts unwritten: {unwritten}")
+    return done
 
 
 def _store(area: WorkArea, stage: str, key: str, table: pa.Table, stats: StageStats, what: str) -> Done:
@@ -256,9 +266,13 @@ def _store(area: WorkArea, stage: str, key: str, table: pa.Table, stats: StageSt
 
 
 def _label_now(
-    configs: list[Any], prompts: ShardResult, responses: ShardResult
-) -> list[tuple[pa.Table, StageStats]]:
-    """The tables and stats of ``configs`` for one shard, their model reads pooled per engine.
+    configs: list[Any],
+    prompts: ShardResult,
+    responses: ShardResult,
+    keep: Callable[[int, pa.Table, StageStats], None],
+) -> None:
+    """The tables and stats of ``configs`` for one shard, their model reads pooled per engine,
+    each handed to ``keep`` (with its index in ``configs``) as soon as it exists.
 
     A labeler's seconds include loading its models (once per process: the first labeler reading a
     model pays) and an equal share of any pass it shared; its ``tokens_scored`` the same share of
@@ -270,18 +284,20 @@ def _label_now(
         start = time.perf_counter()
         labelers.append(build_labeler(config))
         loading.append(time.perf_counter() - start)  # a model loads once per process, for its first reader
-    labelled = label_jointly(labelers, read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES))
-    out = []
-    for config, done, load in zip(configs, labelled, loading, strict=True):
+
+    def finished(i: int, done: Labelled) -> None:
         stats = done.stats
-        if reads_a_model(config):
+        if reads_a_model(configs[i]):
             stats.counts[SCORED] = done.tokens
         if done.shared_by > 1:
             stats.counts[JOINTLY] = 1
             stats.counts[PASS_TOKENS] = done.pass_tokens
-        stats.seconds = load + done.seconds
-        out.append((done.table, stats))
-    return out
+        stats.seconds = loading[i] + done.seconds
+        keep(i, done.table, stats)
+
+    label_jointly(
+        labelers, read_table(prompts.uri, PROMPTS), read_table(responses.uri, RESPONSES), on_done=finished
+    )
 
 
 def label_entries(recipe: Recipe, area: WorkArea, prompts: ShardResult, responses: ShardResult) -> list[str]:

@@ -218,3 +218,40 @@ def test_label_keeps_one_part_per_labeler_and_the_cost_says_what_was_shared(
     assert {s["shards"] for s in shares.values()} == {1}
     [pass_tokens] = {s["pass_tokens"] for s in shares.values()}
     assert sum(entry["tokens_scored"] for entry in cost["labelers"].values()) == pass_tokens
+
+
+def test_a_run_killed_in_a_later_pass_keeps_the_parts_earlier_passes_finished(
+    shared: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines, two passes: the first pass's part is stored before the second pass starts."""
+    from steps.engines.transformers_engine import TransformersEngine
+    from steps.labelers import joint
+
+    tokenizer = smollm2_tokenizer()
+    other = TransformersEngine.from_loaded(tiny_llama(tokenizer), tokenizer, "other", row_tokens=128)
+    monkeypatch.setattr(judge_pointwise, "load_engine", lambda config: other)
+    shard = (
+        stored(PROMPTS_TABLE, PROMPTS, tmp_path / "p.parquet"),
+        stored(RESPONSES_TABLE, RESPONSES, tmp_path / "r.parquet"),
+    )
+    area = WorkArea(str(tmp_path / "work"))
+    chosen = [BleuConfig(), configs()[0], PointwiseJudgeConfig(kind="judge_pointwise")]
+    real, calls = joint.read_plans, []
+
+    def dies_in_the_second_pass(plans: Any) -> Any:
+        calls.append(len(plans))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed during the second pass")
+        return real(plans)
+
+    monkeypatch.setattr(joint, "read_plans", dies_in_the_second_pass)
+    with pytest.raises(KeyboardInterrupt):
+        stages.label_parts(chosen, area, *shard)
+    keys = [stages._label_key(config, area, *shard) for config in chosen]
+    assert [area.lookup(*key) is not None for key in keys] == [True, True, False]
+
+    monkeypatch.setattr(joint, "read_plans", real)
+    before = (shared.tokens_processed, other.tokens_processed)
+    rerun = stages.label_parts(chosen, area, *shard)
+    assert [part.resumed for part in rerun] == [True, True, False]
+    assert shared.tokens_processed == before[0] and other.tokens_processed > before[1]

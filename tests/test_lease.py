@@ -213,3 +213,19 @@ def test_a_run_on_a_busy_output_with_on_busy_fail_stops_before_any_work(
     err = capsys.readouterr().err
     assert code == 1 and f"pid {os.getpid()}" in err and "build-prefs another-run" in err, err
     assert not (out / "manifest.json").exists() and not (out / ".work" / "sampling").exists()
+
+
+def test_release_never_removes_a_lease_another_run_took_over_in_between(bucket: str) -> None:  # noqa: F811
+    """On S3 the delete compares and deletes in one request (``If-Match``): a takeover landing after
+    the run last read its lease, as if between that read and the delete, keeps the new holder's
+    lease. (On a local disk both happen under one ``flock``, so no takeover can land between.)"""
+    store = lease._store(f"s3://{bucket}/out")
+    ours = store.swap(lease.Holder.new("us", "this run", 60.0).to_bytes(), None)
+    assert ours is not None
+    theirs = lease.Holder.new("them", "the run that took over", 60.0).to_bytes()
+    assert store.swap(theirs, ours) is not None
+    stale_read = (b"", ours)  # what the releasing run saw just before the takeover
+    store.read = lambda: stale_read  # type: ignore[method-assign]
+    store.delete(ours)
+    del store.read
+    assert store.read()[0] == theirs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,54 @@ def test_batches_no_worker_starts_are_cancelled_and_the_run_fails_naming_the_poo
     assert asyncio.run(states()) == [StateType.CANCELLED] * 2, "no run may stay queued for a later worker"
 
 
+def test_a_batch_deleted_from_the_server_fails_the_run_instead_of_hanging_it(
+    tmp_path: Path, idle_deployment: tuple[str, Any]
+) -> None:
+    """A deleted run never reaches a final state; a wait that only looked for one would never end."""
+    import threading
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    pool, deployment_id = idle_deployment
+    shard = tmp_path / "prompts.parquet"
+    shard.write_bytes(b"not read: the batches are deleted before any worker could start them")
+    prompts = [ShardResult(str(shard), 1, StageStats("prompts"), "0" * 64) for _ in range(3)]
+    deleted: list[Any] = []
+
+    def delete_both() -> None:
+        with get_client(sync_client=True) as client:
+            for _ in range(300):
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+                )
+                if len(runs) == 2:
+                    for run in runs:
+                        client.delete_flow_run(run.id)
+                        deleted.append(run.id)
+                    return
+                time.sleep(0.1)
+
+    @flow
+    def pipeline() -> None:
+        config = Recipe.model_validate({"name": "gone"})
+        run_model_batches(
+            f"{MODEL_FLOW}/{pool}", config, str(tmp_path), "sampling", prompts, 2, False, None, 600
+        )
+
+    deleter = threading.Thread(target=delete_both)
+    deleter.start()
+    with pytest.raises(ModelPoolError) as failed:
+        pipeline()
+    deleter.join()
+    message = str(failed.value)
+    assert len(deleted) == 2 and "2 of 2 batch(es) failed" in message, message
+    assert "batch 1/2 (shards 1-2)" in message and "batch 2/2 (shards 3-3)" in message
+    assert "is gone from the Prefect server" in message and all(str(i) in message for i in deleted)
+    assert "rerun the same command" in message
+
+
 def test_a_batch_queued_behind_a_running_one_waits_and_a_stuck_pending_one_is_cancelled(
     idle_deployment: tuple[str, Any],
 ) -> None:
@@ -183,6 +232,7 @@ def test_a_batch_queued_behind_a_running_one_waits_and_a_stuck_pending_one_is_ca
                     "sampling",
                     logging.getLogger(),
                     0.5,
+                    lambda i, run_id: ended.append((i, StateType.CRASHED)),
                 )
             )
             await asyncio.sleep(2.5)  # five timeouts while batch 1 runs: batch 2 is queued, not stalled

@@ -11,7 +11,7 @@ models) run alone, as they would on their own.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,8 +64,17 @@ def _shares(total: int, n: int) -> list[int]:
     return [base + (k < extra) for k in range(n)]
 
 
-def label_jointly(labelers: Sequence[Labeler], prompts: pa.Table, responses: pa.Table) -> list[Labelled]:
-    """Every labeler's table for one shard, in order; those reading common engines in one pass each."""
+def label_jointly(
+    labelers: Sequence[Labeler],
+    prompts: pa.Table,
+    responses: pa.Table,
+    on_done: Callable[[int, Labelled], None] | None = None,
+) -> list[Labelled]:
+    """Every labeler's table for one shard, in order; those reading common engines in one pass each.
+
+    ``on_done(i, labelled)`` hears of each labeler as soon as its table exists, so a caller can
+    keep it before the next pass runs: a run killed in a later pass keeps what earlier ones read.
+    """
     shard = Shard.of(prompts, responses)
     groups = shard.groups
     plans: dict[int, Plan] = {}
@@ -82,6 +91,8 @@ def label_jointly(labelers: Sequence[Labeler], prompts: pa.Table, responses: pa.
         table, stats = labeler.tabulate(shard, labeler.score_prompts(groups))
         seconds = time.perf_counter() - start
         out[i] = Labelled(table, stats, seconds, tokens_through_models() - tokens)
+        if on_done is not None:
+            on_done(i, out[i])
     for members in passes(plans):
         engines = list({id(engine): engine for i in members for engine, _ in plans[i].reads}.values())
         start, tokens = time.perf_counter(), _tokens_read(engines)
@@ -92,4 +103,6 @@ def label_jointly(labelers: Sequence[Labeler], prompts: pa.Table, responses: pa.
             table, stats = labelers[i].tabulate(shard, plans[i].finish(answer))
             seconds = own[i] + time.perf_counter() - start + pass_seconds / len(members)
             out[i] = Labelled(table, stats, seconds, token_share, len(members), pass_seconds, pass_tokens)
+            if on_done is not None:
+                on_done(i, out[i])
     return [out[i] for i in range(len(labelers))]
