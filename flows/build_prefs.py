@@ -266,7 +266,7 @@ def build_prefs(
     none of the last N runs of any recipe used.
     """
     config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
-    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri, model_start_timeout)
+    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri, model_start_timeout, config)
     if gc_keep_runs is not None and gc_keep_runs < 1:  # found now, not after the run has published
         raise RecipeError(
             f"gc_keep_runs must be at least 1 (got {gc_keep_runs}): "
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         if engine_check is not None:
             print(engine_check.describe(), file=sys.stderr)
         check_placement(
-            args.model_deployment, args.batch_shards, args.dask, work_uri, args.model_start_timeout
+            args.model_deployment, args.batch_shards, args.dask, work_uri, args.model_start_timeout, loaded
         )
         check_eval_sets(loaded)
     except (

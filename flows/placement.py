@@ -21,6 +21,7 @@ from flows.model_stage import shard_ref
 from flows.temp_server import is_temporary
 from schemas.recipe import Recipe
 from steps.base import ShardResult
+from steps.labelers.checks import check_gpu_shares
 
 
 class PlacementError(ValueError):
@@ -53,12 +54,14 @@ def check_placement(
     dask: str | None,
     work_uri: str,
     start_timeout: float = DEFAULT_START_TIMEOUT_S,
+    recipe: Recipe | None = None,
 ) -> str:
     """Validate where stages run; returns the work location as every worker must name it.
 
     A model pool's workers run in their own processes (other machines, usually), so a relative
     local path would point somewhere else for them: it is made absolute here, and the work
-    location must be storage they share (an object store URI or a shared mount).
+    location must be storage they share (an object store URI or a shared mount). Without a pool,
+    ``recipe``'s vLLM models must fit one process together, the policy's included.
     """
     if batch_shards < 1:
         raise PlacementError(f"--batch-shards must be at least 1, got {batch_shards}")
@@ -69,6 +72,8 @@ def check_placement(
     if dask is not None and dask != "local" and not dask.strip():
         raise PlacementError("--dask takes 'local' or a scheduler address such as tcp://10.0.0.5:8786")
     if model_deployment is None:
+        if recipe is not None:
+            check_gpu_shares(recipe, policy_resident=True)
         return work_uri
     from prefect.settings import PREFECT_API_URL
 

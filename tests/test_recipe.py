@@ -206,3 +206,31 @@ def test_labelers_claiming_more_than_a_gpu_fail_before_loading(tmp_path: Path) -
         check_gpu_shares(load_recipe(write(tmp_path, data)))
     data["labelers"] = data["labelers"][1:]
     check_gpu_shares(load_recipe(write(tmp_path, data)))
+
+
+@pytest.mark.parametrize("name", ["gpu-onpolicy", "ultrafeedback-like"])
+def test_a_gpu_recipe_without_a_model_pool_stops_because_the_policy_stays_loaded(name: str) -> None:
+    """In one process, sampling's engine is still cached when labeling loads: 0.9 + the labelers' 0.9."""
+    from flows.placement import check_placement
+
+    recipe = load_recipe(name)
+    with pytest.raises(RecipeError, match=r"policy\.model: 0\.9.*--model-deployment"):
+        check_placement(None, 8, None, "/tmp/work", recipe=recipe)
+
+
+def test_a_policy_whose_engine_a_labeler_shares_counts_once_in_one_process(tmp_path: Path) -> None:
+    from steps.labelers.checks import check_gpu_shares
+
+    policy = {"engine": "vllm", "model": "org/policy-8B", "gpu_memory_utilization": 0.6}
+    data = {
+        "name": "t",
+        "policy": policy,
+        "labelers": [{"kind": "judge_pointwise", "model": policy}],  # the policy judges itself: one load
+    }
+    check_gpu_shares(load_recipe(write(tmp_path, data)), policy_resident=True)
+    data["labelers"] = [{"kind": "judge_pointwise", "model": {**policy, "model": "org/judge-8B"}}]
+    check_gpu_shares(load_recipe(write(tmp_path, data)))  # on a pool, sampling's process is gone
+    with pytest.raises(
+        RecipeError, match=r"claim 1\.20 .*policy\.model: 0\.6, labelers\.0\.model\.model \(judge\): 0\.6"
+    ):
+        check_gpu_shares(load_recipe(write(tmp_path, data)), policy_resident=True)

@@ -77,23 +77,33 @@ def _load_key(model: ModelConfig) -> tuple[object, ...]:
     return tuple(sorted(model.model_dump().items()))
 
 
-def check_gpu_shares(recipe: Recipe) -> None:
+def check_gpu_shares(recipe: Recipe, policy_resident: bool = False) -> None:
     """vLLM models that one process holds together must not claim more than a whole GPU between them.
 
     Each vLLM engine reserves ``gpu_memory_utilization`` of every GPU it spans. The labeling stage
     loads all its labelers' models in one process (per GPU group on a pool), and the pair judge
     loads where the labelers' engines are still cached, so their shares add up; the second engine
     would otherwise fail for want of memory after the first had loaded, minutes into the run.
-    Equal settings load once and count once. The sum is checked against the first GPU of a group,
-    which every model of the stage spans, whatever its ``tensor_parallel_size``.
+    ``policy_resident``: sampling ran in this same process (no model pool), and the policy's engine
+    stays cached there, so its share counts too. Equal settings load once and count once. The sum
+    is checked against the first GPU of a group, which every model of the stage spans, whatever its
+    ``tensor_parallel_size``.
     """
     held: dict[tuple[object, ...], tuple[str, ModelConfig]] = {}
     for key, model in recipe_models(recipe):
-        if key != "policy.model" and model.engine == "vllm":
+        if (policy_resident or key != "policy.model") and model.engine == "vllm":
             held.setdefault(_load_key(model), (key, model))
     total = sum(model.gpu_memory_utilization for _, model in held.values())
     if total > 1.0 + 1e-9:
         parts = ", ".join(f"{key}: {model.gpu_memory_utilization:g}" for key, model in held.values())
+        if policy_resident and "policy.model" in {key for key, _ in held.values()}:
+            raise RecipeError(
+                f"the policy's and the labelers' vLLM models claim {total:.2f} of each GPU together "
+                f"({parts}); without --model-deployment one process samples and then labels, and the "
+                "policy's engine stays loaded while the labelers load. Run the model stages on a GPU "
+                "pool (--model-deployment, README 'Run on a schedule and on GPU pools'), where each "
+                "stage gets its own process, or lower gpu_memory_utilization until the sum is at most 1"
+            )
         raise RecipeError(
             f"the labelers' vLLM models claim {total:.2f} of each GPU together ({parts}); one process "
             "loads them all, so lower their gpu_memory_utilization until the sum is at most 1 "
