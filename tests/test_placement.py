@@ -251,6 +251,37 @@ def test_a_batch_queued_behind_a_running_one_waits_and_a_stuck_pending_one_is_ca
     assert states == [StateType.COMPLETED, StateType.CANCELLING]
 
 
+def test_each_reason_a_pool_gives_for_not_starting_batches_is_told_apart(prefect_home: Path) -> None:
+    """Paused, missing, no pool at all, and online workers that took nothing: each its own advice."""
+    from types import SimpleNamespace
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Scheduled
+
+    from flows.placement import _why_not_started
+
+    paused, busy = f"paused-{uuid.uuid4().hex[:8]}", f"busy-{uuid.uuid4().hex[:8]}"
+
+    def waiting(pool: str | None) -> list[Any]:
+        return [SimpleNamespace(work_pool_name=pool, state=Scheduled())]
+
+    async def reasons() -> list[str]:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=paused, type="process", is_paused=True))
+            await client.create_work_pool(WorkPoolCreate(name=busy, type="process"))
+            await client.send_worker_heartbeat(busy, "gpu-host-1")
+            return [
+                await _why_not_started(client, waiting(pool)) for pool in (paused, "never-made", None, busy)
+            ]
+
+    said = asyncio.run(reasons())
+    assert said[0] == f"work pool {paused!r} is paused (prefect work-pool resume {paused})"
+    assert said[1].startswith("work pool 'never-made' does not exist (prefect work-pool create never-made")
+    assert said[2].startswith("the deployment has no work pool")
+    assert said[3].startswith(f"work pool {busy!r} has online workers but none took them")
+
+
 def test_a_start_timeout_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(
         PlacementError, match="--model-start-timeout must be a positive number of seconds, got 0"
