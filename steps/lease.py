@@ -272,6 +272,7 @@ class Lease:
         self._version = version
         self._renew_s = renew_s
         self._lost: str | None = None
+        self._swap = threading.Lock()  # the renewal thread and ``check`` take turns writing the lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{what}", daemon=True)
         self._thread.start()
@@ -286,6 +287,11 @@ class Lease:
                 log.warning("could not renew the lease on %s %s (%s); retrying", self.what, self.root, exc)
 
     def _renew_once(self) -> None:
+        with self._swap:
+            if self._lost is None:
+                self._renew_locked()
+
+    def _renew_locked(self) -> None:
         new = self.holder.renewed()
         version = self._store.swap(new.to_bytes(), self._version)
         if version is None:
@@ -301,7 +307,17 @@ class Lease:
         self.holder, self._version = new, version
 
     def check(self) -> None:
-        """Raise unless this run still holds the lease (renewed in time and not taken over)."""
+        """Raise unless this run still holds the lease (renewed in time and not taken over).
+
+        Renews it now, against the store, rather than trusting the renewal thread's last word: a
+        takeover since that renewal (up to ``renew_s`` ago) would otherwise go unnoticed, and the
+        step this check guards would write over the new holder's work. If the store cannot be
+        reached now, the lease still counts as held until its expiry.
+        """
+        try:
+            self._renew_once()
+        except Exception as exc:  # same as a renewal that failed: the expiry below decides
+            log.warning("could not confirm the lease on %s %s (%s)", self.what, self.root, exc)
         if self._lost is not None:
             raise LeaseLostError(f"{self._lost}. Nothing more was published or deleted by this run.")
         if time.time() > self.holder.expires_at:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -23,6 +24,7 @@ from flows import build_prefs as bp
 from schemas.recipe import LockSettings, RecipeError, lock_settings
 from steps import lease
 from tests.conftest import ROOT
+from tests.test_placement import engine  # noqa: F401  (fixture, used by name)
 from tests.test_resume import write_recipe
 from tests.test_s3 import bucket, s3_endpoint  # noqa: F401  (fixtures, used by name)
 
@@ -229,3 +231,27 @@ def test_release_never_removes_a_lease_another_run_took_over_in_between(bucket: 
     store.delete(ours)
     del store.read
     assert store.read()[0] == theirs
+
+
+def test_a_run_whose_output_lease_was_taken_over_does_not_publish(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    engine: Any,  # noqa: F811
+) -> None:
+    """The real flow, its lease stolen after every stage ran and before publishing (a run stalled past
+    its expiry while another took over): it stops, publishing nothing, and leaves the new holder's lease."""
+    out = tmp_path / "out"
+    other = lease.Holder.new("the-new-holder", "another run", 600.0)
+    real = bp.cost_summary
+
+    def taken_over_now(*args: Any, **kwargs: Any) -> Any:
+        store = lease._store(str(out))
+        while store.swap(other.to_bytes(), store.read()[1]) is None:  # the renewal may write in between
+            time.sleep(0.01)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bp, "cost_summary", taken_over_now)
+    with pytest.raises(lease.LeaseLostError, match="the-new-h"):
+        bp.build_prefs(recipe=write_recipe(tmp_path), output=str(out))
+    assert not (out / "manifest.json").exists() and not (out / "README.md").exists()
+    assert json.loads((out / lease.LEASE_FILE).read_bytes())["owner"] == "the-new-holder"
