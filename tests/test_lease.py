@@ -168,8 +168,8 @@ def test_the_lease_is_renewed_while_held_and_a_takeover_is_noticed(tmp_path: Pat
     try:
         first_expiry = held.holder.expires_at
         time.sleep(2.0)  # past the first expiry: only renewal keeps it
+        assert held.holder.expires_at > first_expiry + 1.0  # the background thread renewed it
         held.check()
-        assert held.holder.expires_at > first_expiry + 1.0
         # Another run takes it over (as if this one had stalled past its expiry).
         path = tmp_path / "out" / lease.LEASE_FILE
         other = lease.Holder.new("someone-else", "other run", 60.0)
