@@ -234,3 +234,22 @@ def test_a_policy_whose_engine_a_labeler_shares_counts_once_in_one_process(tmp_p
         RecipeError, match=r"claim 1\.20 .*policy\.model: 0\.6, labelers\.0\.model\.model \(judge\): 0\.6"
     ):
         check_gpu_shares(load_recipe(write(tmp_path, data)), policy_resident=True)
+
+
+def test_a_reward_model_and_a_judge_of_one_checkpoint_are_two_loads(tmp_path: Path) -> None:
+    """Equal settings, but a classifier and a causal LM: two models in memory, two shares."""
+    from steps.labelers.checks import check_gpu_shares
+
+    model = {"engine": "vllm", "model": "org/both-8B", "gpu_memory_utilization": 0.6}
+    data = {
+        "name": "t",
+        "policy": {"engine": "vllm", "model": "org/policy-8B"},
+        "labelers": [
+            {"kind": "reward_model", "model": model},
+            {"kind": "judge_pointwise", "model": model},
+        ],
+    }
+    with pytest.raises(RecipeError, match=r"claim 1\.20 of each GPU"):
+        check_gpu_shares(load_recipe(write(tmp_path, data)))
+    data["labelers"] = [{"kind": "judge_pointwise", "model": model}, {"kind": "follow_up", "model": model}]
+    check_gpu_shares(load_recipe(write(tmp_path, data)))  # two readers of one causal LM: one load

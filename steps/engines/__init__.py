@@ -66,6 +66,15 @@ _REWARD_MODELS: dict[tuple[Any, ...], RewardScorer] = {}
 _LOCK = threading.Lock()
 
 
+def load_key(config: ModelConfig, classifier: bool = False) -> tuple[Any, ...]:
+    """Which load of this process ``config`` gets: equal keys share one model in memory.
+
+    A classifier (``load_reward_model``) is cached apart from a causal LM of the same checkpoint,
+    so the two are different loads even with equal settings.
+    """
+    return ("classifier" if classifier else "lm", *_settings(config))
+
+
 def _settings(policy: ModelConfig) -> tuple[Any, ...]:
     """Everything a loaded model depends on: equal settings share one load."""
     return (

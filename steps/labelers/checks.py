@@ -72,11 +72,6 @@ def recipe_models(recipe: Recipe) -> list[tuple[str, ModelConfig]]:
     return found
 
 
-def _load_key(model: ModelConfig) -> tuple[object, ...]:
-    """Settings under which two configs load one engine (steps.engines caches by all of them)."""
-    return tuple(sorted(model.model_dump().items()))
-
-
 def check_gpu_shares(recipe: Recipe, policy_resident: bool = False) -> None:
     """vLLM models that one process holds together must not claim more than a whole GPU between them.
 
@@ -85,14 +80,18 @@ def check_gpu_shares(recipe: Recipe, policy_resident: bool = False) -> None:
     loads where the labelers' engines are still cached, so their shares add up; the second engine
     would otherwise fail for want of memory after the first had loaded, minutes into the run.
     ``policy_resident``: sampling ran in this same process (no model pool), and the policy's engine
-    stays cached there, so its share counts too. Equal settings load once and count once. The sum
-    is checked against the first GPU of a group, which every model of the stage spans, whatever its
-    ``tensor_parallel_size``.
+    stays cached there, so its share counts too. Equal settings load once and count once, except
+    that a reward model's classifier is a load of its own even where a judge reads the same
+    checkpoint with equal settings. The sum is checked against the first GPU of a group, which
+    every model of the stage spans, whatever its ``tensor_parallel_size``.
     """
+    from steps.engines import load_key
+
+    classifiers = {id(config.model) for config in recipe.labelers if isinstance(config, RewardModelConfig)}
     held: dict[tuple[object, ...], tuple[str, ModelConfig]] = {}
     for key, model in recipe_models(recipe):
         if (policy_resident or key != "policy.model") and model.engine == "vllm":
-            held.setdefault(_load_key(model), (key, model))
+            held.setdefault(load_key(model, classifier=id(model) in classifiers), (key, model))
     total = sum(model.gpu_memory_utilization for _, model in held.values())
     if total > 1.0 + 1e-9:
         parts = ", ".join(f"{key}: {model.gpu_memory_utilization:g}" for key, model in held.values())
