@@ -561,7 +561,10 @@ def check_pairs_outcome(source: EvalPairs, rows_in_file: list[int], last_row: in
         message = str(exc)
         assert source.location in message, message
         line = re.search(r" line (\d+):", message)
-        assert line is None or 1 <= int(line.group(1)) <= last_row, message
+        if line is not None:
+            assert 1 <= int(line.group(1)) <= last_row, message
+        else:  # a whole-file problem: it says which, and what to do
+            assert re.search(r"not a readable Parquet file .*set format: jsonl|cannot be opened", message)
         return False
     assert len(pairs) + sum(skipped.values()) == len(rows_in_file), (len(pairs), skipped, rows_in_file)
     assert {p.line for p in pairs} <= set(rows_in_file)
