@@ -75,6 +75,14 @@ def check_placement(
         if recipe is not None:
             check_gpu_shares(recipe, policy_resident=True)
         return work_uri
+    judge = recipe.pairing.judge if recipe is not None else None
+    if judge is not None and (judge.model.engine == "vllm" or judge.model.device.startswith("cuda")):
+        raise PlacementError(
+            f"pairing.judge ({judge.model.model}, {judge.model.engine} on {judge.model.device}) needs a "
+            f"GPU, but only sampling and the labelers run on --model-deployment {model_deployment}'s "
+            "pool: the pair judge runs in this flow's own process. Score pairs with a labeler "
+            "(judge_pairwise) instead, or run without --model-deployment on a GPU machine"
+        )
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value() or is_temporary(PREFECT_API_URL.value()):

@@ -289,6 +289,16 @@ def test_a_start_timeout_must_be_positive(tmp_path: Path) -> None:
         check_placement(None, 8, None, str(tmp_path), 0)
 
 
+@pytest.mark.parametrize("model", [{"engine": "vllm"}, {"engine": "transformers", "device": "cuda"}])
+def test_a_pair_judge_that_needs_a_gpu_is_refused_with_a_model_pool(model: dict[str, str]) -> None:
+    """The pair judge runs in the flow's process (a CPU pool's), not on the model pool: say so up front."""
+    judge = {"model": {"model": "org/judge-8B", **model}}
+    recipe = Recipe.model_validate({"name": "t", "pairing": {"judge": judge}})
+    with pytest.raises(PlacementError, match=r"pairing\.judge \(org/judge-8B.*judge_pairwise"):
+        check_placement("model-stage", 8, None, "s3://b/work", recipe=recipe)
+    check_placement(None, 8, None, "/tmp/work", recipe=recipe)  # in one process it runs where the GPU is
+
+
 def test_a_model_pool_cannot_use_the_clis_temporary_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the CLI started its temporary server in this process, PREFECT_API_URL names it: workers
     elsewhere cannot poll it, so it must not pass for the server a model deployment needs."""
