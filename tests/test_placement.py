@@ -22,7 +22,7 @@ from flows.placement import (
     deployment_name,
     run_model_batches,
 )
-from schemas.recipe import Recipe
+from schemas.recipe import Recipe, RecipeError
 from steps import sampling, writer
 from steps.base import ShardResult, StageStats
 from tests.conftest import FakeEngine
@@ -297,6 +297,24 @@ def test_a_pair_judge_that_needs_a_gpu_is_refused_with_a_model_pool(model: dict[
     with pytest.raises(PlacementError, match=r"pairing\.judge \(org/judge-8B.*judge_pairwise"):
         check_placement("model-stage", 8, None, "s3://b/work", recipe=recipe)
     check_placement(None, 8, None, "/tmp/work", recipe=recipe)  # in one process it runs where the GPU is
+
+
+def test_bad_run_options_stop_the_cli_and_the_flow_before_any_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--model-start-timeout 0`` from the CLI, ``gc_keep_runs: 0`` as a flow parameter."""
+
+    def no_model(policy: object) -> None:
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(sampling, "load_engine", no_model)
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / "out"
+    assert bp.main(["--recipe", recipe, "--output", str(out), "--model-start-timeout", "0"]) == 2
+    assert "--model-start-timeout must be a positive number of seconds, got 0" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="gc_keep_runs must be at least 1"):
+        bp.build_prefs(recipe=recipe, output=str(out), gc_keep_runs=0)
+    assert not (out / "manifest.json").exists()
 
 
 def test_a_model_pool_cannot_use_the_clis_temporary_server(monkeypatch: pytest.MonkeyPatch) -> None:
