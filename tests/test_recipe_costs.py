@@ -51,6 +51,44 @@ def test_reward_model_reads_every_exchange_once_and_the_policy_decodes_every_ans
     assert policy.gpu_hours == pytest.approx(expected)
 
 
+def test_judges_and_the_density_ratio_count_what_they_read_and_write(tmp_path: Path) -> None:
+    """Each formula by hand: 10 prompts x n=4, 50-token prompts, 100-token answers."""
+    from steps.judges import PAIRWISE, RUBRIC
+
+    vllm = {"engine": "vllm", "model": "org/judge-8B"}
+    recipe = make_recipe(
+        policy={"engine": "vllm", "model": "org/policy-8B"},
+        sampling={"n": 4, "max_tokens": 300},
+        labelers=[
+            {"kind": "judge_pointwise", "name": "expected", "model": vllm},
+            {"kind": "judge_pointwise", "name": "sampled", "model": vllm, "mode": "sampled", "n": 3},
+            {"kind": "judge_pairwise", "model": vllm},
+            {
+                "kind": "density_ratio",
+                "strong": {"model": vllm, "system_prompt": "x" * 40},
+                "weak": {"model": vllm},
+            },
+        ],
+        pairing={"judge": {"model": vllm}},
+    )
+    work = {w.role: w for w in rc.work_of(recipe, prompts=10, prompt_tokens=50, answer_tokens=100)}
+    responses, exchange, quoted = 10 * 4, 50 + 100 + rc.CHAT_OVERHEAD, len(RUBRIC) / rc.CHARS_PER_TOKEN
+    expected = work["judge_pointwise (expected)"]
+    assert expected.decode == 0 and expected.prefill == pytest.approx(
+        responses * (quoted + 2 * rc.MARKERS + exchange)
+    )
+    sampled = work["judge_pointwise (sampled)"]
+    assert sampled.decode == responses * 3 * 256 and sampled.prefill == pytest.approx(3 * expected.prefill)
+    pairwise_read = len(PAIRWISE) / rc.CHARS_PER_TOKEN + 3 * rc.MARKERS + 50 + 2 * 100 + rc.CHAT_OVERHEAD
+    pairwise = work["judge_pairwise (pairwise)"]
+    assert pairwise.prefill == pytest.approx(10 * 4 * 3 * pairwise_read)  # every ordered pair of 4 answers
+    strong, weak = work["density_ratio (density_ratio), strong"], work["density_ratio (density_ratio), weak"]
+    assert weak.prefill == responses * exchange and strong.prefill == responses * (
+        exchange + 40 / rc.CHARS_PER_TOKEN
+    )
+    assert work["pairing.judge (both orders)"].prefill == pytest.approx(2 * 10 * pairwise_read)
+
+
 def test_sizes_between_shapes_scale_the_nearest_rate(tmp_path: Path) -> None:
     recipe = make_recipe(policy={"engine": "vllm", "model": "org/Big-70B-Instruct"})
     _, (policy, *_) = rc.estimate(recipe, rates_file(tmp_path))
