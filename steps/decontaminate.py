@@ -124,7 +124,9 @@ def check_sets(config: DecontaminationConfig) -> None:
 
 def _where_error(where: str, exc: PromptSourceError) -> PromptSourceError:
     """A source error re-addressed to the eval set's own keys (the prompt reader names prompts.*)."""
-    text = str(exc).replace("prompts.prompt_column", f"{where}.columns.prompt")
+    text = str(exc).replace("prompts.prompt_column / prompts.references_column", "prompts.prompt_column")
+    text = text.replace("prompts.prompt_column", f"{where}.columns.prompt")
+    text = text.replace("prompts.format", f"{where}.format")
     text = text.replace("prompt file ", "eval set file ")
     return PromptSourceError(f"{where}: {text}")
 

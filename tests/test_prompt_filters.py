@@ -30,7 +30,7 @@ from schemas.recipe import (
 from schemas.records import PROMPTS
 from steps import sampling, stages
 from steps.base import StageStats
-from steps.decontaminate import Decontaminator, word_grams
+from steps.decontaminate import Decontaminator, check_sets, word_grams
 from steps.engines.base import Completion, Conversation, Failed, SamplingParams
 from steps.near_duplicates import NearDuplicates
 from steps.prompts import PromptSourceError, normalise_messages, prompt_id
@@ -193,6 +193,20 @@ def test_eval_set_errors_name_the_key(tmp_path: Path) -> None:
     wrong = DecontaminationConfig(sets=[{"name": "b", "uri": eval_file(tmp_path)}])  # column is "question"
     with pytest.raises(PromptSourceError, match=r"sets\[0\] \(b\).*no 'prompt' field.*columns\.prompt"):
         Decontaminator(wrong, area)
+    # A file whose format cannot be told, or that is not the Parquet it claims: the set's own format key.
+    odd = tmp_path / "eval.data"
+    odd.write_text('{"prompt": "What is the capital of France?"}\n')
+    unknown = DecontaminationConfig(sets=[{"name": "odd", "uri": str(odd)}])
+    with pytest.raises(
+        PromptSourceError, match=r"set prompts\.decontaminate\.sets\[0\] \(odd\)\.format"
+    ) as told:
+        check_sets(unknown)
+    assert "set prompts.format" not in str(told.value)
+    junk = DecontaminationConfig(sets=[{"name": "junk", "uri": str(odd), "format": "parquet"}])
+    with pytest.raises(
+        PromptSourceError, match=r"set prompts\.decontaminate\.sets\[0\] \(junk\)\.format: jsonl"
+    ):
+        check_sets(junk)
 
 
 def test_bad_eval_set_fails_before_any_model_loads(
