@@ -117,29 +117,38 @@ def idle_deployment(prefect_home: Path) -> tuple[str, Any]:
     return pool, asyncio.run(create())
 
 
+def unread_shards(tmp_path: Path, why: str) -> list[ShardResult]:
+    """Three prompt shards no worker will read (``why`` says why), in batches of two: 1-2 and 3."""
+    shard = tmp_path / "prompts.parquet"
+    shard.write_bytes(f"not read: {why}".encode())
+    return [ShardResult(str(shard), 1, StageStats("prompts"), "0" * 64) for _ in range(3)]
+
+
+def failed_batches(pool: str, tmp_path: Path, prompts: list[ShardResult], start_timeout: float) -> str:
+    """Sampling's batches submitted to ``pool``'s deployment from a flow; the error they fail it with."""
+    from prefect import flow
+
+    @flow
+    def pipeline() -> None:
+        config = Recipe.model_validate({"name": "batches"})
+        run_model_batches(
+            f"{MODEL_FLOW}/{pool}", config, str(tmp_path), "sampling", prompts, 2, False, None, start_timeout
+        )
+
+    with pytest.raises(ModelPoolError) as failed:
+        pipeline()
+    return str(failed.value)
+
+
 def test_batches_no_worker_starts_are_cancelled_and_the_run_fails_naming_the_pool(
     tmp_path: Path, idle_deployment: tuple[str, Any]
 ) -> None:
-    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.objects import StateType
 
     pool, deployment_id = idle_deployment
-    shard = tmp_path / "prompts.parquet"
-    shard.write_bytes(b"not read: no worker ever starts the batch")
-    prompts = [ShardResult(str(shard), 1, StageStats("prompts"), "0" * 64) for _ in range(3)]
-
-    @flow
-    def pipeline() -> None:
-        config = Recipe.model_validate({"name": "idle"})
-        run_model_batches(
-            f"{MODEL_FLOW}/{pool}", config, str(tmp_path), "sampling", prompts, 2, False, None, 1.5
-        )
-
-    with pytest.raises(ModelPoolError) as failed:
-        pipeline()
-    message = str(failed.value)
+    message = failed_batches(pool, tmp_path, unread_shards(tmp_path, "no worker ever starts the batch"), 1.5)
     assert "2 of 2 batch(es) did not start within 1.5 s and were cancelled" in message, message
     assert (
         f"no worker is polling work pool {pool!r}" in message
@@ -164,14 +173,11 @@ def test_a_batch_deleted_from_the_server_fails_the_run_instead_of_hanging_it(
     """A deleted run never reaches a final state; a wait that only looked for one would never end."""
     import threading
 
-    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     pool, deployment_id = idle_deployment
-    shard = tmp_path / "prompts.parquet"
-    shard.write_bytes(b"not read: the batches are deleted before any worker could start them")
-    prompts = [ShardResult(str(shard), 1, StageStats("prompts"), "0" * 64) for _ in range(3)]
+    prompts = unread_shards(tmp_path, "the batches are deleted before any worker could start them")
     deleted: list[Any] = []
 
     def delete_both() -> None:
@@ -187,19 +193,10 @@ def test_a_batch_deleted_from_the_server_fails_the_run_instead_of_hanging_it(
                     return
                 time.sleep(0.1)
 
-    @flow
-    def pipeline() -> None:
-        config = Recipe.model_validate({"name": "gone"})
-        run_model_batches(
-            f"{MODEL_FLOW}/{pool}", config, str(tmp_path), "sampling", prompts, 2, False, None, 600
-        )
-
     deleter = threading.Thread(target=delete_both)
     deleter.start()
-    with pytest.raises(ModelPoolError) as failed:
-        pipeline()
+    message = failed_batches(pool, tmp_path, prompts, 600)
     deleter.join()
-    message = str(failed.value)
     assert len(deleted) == 2 and "2 of 2 batch(es) failed" in message, message
     assert "batch 1/2 (shards 1-2)" in message and "batch 2/2 (shards 3-3)" in message
     assert "is gone from the Prefect server" in message and all(str(i) in message for i in deleted)
