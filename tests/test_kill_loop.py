@@ -267,9 +267,10 @@ def test_kill_loop_at_random_moments_of_every_stage_ends_in_the_uninterrupted_da
         landed_in.add(landed)
         report.append(f"{n:2d} {stage:>11} +{delay:5.2f}s: killed in {landed} ({lasted:.2f} s to no orphans)")
     print("\nkill loop (target stage, delay into it: where the kill landed):\n" + "\n".join(report))
-    # The kills spread over the run, the model stages among them (a loop that only ever killed the
-    # startup would prove little). Timing decides the exact landing, so this asks for a spread only.
-    assert {"sampling", "labeling"} <= landed_in and len(landed_in) >= 4, "\n".join(report)
+    # The kills spread over the run, a model stage among them (a loop that only ever killed the
+    # startup would prove little). Timing decides the exact landing (the last run here: six stages),
+    # so this asks for a spread only, loose enough for a loaded CI machine.
+    assert landed_in & {"sampling", "labeling"} and len(landed_in) >= 3, "\n".join(report)
 
     finish(launch(recipe, outputs[-1], env, tmp_path / "final.log"))
     for out in outputs:  # the earlier ones were finished by the attempt the loop could not kill
