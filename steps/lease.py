@@ -300,7 +300,7 @@ class Lease:
             if current is not None and current.token == new.token and current_version is not None:
                 version = current_version  # our write landed; only its answer was lost (a retried PUT)
             else:
-                by = current.describe() if current is not None else "nobody (it was removed)"
+                by = "nobody (it was removed)" if data is None else _who(current)
                 self._lost = f"the lease on {self.what} {self.root} was taken over; it is now held by {by}"
                 log.error(self._lost)
                 return
@@ -337,9 +337,12 @@ class Lease:
                 log.warning("could not remove the lease on %s %s (%s)", self.what, self.root, exc)
 
 
+def _who(holder: Holder | None) -> str:
+    return holder.describe() if holder is not None else "an unreadable lease object"
+
+
 def _busy_message(what: str, root: str, holder: Holder | None) -> str:
-    by = holder.describe() if holder is not None else "an unreadable lease object"
-    return f"{what} {root} is in use by another run: {by}"
+    return f"{what} {root} is in use by another run: {_who(holder)}"
 
 
 def acquire(
@@ -363,8 +366,7 @@ def acquire(
         if data is None:
             got = store.swap(mine.to_bytes(), None)
         elif _stale(current, version, first_seen, settings):
-            by = current.describe() if current is not None else "an unreadable lease object"
-            report(f"taking over the stale lease on {what} {root}, left by {by}")
+            report(f"taking over the stale lease on {what} {root}, left by {_who(current)}")
             got = store.swap(mine.to_bytes(), version)
         else:
             waited = time.monotonic() - started
