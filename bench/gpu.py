@@ -24,6 +24,7 @@ throughput part raised (the others still ran; the table says which).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -32,7 +33,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -796,16 +797,26 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for gpu.json (default: $OUT as gpu_check.json, else outputs/bench)",
     )
     args = p.parse_args(argv)
-    if not args.cpu_smoke:
+    with one_thread_if(args.cpu_smoke):
         return run(args)
+
+
+@contextlib.contextmanager
+def one_thread_if(cpu_smoke: bool) -> Iterator[None]:
+    """One torch thread for a CPU smoke run (every bench that has one uses this).
+
+    Tiny matrices gain nothing from threads, and on a busy machine two threads spinning at
+    every barrier made each one 200 times slower than one thread.
+    """
+    if not cpu_smoke:
+        yield
+        return
     import torch
 
-    # Tiny matrices gain nothing from threads, and on a busy machine two threads spinning at
-    # every barrier made each one 200 times slower than one thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run(args)
+        yield
     finally:
         torch.set_num_threads(threads)
 

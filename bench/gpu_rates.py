@@ -26,25 +26,27 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench import gpu
 from bench.common import DEFAULT_OUT, Row, format_table, write_json
 from bench.gpu import (
-    LLAMA3_VOCAB,
     Clock,
     Shape,
     _environment,
+    _failed,
     _free,
     _sync,
     batched_forward,
     build_model,
     build_tokenizer,
     filler,
+    one_thread_if,
 )
 
 NAME = "gpu_rates"
 EXIT_OK, EXIT_NO_CUDA, EXIT_ERROR = 0, 3, 4
 
 SHAPES = {
-    "8b": Shape("Llama-3.1-8B shape", 4096, 32, 32, 8, 14336, LLAMA3_VOCAB, False),
+    "8b": gpu.SHAPES["8b"],  # the CUDA check's 8B: one definition of the shape
     "32b": Shape("Qwen2.5-32B shape", 5120, 64, 40, 8, 27648, 152064, False),
 }
 SMOKE_SHAPES = {
@@ -95,19 +97,30 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
 
-def _with_halving(
-    batch: int, run: Callable[[int], float], clock: Clock, label: str
+def _measure(
+    size: int, run: Callable[[int], float], plan: Plan, clock: Clock, label: str
 ) -> tuple[int, list[float]]:
-    """Seconds of each round at the largest batch (from ``batch`` down) that fits in memory."""
+    """Seconds of each timed round at the largest size (from ``size`` down) that fits in memory.
+
+    The first run at a size is never a sample: it pays for kernel selection and the allocator's
+    growth (1.8-2.5x slower than the next in the first H200/H100 runs). So each size gets one
+    untimed run, which is also where running out of memory shows and halves the size, then at
+    least one timed round, more while the budget lasts.
+    """
     while True:
         try:
-            return batch, [run(batch)]
+            run(size)
+            break
         except RuntimeError as exc:
-            if not _is_oom(exc) or batch == 1:
+            if not _is_oom(exc) or size == 1:
                 raise
-            _free("cuda")
-            clock.log(f"{label}: out of memory at batch {batch}; halving")
-            batch //= 2
+            _free(plan.device)
+            clock.log(f"{label}: out of memory at {size}; halving")
+            size //= 2
+    seconds = [run(size)]
+    while len(seconds) < plan.rounds and not clock.over(2 / 3):
+        seconds.append(run(size))
+    return size, seconds
 
 
 def decode_rate(plan: Plan, key: str, model: Any, tokenizer: Any, clock: Clock) -> dict[str, Any]:
@@ -140,12 +153,7 @@ def decode_rate(plan: Plan, key: str, model: Any, tokenizer: Any, clock: Clock) 
         return time.perf_counter() - start
 
     label = f"{key} decode"
-    run(min(8, plan.decode_batch[key]))  # warm-up: kernels, allocator
-    batch, seconds = _with_halving(plan.decode_batch[key], run, clock, label)
-    for _ in range(plan.rounds - 1):
-        if clock.over(2 / 3):
-            break
-        seconds.append(run(batch))
+    batch, seconds = _measure(plan.decode_batch[key], run, plan, clock, label)
     best = min(seconds)
     rate = batch * plan.decode_tokens / best
     clock.log(f"{label}: batch {batch}, {plan.decode_tokens} new tokens: {best:.2f} s, {rate:,.0f} tok/s")
@@ -172,12 +180,7 @@ def prefill_rate(plan: Plan, key: str, model: Any, tokenizer: Any, clock: Clock)
         return time.perf_counter() - start
 
     label = f"{key} prefill"
-    run(plan.prefill_batch_tokens)  # warm-up
-    batch_tokens, seconds = _with_halving(plan.prefill_batch_tokens, run, clock, label)
-    for _ in range(plan.rounds - 1):
-        if clock.over(2 / 3):
-            break
-        seconds.append(run(batch_tokens))
+    batch_tokens, seconds = _measure(plan.prefill_batch_tokens, run, plan, clock, label)
     best = min(seconds)
     rate = tokens / best
     clock.log(f"{label}: {tokens:,} tokens in batches of ≤{batch_tokens}: {best:.2f} s, {rate:,.0f} tok/s")
@@ -195,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="folder for the JSON (default $OUT, else outputs/bench)"
     )
     args = p.parse_args(argv)
+    with one_thread_if(args.cpu_smoke):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     plan = SMOKE if args.cpu_smoke else FULL
@@ -262,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             if plan.device.startswith("cuda"):
                 detail["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 1)
         except Exception as exc:  # one shape failing (memory) must not lose the other's numbers
-            payload["errors"].append({"part": shape.name, "error": f"{type(exc).__name__}: {exc}"})
-            clock.log(f"{shape.name}: ERROR {type(exc).__name__}: {exc}")
+            _failed(payload, shape.name, exc, clock)
         del model
         _free(plan.device)
         if plan.device.startswith("cuda"):
