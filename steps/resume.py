@@ -134,11 +134,17 @@ class WorkArea:
         return f"{stage.replace(':', '/')}/{key}"
 
     def entry_of(self, uri: str) -> str:
-        """The entry a shard file of this work location belongs to (the inverse of ``file_uri``)."""
-        prefix = f"{self.root.rstrip('/')}/"
-        if not uri.startswith(prefix):
+        """The entry a shard file of this work location belongs to (the inverse of ``file_uri``).
+
+        Compared as the store sees both paths: a shard written under another spelling of the same
+        location (``w/.work`` before, its absolute path now with a model pool) is still under it.
+        """
+        _, root = fsspec.core.url_to_fs(self.root)
+        _, path = fsspec.core.url_to_fs(uri)
+        prefix = f"{root.rstrip('/')}/"
+        if not path.startswith(prefix):
             raise ValueError(f"{uri} is not a shard file under the work location {self.root}")
-        return uri.removeprefix(prefix).split(".", 1)[0]
+        return path.removeprefix(prefix).split(".", 1)[0]
 
     def lookup(self, stage: str, key: str) -> Done | None:
         """A finished shard whose files still match their checksums, else None (so it is recomputed)."""

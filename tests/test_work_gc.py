@@ -12,12 +12,15 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flows import build_prefs as bp
 from schemas.recipe import LockSettings
 from steps import faults, lease, work_gc
+from steps.base import StageStats
+from steps.resume import WorkArea
 from tests.conftest import ROOT, FakeEngine
 from tests.test_resume import engine, markers, run, write_recipe  # noqa: F401  (engine: a fixture)
 
@@ -142,3 +145,28 @@ def test_an_unreadable_run_record_stops_gc_before_it_removes_anything(tmp_path: 
     said: list[str] = []
     assert work_gc.collect(str(work), keep_runs=1, report=said.append).entries_removed == 0
     assert "no run records" in said[0] and entry.exists(), "without any record nothing is known to be unused"
+
+
+def test_a_shard_written_under_another_spelling_of_the_work_location_is_still_its_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local run records ``w/.work``; the next, with a model pool, names the absolute path."""
+    monkeypatch.chdir(tmp_path)
+
+    def write(files: dict[str, str]) -> Any:
+        Path(files["data"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(files["data"]).write_bytes(b"rows")
+        return StageStats("sampling"), {"data": 1}, {}
+
+    relative = WorkArea("w/.work")
+    key = relative.key("sampling", {"n": 4}, [])
+    relative.run("sampling", key, write)
+    absolute = WorkArea(str(tmp_path / "w" / ".work"))
+    done = absolute.lookup("sampling", key)
+    assert done is not None
+    assert absolute.entry_of(done.files["data"]) == WorkArea.entry("sampling", key)
+    assert relative.entry_of(str(tmp_path / "w" / ".work" / "sampling" / f"{key}.data.parquet")) == (
+        WorkArea.entry("sampling", key)
+    )
+    with pytest.raises(ValueError, match="not a shard file under the work location"):
+        absolute.entry_of(str(tmp_path / "elsewhere" / f"{key}.data.parquet"))
