@@ -21,7 +21,7 @@ from flows.model_stage import shard_ref
 from flows.temp_server import is_temporary
 from schemas.recipe import Recipe
 from steps.base import ShardResult
-from steps.labelers.checks import check_gpu_shares
+from steps.labelers.checks import check_gpu_shares, recipe_models
 
 
 class PlacementError(ValueError):
@@ -75,13 +75,12 @@ def check_placement(
         if recipe is not None:
             check_gpu_shares(recipe, policy_resident=True)
         return work_uri
-    judge = recipe.pairing.judge if recipe is not None else None
-    if judge is not None and (judge.model.engine == "vllm" or judge.model.device.startswith("cuda")):
+    if recipe is not None and (in_flow := gpu_work_in_flow(recipe)):
         raise PlacementError(
-            f"pairing.judge ({judge.model.model}, {judge.model.engine} on {judge.model.device}) needs a "
-            f"GPU, but only sampling and the labelers run on --model-deployment {model_deployment}'s "
-            "pool: the pair judge runs in this flow's own process. Score pairs with a labeler "
-            "(judge_pairwise) instead, or run without --model-deployment on a GPU machine"
+            f"only sampling and the labelers run on --model-deployment {model_deployment}'s pool; "
+            f"this recipe also needs a GPU in the flow's own process (a CPU pool's): "
+            + "; ".join(in_flow)
+            + ". Run without --model-deployment on a GPU machine, or change those keys as suggested"
         )
     from prefect.settings import PREFECT_API_URL
 
@@ -94,6 +93,34 @@ def check_placement(
     if "://" not in work_uri or work_uri.startswith("file://"):
         return str(Path(work_uri.removeprefix("file://")).resolve())
     return work_uri
+
+
+def gpu_work_in_flow(recipe: Recipe) -> list[str]:
+    """What the recipe runs on a GPU in the flow's own process, which a model pool does not take over.
+
+    The pair judge reads pairs in the flow, and the eval block measures the labelers on human
+    pairs there before sampling: both would load GPU models on the machine of the CPU pool (and,
+    on a GPU node, hold memory the pool's workers count on).
+    """
+
+    def gpu(model: Any) -> bool:
+        return model.engine == "vllm" or model.device == "cuda"
+
+    found = []
+    judge = recipe.pairing.judge
+    if judge is not None and gpu(judge.model):
+        found.append(
+            f"pairing.judge ({judge.model.model}, {judge.model.engine}); score pairs with a "
+            "judge_pairwise labeler instead"
+        )
+    if recipe.eval is not None:
+        labelers = [key for key, model in recipe_models(recipe) if key.startswith("labelers.") and gpu(model)]
+        if labelers:
+            found.append(
+                f"eval (it measures {', '.join(labelers)} on human pairs in the flow); remove the eval "
+                "block and measure with python -m flows.eval_labelers on a GPU machine"
+            )
+    return found
 
 
 def dask_runner(dask: str) -> TaskRunner[Any]:

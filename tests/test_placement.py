@@ -20,6 +20,7 @@ from flows.placement import (
     _await_runs,
     check_placement,
     deployment_name,
+    gpu_work_in_flow,
     run_model_batches,
 )
 from schemas.recipe import Recipe, RecipeError
@@ -287,13 +288,19 @@ def test_a_start_timeout_must_be_positive(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model", [{"engine": "vllm"}, {"engine": "transformers", "device": "cuda"}])
-def test_a_pair_judge_that_needs_a_gpu_is_refused_with_a_model_pool(model: dict[str, str]) -> None:
+def test_gpu_work_in_the_flows_own_process_is_refused_with_a_model_pool(model: dict[str, str]) -> None:
     """The pair judge runs in the flow's process (a CPU pool's), not on the model pool: say so up front."""
     judge = {"model": {"model": "org/judge-8B", **model}}
     recipe = Recipe.model_validate({"name": "t", "pairing": {"judge": judge}})
     with pytest.raises(PlacementError, match=r"pairing\.judge \(org/judge-8B.*judge_pairwise"):
         check_placement("model-stage", 8, None, "s3://b/work", recipe=recipe)
     check_placement(None, 8, None, "/tmp/work", recipe=recipe)  # in one process it runs where the GPU is
+    # The eval block measures the labelers in the flow too: refused when one of them needs a GPU.
+    labeler = {"kind": "judge_pointwise", "model": {"model": "org/judge-8B", **model}}
+    measured = {"name": "t", "labelers": [labeler], "eval": {"pairs": [{"builtin": "hh_harmless_32"}]}}
+    with pytest.raises(PlacementError, match=r"eval \(it measures labelers\.0\.model\.model \(judge\)"):
+        check_placement("model-stage", 8, None, "s3://b/work", recipe=Recipe.model_validate(measured))
+    assert gpu_work_in_flow(Recipe.model_validate({**measured, "eval": None})) == []
 
 
 def test_bad_run_options_stop_the_cli_and_the_flow_before_any_model_loads(

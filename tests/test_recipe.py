@@ -177,6 +177,9 @@ def test_gpu_recipes_validate_and_split_the_gpus(name: str) -> None:
     models = [model for _, model in recipe_models(recipe)]
     assert all(model.engine == "vllm" for model in models)
     check_gpu_shares(recipe)
+    from flows.placement import gpu_work_in_flow
+
+    assert gpu_work_in_flow(recipe) == []  # all their GPU work runs on the pool
     labeling = {m.model_dump_json(): m for k, m in recipe_models(recipe) if k != "policy.model"}
     assert 0.8 <= sum(m.gpu_memory_utilization for m in labeling.values()) <= 1.0
     assert len({m.tensor_parallel_size for m in labeling.values()}) == 1  # a group's GPUs load alike
