@@ -50,7 +50,7 @@ from steps.labelers.checks import recipe_models
 from steps.prompts import PromptSourceError, source_label
 from steps.publish import publish
 from steps.resume import WorkArea
-from steps.work_gc import DEFAULT_KEEP_RUNS, RECORD_EVERY_S, GcError, RunRecord, collect
+from steps.work_gc import DEFAULT_KEEP_RUNS, RECORD_EVERY_S, GcError, RunRecord, check_keep_runs, collect
 
 
 def _log_progress(stage: str, done: int, total: int, result: ShardResult, started: float) -> None:
@@ -148,8 +148,17 @@ def publish_task(
 
 @task(name="gc", cache_policy=NO_CACHE)
 def gc_task(work_uri: str, keep_runs: int, held: lease.Lease) -> None:
-    """After publishing, under the run's own lease on the work location: nothing else can be using it."""
-    collect(work_uri, keep_runs, check=held.check, report=get_run_logger().info)
+    """After publishing, under the run's own lease on the work location: nothing else can be using it.
+
+    Housekeeping: a GC that cannot go on (an unreadable run record, a lost lease) warns and leaves
+    the work location as a killed GC would, which the next one completes; the run itself published.
+    """
+    try:
+        collect(work_uri, keep_runs, check=held.check, report=get_run_logger().info)
+    except (GcError, lease.LeaseLostError, OSError) as exc:
+        get_run_logger().warning(
+            f"gc of {work_uri} stopped: {exc}. The dataset is published; the next GC retries."
+        )
 
 
 @task(name="push-to-hub", cache_policy=NO_CACHE, retries=0)
@@ -267,11 +276,8 @@ def build_prefs(
     """
     config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
     work_uri = check_placement(model_deployment, batch_shards, dask, work_uri, model_start_timeout, config)
-    if gc_keep_runs is not None and gc_keep_runs < 1:  # found now, not after the run has published
-        raise RecipeError(
-            f"gc_keep_runs must be at least 1 (got {gc_keep_runs}): "
-            "the latest run's entries are what a resume needs"
-        )
+    if gc_keep_runs is not None:  # found now, not after the run has published
+        check_keep_runs(gc_keep_runs, "gc_keep_runs")
     settings, purpose, say = lock or LockSettings(), f"build-prefs {config.name}", get_run_logger().warning
     with lease.held_each([("output", out), ("work location", work_uri)], settings, purpose, say) as leases:
         return _build(
@@ -398,10 +404,10 @@ def _build(
     create_markdown_artifact(
         key="build-prefs-summary", markdown=summary_markdown(out, manifest), description="Run summary"
     )
-    if gc_keep_runs is not None:
-        gc_task(work_uri, gc_keep_runs, leases[1])
     if push_to_hub:
         push_task(out, push_to_hub, private)
+    if gc_keep_runs is not None:  # last: housekeeping never holds up the push
+        gc_task(work_uri, gc_keep_runs, leases[1])
     return out
 
 
@@ -470,7 +476,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gc.add_argument(
         "--keep-runs",
         type=int,
-        default=DEFAULT_KEEP_RUNS,
+        default=None,
         metavar="N",
         help=f"with --gc: keep the entries of the last N runs per recipe (default {DEFAULT_KEEP_RUNS})",
     )
@@ -480,13 +486,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def collect_garbage(args: argparse.Namespace, settings: LockSettings) -> int:
     """``--gc``: under the work location's lease, so it never races a live run (which it waits for)."""
     try:
-        if args.keep_runs < 1:
-            raise RecipeError(
-                "--keep-runs must be at least 1: the latest run's entries are what a resume needs"
-            )
+        keep_runs = DEFAULT_KEEP_RUNS if args.keep_runs is None else args.keep_runs
+        check_keep_runs(keep_runs, "--keep-runs")
         work = args.work or join_uri(args.output or load_recipe(args.recipe).output_uri(), WORK_DIR)
         with lease.held(work, settings, "gc (python -m flows.build_prefs --gc)", "work location") as held:
-            collect(work, args.keep_runs, dry_run=args.dry_run, check=held.check)
+            collect(work, keep_runs, dry_run=args.dry_run, check=held.check)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -508,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.gc:
         return collect_garbage(args, settings)
-    if args.dry_run:
-        print("error: --dry-run goes with --gc (a build has no dry run)", file=sys.stderr)
+    if args.dry_run or args.keep_runs is not None:
+        print("error: --dry-run and --keep-runs go with --gc (a build collects nothing)", file=sys.stderr)
         return 2
 
     try:

@@ -29,6 +29,7 @@ from typing import Any
 
 import fsspec
 
+from schemas.recipe import RecipeError
 from steps import faults
 from steps.base import join_uri, write_bytes_atomic
 from steps.resume import MARKER_SUFFIX
@@ -40,6 +41,7 @@ RECORDS_DIR = "_runs"
 # reverted recipe change (or an A/B of two settings) cost nothing; the third covers a killed run
 # that took a slot with a partial record. Each kept run costs at most one copy of the work.
 DEFAULT_KEEP_RUNS = 3
+CHECK_EVERY_S = 1.0  # how often a GC confirms it still holds the work location's lease
 RECORD_EVERY_S = 30.0  # within a stage, a run's record is rewritten at most this often
 # A work entry's files: <stage dir>/<32 hex key>.<role>.parquet and <stage dir>/<key>.done.json.
 _ENTRY_FILE = re.compile(r"^(?P<entry>(?:[A-Za-z0-9_]+/)+[0-9a-f]{32})\.[^/]+$")
@@ -155,6 +157,14 @@ def _records(fs: Any, base: str) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def check_keep_runs(keep_runs: int, name: str = "keep_runs") -> None:
+    """Reject a count that would remove what the latest run used (what its resume needs)."""
+    if keep_runs < 1:
+        raise RecipeError(
+            f"{name} must be at least 1 (got {keep_runs}): the latest run's entries are what a resume needs"
+        )
+
+
 def collect(
     root: str,
     keep_runs: int = DEFAULT_KEEP_RUNS,
@@ -167,8 +177,7 @@ def collect(
     The caller holds the work location's lease (``steps.lease``) for the duration; ``check`` (its
     ``Lease.check``) is called before each entry is removed, so a GC that lost the lease stops.
     """
-    if keep_runs < 1:
-        raise ValueError("keep_runs must be at least 1: the latest run's entries are what a resume needs")
+    check_keep_runs(keep_runs)
     fs, base = fsspec.core.url_to_fs(root)
     base = base.rstrip("/")
     fs.invalidate_cache()
@@ -210,14 +219,19 @@ def collect(
         bytes_freed=sum(size for files in doomed.values() for _, size in files),
     )
     if not dry_run:
+        checked = -math.inf
         for entry in sorted(doomed):
-            if check is not None:
+            # Confirming the lease is a write to the store: once a second, not once per entry.
+            if check is not None and time.monotonic() - checked >= CHECK_EVERY_S:
                 check()
+                checked = time.monotonic()
             # The marker first: from then on no resume trusts the entry, whatever is left of it.
             files = sorted(doomed[entry], key=lambda item: not item[0].endswith(MARKER_SUFFIX))
             for path, _ in files:
                 fs.rm_file(path)
                 faults.checkpoint("gc:file-removed")
+        if check is not None:
+            check()
         for path in dropped_records:
             fs.rm_file(path)
     report(result.describe())

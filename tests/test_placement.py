@@ -318,6 +318,10 @@ def test_bad_run_options_stop_the_cli_and_the_flow_before_any_model_loads(
     assert "--model-start-timeout must be a positive number of seconds, got 0" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="gc_keep_runs must be at least 1"):
         bp.build_prefs(recipe=recipe, output=str(out), gc_keep_runs=0)
+    assert bp.main(["--recipe", recipe, "--output", str(out), "--keep-runs", "2"]) == 2  # no --gc
+    assert "--keep-runs go with --gc" in capsys.readouterr().err
+    assert bp.main(["--gc", "--work", str(tmp_path / "w"), "--keep-runs", "0"]) == 2
+    assert "--keep-runs must be at least 1 (got 0)" in capsys.readouterr().err
     assert not (out / "manifest.json").exists()
 
 

@@ -170,3 +170,19 @@ def test_a_shard_written_under_another_spelling_of_the_work_location_is_still_it
     )
     with pytest.raises(ValueError, match="not a shard file under the work location"):
         absolute.entry_of(str(tmp_path / "elsewhere" / f"{key}.data.parquet"))
+
+
+def test_a_gc_that_cannot_go_on_after_publishing_warns_and_the_run_still_succeeds(
+    tmp_path: Path,
+    engine: FakeEngine,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """GC is housekeeping: an unreadable run record stops it, not the run that already published."""
+    out = tmp_path / "out"
+    junk = out / ".work" / work_gc.RECORDS_DIR / "resume-test" / "0-junk.json"
+    junk.parent.mkdir(parents=True)
+    junk.write_text("not a run record")
+    with caplog.at_level("WARNING"):
+        assert bp.build_prefs(recipe=write_recipe(tmp_path), output=str(out), gc_keep_runs=1) == str(out)
+    assert (out / "manifest.json").exists() and junk.exists()
+    assert any("gc of" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
