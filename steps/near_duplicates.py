@@ -41,11 +41,14 @@ def normalised(text: str) -> str:
 
 
 def shingles(text: str, size: int) -> list[bytes]:
-    """The character n-grams of a normalised text (the whole text when it is shorter)."""
-    data = text.encode("utf-8")
-    if len(data) <= size:
-        return [data]
-    return [data[i : i + size] for i in range(len(data) - size + 1)]
+    """The character n-grams of a normalised text (the whole text when it is shorter), UTF-8 encoded.
+
+    Cut on characters, not bytes: a byte n-gram covers under two characters of Chinese text, which
+    made unrelated questions in such scripts look alike and the threshold mean less there.
+    """
+    if len(text) <= size:
+        return [text.encode("utf-8")]
+    return [text[i : i + size].encode("utf-8") for i in range(len(text) - size + 1)]
 
 
 def _crc32(value: bytes) -> int:
@@ -106,8 +109,8 @@ class NearDuplicates:
                 self.lsh.insert(ordinal, m, check_duplication=False)
                 self.signatures.append(m.hashvalues.copy())
                 self.kept_rows.append(row)
-                if self.kept_texts is not None:
-                    self.kept_texts.append(text)
+                if self.kept_texts is not None:  # clipped: an example needs no more, and pools can be long
+                    self.kept_texts.append(clip(text))
                 continue
             ordinal, similarity = closest
             keep[i] = False
@@ -115,7 +118,7 @@ class NearDuplicates:
             if self.kept_texts is not None:
                 example = (
                     f"row {row}: {clip(text)!r} is a near-duplicate (estimated Jaccard {similarity:.2f}) "
-                    f"of row {self.kept_rows[ordinal]}: {clip(self.kept_texts[ordinal])!r}"
+                    f"of row {self.kept_rows[ordinal]}: {self.kept_texts[ordinal]!r}"
                 )
             stats.drop(r.NEAR_DUPLICATE, example=example)
             self.kept_texts = None  # the first drop has its example: later ones keep theirs as counts

@@ -447,3 +447,13 @@ def test_gc_keeps_the_eval_index_and_the_slot_lists_a_run_used(
     again: set[str] = set()
     stages.prompt_shards(recipe, area, entries=again)
     assert again == entries
+
+
+def test_shingles_are_characters_in_every_script() -> None:
+    """A byte shingle covers under two Chinese characters; the setting says characters."""
+    from steps.near_duplicates import shingles
+
+    for text in ("how do i keep basil alive", "如何让罗勒保持活力"):
+        got = shingles(text, 5)
+        assert len(got) == len(text) - 4 and all(len(s.decode("utf-8")) == 5 for s in got)
+    assert shingles("短文", 5) == ["短文".encode()]
