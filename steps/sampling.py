@@ -12,7 +12,7 @@ conversation the policy actually saw.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas import columns as c
+from schemas import reasons as r
 from schemas.recipe import Recipe
 from schemas.records import PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, read_table, write_table
@@ -38,6 +39,9 @@ def sampling_params(recipe: Recipe) -> SamplingParams:
 # A prompt the engine could not take: its reason and message, kept with the shard so a later shard
 # holding the same prompt (same settings) can report the same drop without asking the engine again.
 Failures = dict[str, tuple[str, str]]
+# Failures a slot's later shard takes over instead of sampling again: the same prompt, settings and
+# model fail the same way. An engine's transient error is not one of them.
+REPLAYED = frozenset({r.PROMPT_TOO_LONG})
 
 
 def sample_table(
@@ -84,7 +88,8 @@ def sample_rows(
         failure = next((r for r in results if isinstance(r, Failed)), None)
         if failure is not None:
             stats.drop(failure.reason, example=f"prompt {pid}: {failure.message}")
-            failed[pid] = (failure.reason, f"prompt {pid}: {failure.message}")
+            if failure.reason in REPLAYED:  # anything else (an engine error) is tried again next time
+                failed[pid] = (failure.reason, f"prompt {pid}: {failure.message}")
             continue
         result = [(completion, temps[g]) for g, group in enumerate(results) for completion in group]
         for index, (completion, temperature) in enumerate(result):
@@ -137,12 +142,13 @@ class Sampled:
     failed: Failures
 
 
-def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Sequence[Earlier] = ()) -> Sampled:
+def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Iterable[Earlier] = ()) -> Sampled:
     """Sample one prompt shard; the engine is loaded once per process and reused.
 
-    A prompt that an ``earlier`` shard (same sampling settings) already sampled, or failed, is
-    taken from it instead of asking the engine again: samples depend only on the settings and
-    the prompt id, so they are the same rows. The engine loads only if some prompt is new.
+    A prompt that an ``earlier`` shard (same sampling settings) already sampled, or failed for a
+    reason that would repeat (``REPLAYED``), is taken from it instead of asking the engine again:
+    samples depend only on the settings and the prompt id, so they are the same rows. The engine
+    loads only if some prompt is new.
     """
     start = time.perf_counter()
     prompts = read_table(prompts_uri, PROMPTS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -179,15 +179,17 @@ def _slot_keys(uri: str) -> list[str]:
     return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
 
-def _earlier(area: WorkArea, uri: str, key: str) -> list[Earlier]:
-    """The slot's finished sampling shards (checked against their checksums), latest first."""
-    out = []
+def _earlier(area: WorkArea, uri: str, key: str) -> Iterator[Earlier]:
+    """The slot's finished sampling shards (checked against their checksums), latest first.
+
+    Lazily: each lookup checksums a whole file, and sampling usually finds every prompt it wants
+    in the first.
+    """
     for earlier_key in _slot_keys(uri):
         done = area.lookup("sampling", earlier_key) if earlier_key != key else None
         if done is not None:
             failed = done.extra.get("failed", {})
-            out.append(Earlier(done.files["data"], failed if isinstance(failed, dict) else {}))
-    return out
+            yield Earlier(done.files["data"], failed if isinstance(failed, dict) else {})
 
 
 def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
@@ -202,7 +204,7 @@ def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
     slot_uri = _slot_uri(area, settings, prompts.slot) if prompts.slot else None
 
     def compute(files: dict[str, str]) -> Any:
-        earlier = _earlier(area, slot_uri, key) if slot_uri else []
+        earlier = _earlier(area, slot_uri, key) if slot_uri else iter(())
         done = sample_shard(recipe, prompts.uri, files["data"], earlier)
         failed = {pid: list(value) for pid, value in sorted(done.failed.items())}
         return done.result.stats, {"data": done.result.rows}, {"failed": failed}

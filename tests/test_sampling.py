@@ -97,3 +97,19 @@ def test_a_prompt_failing_at_one_temperature_is_dropped_whole() -> None:
     )
     assert table.num_rows == 4 and stats.drops == {"prompt_too_long": 1}
     assert "hot group failed" in stats.examples["prompt_too_long"]
+
+
+def test_only_failures_that_would_repeat_are_kept_for_a_later_shard_of_the_slot() -> None:
+    """A prompt too long for the context fails the same way next time; an engine hiccup may not."""
+    from steps.sampling import sample_rows
+
+    class FailsTwo(FakeEngine):
+        def generate(self, conversations, params, seeds):  # type: ignore[no-untyped-def]
+            out = super().generate(conversations, params, seeds)
+            out[0] = Failed("prompt_too_long", "does not fit")
+            out[1] = Failed("engine_error", "the server dropped the request")
+            return out
+
+    _, stats, failed = sample_rows(prompts_table(["one", "two", "three"]), FailsTwo(), PARAMS, seed=0)
+    assert stats.drops == {"prompt_too_long": 1, "engine_error": 1}  # both reported in this run
+    assert [reason for reason, _ in failed.values()] == ["prompt_too_long"]  # only one replayed
