@@ -129,7 +129,7 @@ class DecontaminationConfig(_Strict):
     occur in the prompt's user turns are at least ``threshold`` of the item's words, after the
     prompt-id normalisation (NFC, trimmed) plus lower-casing and splitting into words (punctuation
     dropped). The defaults are Tülu 3's (open-instruct's ``decontamination/``): 8-grams, and a
-    match when more than half of the eval instance is covered by one training prompt. Eight words
+    match when at least half of the eval instance is covered by one training prompt. Eight words
     are long enough that a shared n-gram is rarely chance and short enough to catch a benchmark
     question pasted inside a longer prompt; measuring the share of the *eval item* (not of the
     prompt) is what catches that case. An eval item shorter than ``ngram`` words only matches a

@@ -172,9 +172,7 @@ def _slot_keys(uri: str) -> list[str]:
     try:
         with fs.open(path, "r", encoding="utf-8") as handle:
             keys = json.load(handle)
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError):  # a list cut short is only a lost chance to reuse
+    except (OSError, ValueError):  # none yet, or a list cut short: only a lost chance to reuse
         return []
     return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
 
@@ -241,20 +239,16 @@ def label_parts(
     pass finds the earlier passes' parts finished.
     """
     keys = [_label_key(config, area, prompts, responses) for config in configs]
-    parts = [area.lookup(stage, key) for stage, key in keys]
-    todo = [i for i, done in enumerate(parts) if done is None]
+    found = {i: done for i, (stage, key) in enumerate(keys) if (done := area.lookup(stage, key)) is not None}
+    todo = [i for i in range(len(configs)) if i not in found]
 
     def keep(j: int, table: pa.Table, stats: StageStats) -> None:
         i = todo[j]
-        parts[i] = _store(area, *keys[i], table, stats, f"labels of {configs[i].name}")
+        found[i] = _store(area, *keys[i], table, stats, f"labels of {configs[i].name}")
 
     if todo:
         _label_now([configs[i] for i in todo], prompts, responses, keep)
-    done = [part for part in parts if part is not None]
-    if len(done) != len(parts):  # label_jointly hands over every labeler or raises
-        unwritten = [configs[i].name for i, part in enumerate(parts) if part is None]
-        raise RuntimeError(f"labeling left parts unwritten: {unwritten}")
-    return done
+    return [found[i] for i in range(len(configs))]  # label_jointly hands over every labeler or raises
 
 
 def _store(area: WorkArea, stage: str, key: str, table: pa.Table, stats: StageStats, what: str) -> Done:

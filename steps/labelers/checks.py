@@ -87,11 +87,14 @@ def check_gpu_shares(recipe: Recipe, policy_resident: bool = False) -> None:
     """
     from steps.engines import load_key
 
-    classifiers = {id(config.model) for config in recipe.labelers if isinstance(config, RewardModelConfig)}
+    # By key path, not object identity: one ModelConfig object may serve a judge and a reward model.
+    classifiers = tuple(
+        f"labelers.{i}." for i, config in enumerate(recipe.labelers) if isinstance(config, RewardModelConfig)
+    )
     held: dict[tuple[object, ...], tuple[str, ModelConfig]] = {}
     for key, model in recipe_models(recipe):
         if (policy_resident or key != "policy.model") and model.engine == "vllm":
-            held.setdefault(load_key(model, classifier=id(model) in classifiers), (key, model))
+            held.setdefault(load_key(model, classifier=key.startswith(classifiers)), (key, model))
     total = sum(model.gpu_memory_utilization for _, model in held.values())
     if total > 1.0 + 1e-9:
         parts = ", ".join(f"{key}: {model.gpu_memory_utilization:g}" for key, model in held.values())
