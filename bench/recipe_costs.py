@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def work_of(recipe: Recipe, prompts: int, prompt_tokens: float, answer_tokens: f
     answer = min(answer_tokens, s.max_tokens)
     responses = prompts * s.n
     exchange = prompt_tokens + answer + CHAT_OVERHEAD
+    pair_read = _tokens(PAIRWISE) + 3 * MARKERS + prompt_tokens + 2 * answer + CHAT_OVERHEAD  # one order
     out = [Work("policy", recipe.policy.model, responses * answer, prompts * (prompt_tokens + CHAT_OVERHEAD))]
     for labeler in recipe.labelers:
         role = f"{labeler.kind} ({labeler.name})"
@@ -105,8 +107,7 @@ def work_of(recipe: Recipe, prompts: int, prompt_tokens: float, answer_tokens: f
         elif isinstance(labeler, PairwiseJudgeConfig):
             # every pair of a prompt's n answers, both orders
             pairs = prompts * s.n * (s.n - 1)
-            read = pairs * (_tokens(PAIRWISE) + 3 * MARKERS + prompt_tokens + 2 * answer + CHAT_OVERHEAD)
-            out.append(Work(role, labeler.model.model, 0.0, read))
+            out.append(Work(role, labeler.model.model, 0.0, pairs * pair_read))
         elif isinstance(labeler, DensityRatioConfig):
             for side, config in (("strong", labeler.strong), ("weak", labeler.weak)):
                 extra = _tokens(config.system_prompt or "") + (
@@ -121,8 +122,11 @@ def work_of(recipe: Recipe, prompts: int, prompt_tokens: float, answer_tokens: f
             out.append(Work(role, labeler.model.model, 0.0, responses * per_response))
         # bleu: CPU only
     if recipe.pairing.judge is not None:
-        read = 2 * prompts * (_tokens(PAIRWISE) + 3 * MARKERS + prompt_tokens + 2 * answer + CHAT_OVERHEAD)
-        out.append(Work("pairing.judge (both orders)", recipe.pairing.judge.model.model, 0.0, read))
+        out.append(
+            Work(
+                "pairing.judge (both orders)", recipe.pairing.judge.model.model, 0.0, 2 * prompts * pair_read
+            )
+        )
     return out
 
 
@@ -197,11 +201,14 @@ def table(card: str, priced: list[Priced], gpus: int, usd_per_gpu_hour: float | 
 def _size(text: str) -> tuple[str, float]:
     model, sep, value = text.rpartition("=")
     try:
-        return model, float(value) if sep and model else float("nan")
+        billions = float(value)
     except ValueError:
+        billions = math.nan
+    if not (sep and model and math.isfinite(billions) and billions > 0):
         raise argparse.ArgumentTypeError(
-            f"--size {text!r}: expected MODEL=BILLIONS, e.g. org/model=7"
-        ) from None
+            f"--size {text!r}: expected MODEL=BILLIONS with a positive number, e.g. org/model=7"
+        )
+    return model, billions
 
 
 def main(argv: list[str] | None = None) -> int:

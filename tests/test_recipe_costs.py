@@ -137,3 +137,13 @@ def test_shipped_recipes_price_on_each_shipped_measurement(
     assert "GPU-hours" in out and "per GPU-hour (your price)" in out and card in out
     _, priced = rc.estimate(load_recipe(name), rates)
     assert all(p.gpu_hours > 0 for p in priced)
+
+
+@pytest.mark.parametrize("bad", ["org/model", "=7", "org/model=0", "org/model=-3", "org/model=x", "m=nan"])
+def test_a_size_that_is_not_model_equals_positive_billions_is_refused(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        rc.main(["gpu-onpolicy", "--size", bad])
+    assert exit_.value.code == 2 and "expected MODEL=BILLIONS" in capsys.readouterr().err
+    assert rc._size("org/model=7.5") == ("org/model", 7.5)
