@@ -89,10 +89,6 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
         for i, shard in enumerate(stream_prompts(source, stats, recipe.output.prompts_per_shard)):
             shard = filters.apply(shard, stats)
             write_table(shard, shard_uri(str(work), folder, i), PROMPTS, what="prompts")
-        if stage == DECONTAMINATED:
-            (work / "stats").mkdir(exist_ok=True)
-            (work / "stats" / f"{stage}.json").write_text(json.dumps(stats.to_dict()))
-            return stats.rows_out
         _save_stats(work, stage, stats)
         return stats.rows_out
     prompts = _shards(work, "prompts")
@@ -220,10 +216,9 @@ def measure_size(size: int, scratch: Path, quick: bool) -> dict[str, Any]:
             result = json.loads((work / f"result-{stage}.json").read_text())
             if stage == DECONTAMINATED:
                 result["index_seconds"] = json.loads((work / "index_seconds.json").read_text())
-                result["drops"] = json.loads((work / "stats" / f"{stage}.json").read_text())["drops"]
-                result["filter_seconds"] = json.loads((work / "stats" / f"{stage}.json").read_text())[
-                    "timings"
-                ].get("decontaminate", 0.0)
+                saved = json.loads((work / "stats" / f"{stage}.json").read_text())
+                result["drops"] = saved["drops"]
+                result["filter_seconds"] = saved["timings"].get("decontaminate", 0.0)
             result["process_seconds"] = outcome["seconds"]
             result["peak_tree_rss_mib_sampled"] = outcome["peak_tree_rss_mib"]  # cross-check, 50 ms polls
             stages[stage] = result

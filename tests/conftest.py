@@ -82,6 +82,16 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch, prefect_home: Path) -> FakeEngine:
+    """The fake policy wherever sampling loads one, with a private Prefect home: for flow-level runs."""
+    from steps import sampling
+
+    fake = FakeEngine()
+    monkeypatch.setattr(sampling, "load_engine", lambda policy: fake)
+    return fake
+
+
 def smollm2_tokenizer() -> Any:
     """The default model's tokenizer (and chat template), from the locally installed package."""
     from transformers import AutoTokenizer

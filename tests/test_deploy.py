@@ -258,13 +258,16 @@ def test_nightly_deployment_runs_its_model_stage_on_the_gpu_pool(
     assert {r["work_pool_name"] for r in remote} == {"gpu"}
     assert len(markers(work, "sampling")) == 4 and len(markers(work, "label/density_ratio")) == 4
     # ... and the pipeline itself found those shards finished instead of computing them again.
-    logs = run_logs(stack, run_id, until="found finished earlier, reused")
-    assert logs.count("found finished earlier, reused") >= 4, logs
-    # The nightly parameters collect garbage after publishing; the run left its record for the next GC.
+    # The nightly parameters collect garbage last, after publishing. Logs arrive in order, so once the
+    # GC's line is on the server every earlier line is too.
     last = run_logs(stack, run_id, newest=True, until="gc of ")
     assert "gc of " in last and "removed 0 entries" in last, last
+    logs = run_logs(stack, run_id)
+    assert logs.count("found finished earlier, reused") >= 4, logs
     records = list((work / work_gc.RECORDS_DIR / "pools").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["status"] == "finished"
+    # All of the run's log fits the 200 lines read (else the check below would look at nothing).
+    assert "published run " in logs, logs
     assert not re.search(r"sampling shard \d/4: .* in [\d.]+s;", logs), logs
 
 

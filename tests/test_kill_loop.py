@@ -244,10 +244,10 @@ def test_kill_loop_at_random_moments_of_every_stage_ends_in_the_uninterrupted_da
         attempt = launch(recipe, outputs[-1], env, tmp_path / f"attempt-{n}.log")
         if wait_for_line(attempt, STAGES[stage]):
             time.sleep(delay)
+        # A stage's log line that never appears (a reworded message) would retry for ever.
+        assert len(report) < 4 * KILLS, "kills keep missing their stage:\n" + "\n".join(report)
         if attempt.proc.poll() is not None:  # finished first (this output had little left to do)
             finish(attempt)
-            # A stage's log line that never appears (a reworded message) would retry for ever.
-            assert len(report) < 4 * KILLS, "kills keep missing their stage:\n" + "\n".join(report)
             assert dataset(outputs[-1]) == expected
             report.append(
                 f"{n:2d} {stage:>11} +{delay:5.2f}s: the run finished first; next kills in a new output"
@@ -275,4 +275,5 @@ def test_kill_loop_at_random_moments_of_every_stage_ends_in_the_uninterrupted_da
     finish(launch(recipe, outputs[-1], env, tmp_path / "final.log"))
     for out in outputs:  # the earlier ones were finished by the attempt the loop could not kill
         assert dataset(out) == expected, f"{out.name}: the dataset differs from the uninterrupted run's"
-        assert not files_outside_manifest(out), f"{out.name}: {files_outside_manifest(out)}"
+        stray = files_outside_manifest(out)
+        assert not stray, f"{out.name}: {stray}"

@@ -24,7 +24,6 @@ from flows import build_prefs as bp
 from schemas.recipe import LockSettings, RecipeError, lock_settings
 from steps import lease
 from tests.conftest import ROOT
-from tests.test_placement import engine  # noqa: F401  (fixture, used by name)
 from tests.test_resume import write_recipe
 from tests.test_s3 import bucket, s3_endpoint  # noqa: F401  (fixtures, used by name)
 
@@ -143,17 +142,21 @@ def test_a_sigkilled_holders_lease_is_taken_over_at_once_on_its_machine(
 def test_a_lease_left_on_another_machine_blocks_until_it_expires_then_is_taken_over(root: str) -> None:
     """Its pid means nothing here, so only the expiry frees it."""
     store = lease._store(root)
-    other = replace(lease.Holder.new("elsewhere-run", "build-prefs nightly", 3.0), host="gpu-7", space="x")
-    assert store.swap(other.to_bytes(), None) is not None
+    # Valid for 60 s while the busy cases run (a slow machine cannot let it expire under them)...
+    other = replace(lease.Holder.new("elsewhere-run", "build-prefs nightly", 60.0), host="gpu-7", space="x")
+    version = store.swap(other.to_bytes(), None)
+    assert version is not None
 
     with pytest.raises(lease.LeaseBusyError, match="host gpu-7") as busy:
         lease.acquire(root, LockSettings(on_busy="fail"), "test")
     assert "elsewhere-ru" in str(busy.value) and "expires" in str(busy.value)
     with pytest.raises(lease.LeaseBusyError, match="gave up after waiting"):
-        lease.acquire(root, LockSettings(max_wait_s=0.5, expiry_s=3.0, renew_s=0.5), "test")
+        lease.acquire(root, FAST.model_copy(update={"max_wait_s": 0.5}), "test")
 
+    # ... then renewed by its holder to expire in 3 s, and never again: the waiter takes it over then.
+    assert store.swap(replace(other, expires_at=time.time() + 3.0, token="last").to_bytes(), version)
     said: list[str] = []
-    taken = lease.acquire(root, LockSettings(expiry_s=3.0, renew_s=0.5), "test", report=said.append)
+    taken = lease.acquire(root, FAST, "test", report=said.append)
     try:
         assert any("waiting" in line and "host gpu-7" in line for line in said), said
         assert any("taking over the stale lease" in line for line in said), said
@@ -236,7 +239,7 @@ def test_release_never_removes_a_lease_another_run_took_over_in_between(bucket: 
 def test_a_run_whose_output_lease_was_taken_over_does_not_publish(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    engine: Any,  # noqa: F811
+    engine: Any,
 ) -> None:
     """The real flow, its lease stolen after every stage ran and before publishing (a run stalled past
     its expiry while another took over): it stops, publishing nothing, and leaves the new holder's lease."""

@@ -30,13 +30,6 @@ from tests.conftest import FakeEngine
 from tests.test_resume import markers, rows, write_recipe
 
 
-@pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch, prefect_home: Path) -> FakeEngine:
-    fake = FakeEngine()
-    monkeypatch.setattr(sampling, "load_engine", lambda policy: fake)
-    return fake
-
-
 def test_cpu_stages_on_a_dask_local_cluster_give_the_same_dataset(tmp_path: Path, engine: FakeEngine) -> None:
     recipe = write_recipe(tmp_path)
     bp.build_prefs(recipe=recipe, output=str(tmp_path / "plain"))
@@ -180,25 +173,32 @@ def test_a_batch_deleted_from_the_server_fails_the_run_instead_of_hanging_it(
     pool, deployment_id = idle_deployment
     prompts = unread_shards(tmp_path, "the batches are deleted before any worker could start them")
     deleted: list[Any] = []
+    trouble: list[BaseException] = []
 
     def delete_both() -> None:
-        with get_client(sync_client=True) as client:
-            for _ in range(300):
-                runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
-                )
-                if len(runs) == 2:
-                    for run in runs:
-                        client.delete_flow_run(run.id)
-                        deleted.append(run.id)
-                    return
-                time.sleep(0.1)
+        try:
+            with get_client(sync_client=True) as client:
+                for _ in range(300):
+                    runs = client.read_flow_runs(
+                        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+                    )
+                    if len(runs) == 2:
+                        for run in runs:
+                            client.delete_flow_run(run.id)
+                            deleted.append(run.id)
+                        return
+                    time.sleep(0.1)
+        except BaseException as exc:  # reported below, not lost in the thread
+            trouble.append(exc)
 
     deleter = threading.Thread(target=delete_both)
     deleter.start()
-    message = failed_batches(pool, tmp_path, prompts, 600)
+    # Long enough that the deletion (within 30 s) comes first, short enough that a regression ends
+    # in the start-timeout failure instead of a hang.
+    message = failed_batches(pool, tmp_path, prompts, 60)
     deleter.join()
-    assert len(deleted) == 2 and "2 of 2 batch(es) failed" in message, message
+    assert not trouble and len(deleted) == 2, (trouble, deleted, message)
+    assert "2 of 2 batch(es) failed" in message, message
     assert "batch 1/2 (shards 1-2)" in message and "batch 2/2 (shards 3-3)" in message
     assert "is gone from the Prefect server" in message and all(str(i) in message for i in deleted)
     assert "rerun the same command" in message

@@ -23,13 +23,6 @@ from tests.conftest import FakeEngine
 PROMPTS = [{"prompt": f"Question number {i}: name a colour.", "reference": ["red", "blue"]} for i in range(6)]
 
 
-@pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch, prefect_home: Path) -> FakeEngine:
-    fake = FakeEngine()
-    monkeypatch.setattr(sampling, "load_engine", lambda policy: fake)
-    return fake
-
-
 def write_recipe(tmp_path: Path, **changes: Any) -> str:
     prompts = tmp_path / "prompts.jsonl"
     if not prompts.exists():

@@ -83,13 +83,6 @@ def bucket(s3_endpoint: str) -> str:
     return name
 
 
-@pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch, prefect_home: Path) -> FakeEngine:
-    fake = FakeEngine()
-    monkeypatch.setattr(sampling, "load_engine", lambda policy: fake)
-    return fake
-
-
 def s3_markers(work: str) -> dict[str, bytes]:
     """Every completion marker under an s3:// work location, by key: a rewritten one means redone work."""
     fs, root = fsspec.core.url_to_fs(work)

@@ -22,7 +22,7 @@ from steps import faults, lease, work_gc
 from steps.base import StageStats
 from steps.resume import WorkArea
 from tests.conftest import ROOT, FakeEngine
-from tests.test_resume import engine, markers, run, write_recipe  # noqa: F401  (engine: a fixture)
+from tests.test_resume import markers, run, write_recipe
 
 
 def files(work: Path) -> dict[str, int]:
@@ -55,7 +55,7 @@ def freed(report: str) -> int:
 
 def test_gc_keeps_the_latest_runs_entries_frees_the_rest_and_waits_for_live_runs(
     tmp_path: Path,
-    engine: FakeEngine,  # noqa: F811
+    engine: FakeEngine,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out, new = two_settings(tmp_path)
@@ -98,7 +98,7 @@ def test_gc_keeps_the_latest_runs_entries_frees_the_rest_and_waits_for_live_runs
 
 def test_gc_killed_midway_leaves_a_state_that_the_next_gc_and_the_next_run_complete(
     tmp_path: Path,
-    engine: FakeEngine,  # noqa: F811
+    engine: FakeEngine,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out, new = two_settings(tmp_path)
@@ -174,7 +174,7 @@ def test_a_shard_written_under_another_spelling_of_the_work_location_is_still_it
 
 def test_a_gc_that_cannot_go_on_after_publishing_warns_and_the_run_still_succeeds(
     tmp_path: Path,
-    engine: FakeEngine,  # noqa: F811
+    engine: FakeEngine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """GC is housekeeping: an unreadable run record stops it, not the run that already published."""
