@@ -378,9 +378,9 @@ def _build(
             ],
             pair_task,
         )
-    record.add(
-        _label_entries(config, area, prompts, responses, labels) + [area.entry_of(s.uri) for s in pairs]
-    )
+    # Labels made on Dask are recorded here; those made in this process were recorded as they ended.
+    made_on_dask = _label_entries(config, area, prompts, responses, labels) if labels_on_dask else []
+    record.add(made_on_dask + [area.entry_of(s.uri) for s in pairs])
     kept, dropped, length = consistency_task(config, area, pairs)
     record.add([area.entry_of(kept.uri)])
     stages_ = {

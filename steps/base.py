@@ -7,6 +7,7 @@ and read back by whoever needs it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -193,6 +194,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
     return removed
 
 
+@functools.cache  # a process's boot and pid namespace never change; read once, not per directory entry
 def pid_space() -> str:
     """This kernel boot and pid namespace: where a pid means the same process (Linux; else unknown).
 
@@ -206,6 +208,7 @@ def pid_space() -> str:
         return ""
 
 
+@functools.cache
 def _space_tag() -> str:
     """``pid_space`` as a short name part; where it is unknown, the host (the best left)."""
     space = pid_space()

@@ -333,7 +333,7 @@ class Lease:
         if self._lost is None:
             try:
                 self._store.delete(self._version)
-            except OSError as exc:  # it expires on its own
+            except Exception as exc:  # it expires on its own; the run's own outcome must not be masked
                 log.warning("could not remove the lease on %s %s (%s)", self.what, self.root, exc)
 
 
