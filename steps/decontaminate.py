@@ -161,13 +161,17 @@ class EvalIndex:
     def text(self, item: int) -> str:
         return str(self.items.filter(pl.col("item") == item)["text"][0])
 
-    def matches(self, texts: list[str], n: int, threshold: float) -> dict[int, tuple[int, float]]:
-        """For each text that is contaminated: its index → (eval item, share of the item covered)."""
-        q = word_grams(texts, n)
+    def matches(self, q: Grams, docs: np.ndarray, n: int, threshold: float) -> dict[int, tuple[int, float]]:
+        """For each text among ``docs`` that is contaminated: its index → (eval item, share covered).
+
+        ``q`` is the word n-grams of a whole shard, made once for every set (they share ``n``);
+        ``docs`` are the texts still in play (not dropped by an earlier set).
+        """
         found = []
         if len(q.gram) and self.grams.height:
             hits = (
                 pl.DataFrame({"doc": q.doc, "gram": q.gram})
+                .filter(pl.col("doc").is_in(docs))
                 .unique()
                 .join(self.grams, on="gram")
                 .select("doc", "item", "pos")
@@ -186,8 +190,8 @@ class EvalIndex:
                     )
                 )
         exact = (
-            pl.DataFrame({"doc": np.arange(len(texts), dtype=np.int64), "whole": q.whole, "words": q.words})
-            .filter(pl.col("words") > 0)
+            pl.DataFrame({"doc": np.arange(len(q.words), dtype=np.int64), "whole": q.whole, "words": q.words})
+            .filter((pl.col("words") > 0) & pl.col("doc").is_in(docs))
             .join(self.items.select("item", "whole"), on="whole")
             .select("doc", "item", coverage=pl.lit(1.0))
         )
@@ -294,11 +298,10 @@ class Decontaminator:
         texts = [match_text(m) for m in shard.column(c.MESSAGES).to_pylist()]
         rows = shard.column(c.SOURCE_ROW).to_pylist()
         keep = np.ones(shard.num_rows, dtype=bool)
+        q = word_grams(texts, self.config.ngram)
         for index in self.indexes:
-            alive = np.flatnonzero(keep)
-            found = index.matches([texts[i] for i in alive], self.config.ngram, self.config.threshold)
-            for local, (item, coverage) in sorted(found.items()):
-                row = int(alive[local])
+            found = index.matches(q, np.flatnonzero(keep), self.config.ngram, self.config.threshold)
+            for row, (item, coverage) in sorted(found.items()):
                 keep[row] = False
                 reason = r.contaminated(index.name)
                 example = None

@@ -183,6 +183,11 @@ def test_several_sets_from_parquet_and_datasets_each_name_their_drops(tmp_path: 
     kept = Decontaminator(config, WorkArea(str(tmp_path / "work"))).apply(table, stats)
     assert user_texts(kept) == ["Something unrelated entirely."]
     assert stats.drops == {"contaminated:pq": 1, "contaminated:hf": 1}
+    # A prompt in two sets is dropped once, under the first set that holds it.
+    both = DecontaminationConfig(sets=[*config.sets[1:], config.sets[1].model_copy(update={"name": "again"})])
+    stats = StageStats("prompts")
+    kept = Decontaminator(both, WorkArea(str(tmp_path / "work"))).apply(table, stats)
+    assert stats.drops == {"contaminated:hf": 1} and kept.num_rows == 2
 
 
 def test_eval_set_errors_name_the_key(tmp_path: Path) -> None:
