@@ -304,12 +304,14 @@ async def _await_runs(
 
 
 async def _cancel(client: Any, run: Any, message: str) -> None:
-    """A Scheduled run is simply cancelled; a Pending one may have infrastructure its worker must stop."""
+    """A Scheduled run is simply cancelled; one a worker has taken meanwhile (Pending, or Running by
+    now: its state is read again here) may have a process or container its worker must stop."""
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelled, Cancelling
 
-    pending = run.state is not None and run.state.type == StateType.PENDING
-    state = Cancelling(message=message) if pending else Cancelled(message=message)
+    now = (await client.read_flow_run(run.id)).state
+    taken = now is not None and now.type in (StateType.PENDING, StateType.RUNNING)
+    state = Cancelling(message=message) if taken else Cancelled(message=message)
     await client.set_flow_run_state(run.id, state, force=True)
 
 
