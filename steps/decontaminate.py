@@ -15,6 +15,8 @@ words; only user turns count (a shared system prompt is not the benchmark).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +31,10 @@ from steps.base import StageStats, read_table, write_table
 from steps.prompts import (
     InvalidRow,
     PromptSourceError,
+    SourceKeys,
     check_prompts,
     load_hf_split,
+    naming,
     normalise_messages,
     raw_rows,
 )
@@ -116,34 +120,31 @@ def check_sets(config: DecontaminationConfig) -> None:
     index itself is built by the prompt stage, under the run's lease on the work location.
     """
     for i, spec in enumerate(config.sets):
-        try:
+        with _reading(i, spec):
             check_prompts(_source(spec))
-        except PromptSourceError as exc:
-            raise _where_error(f"prompts.decontaminate.sets[{i}] ({spec.name})", exc) from None
 
 
-def _where_error(where: str, exc: PromptSourceError) -> PromptSourceError:
-    """A source error re-addressed to the eval set's own keys (the prompt reader names prompts.*)."""
-    text = str(exc).replace("prompts.prompt_column / prompts.references_column", "prompts.prompt_column")
-    text = text.replace("prompts.prompt_column", f"{where}.columns.prompt")
-    text = text.replace("prompts.format", f"{where}.format")
-    text = text.replace("prompt file ", "eval set file ")
-    return PromptSourceError(f"{where}: {text}")
+@contextmanager
+def _reading(i: int, spec: EvalPromptSet) -> Iterator[None]:
+    """Source errors while set ``i`` is read name it and its own keys (the prompt reader's say prompts.*)."""
+    key = f"prompts.decontaminate.sets[{i}]"
+    keys = SourceKeys(f"{key}.columns.prompt", f"{key}.columns", f"{key}.format", "eval set file")
+    try:
+        with naming(keys):
+            yield
+    except PromptSourceError as exc:
+        raise PromptSourceError(f"{key} ({spec.name}): {exc}") from None
 
 
-def set_checksum(spec: EvalPromptSet, where: str) -> str:
+def set_checksum(spec: EvalPromptSet) -> str:
     """What identifies the set's content: the file's sha256, or the ``datasets`` fingerprint of the split."""
     if spec.uri is not None:
         digest = sha256_of(spec.uri)
         if digest is None:
-            raise PromptSourceError(f"{where}: eval set file {spec.uri!r} does not exist or cannot be read")
+            raise PromptSourceError(f"eval set file {spec.uri!r} does not exist or cannot be read")
         return digest
     assert spec.hf is not None
-    try:
-        dataset = load_hf_split(spec.hf, spec.config, spec.split)
-    except PromptSourceError as exc:
-        raise PromptSourceError(f"{where}: {exc}") from None
-    return f"datasets:{dataset._fingerprint}"
+    return f"datasets:{load_hf_split(spec.hf, spec.config, spec.split)._fingerprint}"
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,14 @@ class EvalIndex:
         }
 
 
-def build_index(spec: EvalPromptSet, n: int, area: WorkArea, where: str) -> EvalIndex:
-    """The set's index, built now if no finished one for this content and ``n`` is in the work location."""
-    checksum = set_checksum(spec, where)
+def build_index(spec: EvalPromptSet, n: int, area: WorkArea, i: int) -> EvalIndex:
+    """Set ``i``'s index, built now if no finished one for this content and ``n`` is in the work location."""
+    with _reading(i, spec):
+        return _build_index(spec, n, area, f"prompts.decontaminate.sets[{i}]")
+
+
+def _build_index(spec: EvalPromptSet, n: int, area: WorkArea, key_path: str) -> EvalIndex:
+    checksum = set_checksum(spec)
     settings = {"ngram": n, "prompt_column": spec.prompt_column, "hash": f"polars-{pl.__version__}"}
     key = area.key(STAGE, settings, [checksum])
 
@@ -245,24 +251,21 @@ def build_index(spec: EvalPromptSet, n: int, area: WorkArea, where: str) -> Eval
             stats.counts["short_items"] += int(((q.words > 0) & (q.words < n)).sum())
             batch.clear()
 
-        try:
-            for raw in raw_rows(_source(spec)):
-                stats.rows_in += 1
-                try:
-                    batch.append((raw.index, match_text(normalise_messages(raw.prompt))))
-                except InvalidRow as exc:
-                    stats.drop(exc.reason, example=f"row {raw.index}: {exc}")
-                    continue
-                if len(batch) == INDEX_BATCH_ROWS:
-                    flush()
-        except PromptSourceError as exc:
-            raise _where_error(where, exc) from None
+        for raw in raw_rows(_source(spec)):
+            stats.rows_in += 1
+            try:
+                batch.append((raw.index, match_text(normalise_messages(raw.prompt))))
+            except InvalidRow as exc:
+                stats.drop(exc.reason, example=f"row {raw.index}: {exc}")
+                continue
+            if len(batch) == INDEX_BATCH_ROWS:
+                flush()
         if batch:
             flush()
         if not stats.rows_out:
             raise PromptSourceError(
-                f"{where}: no usable prompt in eval set {spec.name!r} ({stats.rows_in} rows read, "
-                f"unusable {dict(stats.drops)}); check {where}.columns.prompt"
+                f"no usable prompt in eval set {spec.name!r} ({stats.rows_in} rows read, "
+                f"unusable {dict(stats.drops)}); check {key_path}.columns.prompt"
             )
         table = pa.concat_tables(grams).sort_by("gram") if grams else GRAMS.empty_table()
         stats.counts["ngrams"] = table.num_rows
@@ -287,10 +290,7 @@ class Decontaminator:
 
     def __init__(self, config: DecontaminationConfig, area: WorkArea) -> None:
         self.config = config
-        self.indexes = [
-            build_index(spec, config.ngram, area, f"prompts.decontaminate.sets[{i}] ({spec.name})")
-            for i, spec in enumerate(config.sets)
-        ]
+        self.indexes = [build_index(spec, config.ngram, area, i) for i, spec in enumerate(config.sets)]
 
     def apply(self, shard: pa.Table, stats: StageStats) -> pa.Table:
         """The shard without its contaminated prompts; each drop counted under ``contaminated:<set>``."""

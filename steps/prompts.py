@@ -13,6 +13,8 @@ import hashlib
 import json
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,30 @@ BUILTIN_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "prompts"
 ROLES = ("system", "user", "assistant")
 LOAD_CHUNK_ROWS = 65_536  # load_prompts gathers the stream in pieces of this size
 PARQUET_BATCH_ROWS = 4096  # source rows held as Python objects at once while reading a columnar source
+
+
+@dataclass(frozen=True)
+class SourceKeys:
+    """The recipe keys a source error tells the user to set: the prompt source's, unless a reader
+    of another source (an eval set) names its own with ``naming``."""
+
+    prompt_column: str = "prompts.prompt_column"
+    references_column: str = "prompts.references_column"
+    format: str = "prompts.format"
+    file: str = "prompt file"
+
+
+_KEYS: ContextVar[SourceKeys] = ContextVar("prompt_source_keys", default=SourceKeys())  # noqa: B039 (frozen)
+
+
+@contextmanager
+def naming(keys: SourceKeys) -> Iterator[None]:
+    """Source errors raised in this block name ``keys`` (generators: wrap where they are iterated)."""
+    token = _KEYS.set(keys)
+    try:
+        yield
+    finally:
+        _KEYS.reset(token)
 
 
 class PromptSourceError(ValueError):
@@ -153,7 +179,7 @@ def _jsonl_rows(handle: Any, label: str, prompt_col: str, refs_col: str | None) 
         if prompt_col not in record:
             raise PromptSourceError(
                 f"{label} line {line_no}: no {prompt_col!r} field (fields: {sorted(record)}); "
-                "set prompts.prompt_column in the recipe"
+                f"set {_KEYS.get().prompt_column} in the recipe"
             )
         refs = record.get(refs_col) if refs_col else None
         yield RawRow(line_no, record[prompt_col], refs, has_references=bool(refs_col) and refs_col in record)
@@ -183,14 +209,14 @@ def _check_column_types(schema: pa.Schema, label: str, prompt_col: str, refs_col
         raise PromptSourceError(
             f"{label}: column {prompt_col!r} has type {kind}; expected text (string), or a list of "
             "{role, content} messages with string fields (bytes must be decoded to UTF-8 text first); "
-            "convert the column or point prompts.prompt_column at another one"
+            f"convert the column or point {_KEYS.get().prompt_column} at another one"
         )
     if refs_col:
         kind = schema.field(refs_col).type
         if not (_is_text(kind) or _is_list_of(kind, _is_text) or pa.types.is_null(kind)):
             raise PromptSourceError(
                 f"{label}: column {refs_col!r} has type {kind}; expected text or a list of text; "
-                "convert it, or set prompts.references_column to another column (or null for none)"
+                f"convert it, or set {_KEYS.get().references_column} to another column (or null for none)"
             )
 
 
@@ -201,13 +227,13 @@ def _table_columns(
     if prompt_col not in schema.names:
         raise PromptSourceError(
             f"{label}: no column {prompt_col!r} (columns: {schema.names}); "
-            "set prompts.prompt_column in the recipe"
+            f"set {_KEYS.get().prompt_column} in the recipe"
         )
     if refs_col and refs_col not in schema.names:
         if refs_required:
             raise PromptSourceError(
                 f"{label}: no column {refs_col!r} (columns: {schema.names}) as named by "
-                "prompts.references_column; fix the name, or remove the key if there are no references"
+                f"{_KEYS.get().references_column}; fix the name, or remove the key if there are no references"
             )
         refs_col = None
     _check_column_types(schema, label, prompt_col, refs_col)
@@ -231,7 +257,7 @@ def _parquet_rows(handle: Any, config: FilePrompts) -> Iterator[RawRow]:
     def unreadable(exc: Exception) -> PromptSourceError:
         return PromptSourceError(
             f"{config.uri!r} is not a readable Parquet file ({exc}); check the file, "
-            "or set prompts.format: jsonl if it is JSON lines"
+            f"or set {_KEYS.get().format}: jsonl if it is JSON lines"
         )
 
     parquet = open_parquet(handle, unreadable)
@@ -285,7 +311,9 @@ def _infer_format(uri: str) -> str:
         return "jsonl"
     if lowered.endswith(".parquet"):
         return "parquet"
-    raise PromptSourceError(f"cannot tell the format of {uri!r}; set prompts.format to jsonl or parquet")
+    raise PromptSourceError(
+        f"cannot tell the format of {uri!r}; set {_KEYS.get().format} to jsonl or parquet"
+    )
 
 
 def _file_rows(config: FilePrompts) -> Iterator[RawRow]:
@@ -298,7 +326,7 @@ def _file_rows(config: FilePrompts) -> Iterator[RawRow]:
             else:
                 yield from _jsonl_rows(handle, config.uri, config.prompt_column, config.references_column)
     except FileNotFoundError:
-        raise PromptSourceError(f"prompt file {config.uri!r} does not exist") from None
+        raise PromptSourceError(f"{_KEYS.get().file} {config.uri!r} does not exist") from None
     except ImportError as exc:
         raise PromptSourceError(
             f"cannot open {config.uri!r}: {exc}; install the fsspec backend for this protocol "
@@ -339,9 +367,11 @@ def _hf_rows(config: HFPrompts) -> Iterator[RawRow]:
     wanted = [config.prompt_column] + ([config.references_column] if config.references_column else [])
     missing = [col for col in wanted if col not in dataset.column_names]
     if missing:
+        keys = _KEYS.get()
+        named = keys.prompt_column + (f" / {keys.references_column}" if config.references_column else "")
         raise PromptSourceError(
-            f"dataset {config.path!r} has no column(s) {missing} (columns: {dataset.column_names}); "
-            "set prompts.prompt_column / prompts.references_column"
+            f"dataset {config.path!r} has no column(s) {missing} "
+            f"(columns: {dataset.column_names}); set {named}"
         )
     table = dataset.select_columns(wanted).data.table
     refs_col = _table_columns(table.schema, config.path, config.prompt_column, config.references_column)
@@ -413,7 +443,7 @@ def stream_prompts(
     if isinstance(config, FilePrompts) and references_named(config) and stats.rows_in and not any_references:
         raise PromptSourceError(
             f"{label}: no row has the field {config.references_column!r} named by "
-            "prompts.references_column; fix the name, or remove the key if there are no references"
+            f"{_KEYS.get().references_column}; fix the name, or remove the key if there are no references"
         )
     if not seen:
         raise _nothing_usable(label, stats)

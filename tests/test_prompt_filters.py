@@ -196,20 +196,25 @@ def test_eval_set_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(PromptSourceError, match=r"sets\[0\] \(gone\).*does not exist"):
         Decontaminator(missing, area)
     wrong = DecontaminationConfig(sets=[{"name": "b", "uri": eval_file(tmp_path)}])  # column is "question"
-    with pytest.raises(PromptSourceError, match=r"sets\[0\] \(b\).*no 'prompt' field.*columns\.prompt"):
+    with pytest.raises(
+        PromptSourceError,
+        match=r"sets\[0\] \(b\).*no 'prompt' field.*set prompts\.decontaminate\.sets\[0\]\.columns\.prompt",
+    ):
         Decontaminator(wrong, area)
     # A file whose format cannot be told, or that is not the Parquet it claims: the set's own format key.
     odd = tmp_path / "eval.data"
     odd.write_text('{"prompt": "What is the capital of France?"}\n')
     unknown = DecontaminationConfig(sets=[{"name": "odd", "uri": str(odd)}])
     with pytest.raises(
-        PromptSourceError, match=r"set prompts\.decontaminate\.sets\[0\] \(odd\)\.format"
+        PromptSourceError,
+        match=r"^prompts\.decontaminate\.sets\[0\] \(odd\): .*set prompts\.decontaminate\.sets\[0\]\.format",
     ) as told:
         check_sets(unknown)
     assert "set prompts.format" not in str(told.value)
     junk = DecontaminationConfig(sets=[{"name": "junk", "uri": str(odd), "format": "parquet"}])
     with pytest.raises(
-        PromptSourceError, match=r"set prompts\.decontaminate\.sets\[0\] \(junk\)\.format: jsonl"
+        PromptSourceError,
+        match=r"^prompts\.decontaminate\.sets\[0\] \(junk\): .*set prompts\.decontaminate\.sets\[0\]\.format: jsonl",
     ):
         check_sets(junk)
 
