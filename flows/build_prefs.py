@@ -281,9 +281,20 @@ def build_prefs(
     settings, purpose, say = lock or LockSettings(), f"build-prefs {config.name}", get_run_logger().warning
     with lease.held_each([("output", out), ("work location", work_uri)], settings, purpose, say) as leases:
         return _build(
-            config, out, work_uri, (leases[0], leases[1]), push_to_hub, private, fresh,
-            model_deployment, batch_shards, model_job_variables, dask, gc_keep_runs, model_start_timeout,
-        )  # fmt: skip
+            config,
+            out,
+            work_uri,
+            (leases[0], leases[1]),
+            push_to_hub=push_to_hub,
+            private=private,
+            fresh=fresh,
+            model_deployment=model_deployment,
+            batch_shards=batch_shards,
+            model_job_variables=model_job_variables,
+            dask=dask,
+            gc_keep_runs=gc_keep_runs,
+            model_start_timeout=model_start_timeout,
+        )
 
 
 def _build(
@@ -291,6 +302,7 @@ def _build(
     out: str,
     work_uri: str,
     leases: tuple[lease.Lease, lease.Lease],
+    *,
     push_to_hub: str | None,
     private: bool,
     fresh: bool,
