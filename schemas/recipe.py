@@ -250,6 +250,13 @@ class ModelConfig(_Strict):
     enforce_eager: bool = Field(
         False, description="vllm: no CUDA graphs (faster start, slower decoding)", json_schema_extra=VLLM
     )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="vllm: KV cache size in GiB, instead of what gpu_memory_utilization leaves; on a CPU "
+        "build of vLLM (where gpu_memory_utilization is a share of RAM) the way to size it",
+        json_schema_extra=VLLM,
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -269,8 +276,6 @@ class ModelConfig(_Strict):
             given = [k for k in sorted(VLLM_ONLY) if getattr(self, k) != fields[k].default]
             if given:
                 raise ValueError(f"{', '.join(given)}: vllm options, but engine is {self.engine}")
-        elif self.device == "cpu":
-            raise ValueError("engine vllm runs on CUDA GPUs; use engine: transformers for device: cpu")
         return self
 
 

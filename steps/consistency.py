@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import ConsistencyConfig, Recipe
 from schemas.records import conform, dropped_schema, pairs_schema
 from steps.aggregate import Aggregation, feature, features
@@ -146,24 +146,26 @@ def rules_expr(config: ConsistencyConfig, signals: list[str], threshold: float |
     Being row-wise is what lets the stage apply it one shard at a time.
     """
     m = len(signals)
-    checks: list[tuple[pl.Expr, str]] = [(_normalised(c.CHOSEN) == _normalised(c.REJECTED), r.IDENTICAL_PAIR)]
+    checks: list[tuple[pl.Expr, str]] = [
+        (_normalised(c.CHOSEN) == _normalised(c.REJECTED), reasons.IDENTICAL_PAIR)
+    ]
     if config.min_agree is not None:
         agreeing = (pl.col(c.AGREEMENT) * m).round(0)
-        checks.append((agreeing.is_null() | (agreeing < config.min_agree), r.SIGN_DISAGREEMENT))
+        checks.append((agreeing.is_null() | (agreeing < config.min_agree), reasons.SIGN_DISAGREEMENT))
     if config.require_swap_agreement:
-        checks.append((pl.col(c.JUDGE_SWAP_AGREE).fill_null(False).not_(), r.JUDGE_SWAP_DISAGREEMENT))
+        checks.append((pl.col(c.JUDGE_SWAP_AGREE).fill_null(False).not_(), reasons.JUDGE_SWAP_DISAGREEMENT))
     if config.drop_mislabeled:
-        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) <= 0, r.LIKELY_MISLABELED))
+        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) <= 0, reasons.LIKELY_MISLABELED))
     if threshold is not None and math.isfinite(threshold):
-        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) < threshold, r.AMBIGUOUS))
+        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) < threshold, reasons.AMBIGUOUS))
     if config.min_rank_consistency is not None:
         low = pl.col(c.CONSISTENCY).is_null() | (pl.col(c.CONSISTENCY) < config.min_rank_consistency)
-        checks.append((low, r.RANK_INCONSISTENT))
+        checks.append((low, reasons.RANK_INCONSISTENT))
     if config.length_guard is not None:
         guard = config.length_guard
         ratio = _length(c.CHOSEN) / pl.max_horizontal(_length(c.REJECTED), pl.lit(1))
         checks.append(
-            ((ratio >= guard.max_ratio) & (pl.col(c.AGREEMENT) < guard.unless_agreement), r.LENGTH_ONLY)
+            ((ratio >= guard.max_ratio) & (pl.col(c.AGREEMENT) < guard.unless_agreement), reasons.LENGTH_ONLY)
         )
     reason = pl.lit(None, dtype=pl.String)
     for condition, code in reversed(checks):
@@ -259,7 +261,7 @@ def consistency_stage(
     if config.ambiguous_quantile is not None:
         parts = [read_columns(uri, [c.STRENGTH_MEAN], schema).column(0) for uri in pair_uris]
         strengths = pl.Series(c.STRENGTH_MEAN, pa.chunked_array(parts, schema.field(c.STRENGTH_MEAN).type))
-    reasons = rules_expr(config, recipe.voting_signals, ambiguous_threshold(config, strengths))
+    drop_rule = rules_expr(config, recipe.voting_signals, ambiguous_threshold(config, strengths))
     stats = StageStats("consistency")
     drops: Counter[str] = Counter()
     before: list[pl.DataFrame] = []
@@ -270,7 +272,7 @@ def consistency_stage(
         for uri in pair_uris:
             frame = pl.from_arrow(read_table(uri, schema))
             assert isinstance(frame, pl.DataFrame)
-            frame = frame.with_columns(reasons.alias(c.DROP_REASON))
+            frame = frame.with_columns(drop_rule.alias(c.DROP_REASON))
             kept = frame.filter(pl.col(c.DROP_REASON).is_null()).drop(c.DROP_REASON)
             dropped = frame.filter(pl.col(c.DROP_REASON).is_not_null())
             drops.update(dict(dropped.group_by(c.DROP_REASON).len().iter_rows()))

@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import DecontaminationConfig, EvalPromptSet, FilePrompts, HFPrompts
 from steps.base import StageStats, read_table, write_table
 from steps.prompts import (
@@ -234,7 +234,7 @@ def _build_index(spec: EvalPromptSet, n: int, area: WorkArea, key_path: str) -> 
             usable = q.words > 0
             if not usable.all():
                 first = rows[int(np.argmin(usable))]
-                stats.drop(r.NO_WORDS, count=int((~usable).sum()), example=f"row {first}")
+                stats.drop(reasons.NO_WORDS, count=int((~usable).sum()), example=f"row {first}")
             kept = np.flatnonzero(usable)
             items.append(
                 pa.table(
@@ -303,7 +303,7 @@ class Decontaminator:
             found = index.matches(q, np.flatnonzero(keep), self.config.ngram, self.config.threshold)
             for row, (item, coverage) in sorted(found.items()):
                 keep[row] = False
-                reason = r.contaminated(index.name)
+                reason = reasons.contaminated(index.name)
                 example = None
                 if reason not in stats.examples:
                     example = (

@@ -26,7 +26,7 @@ from statistics import fmean
 from typing import Any
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import ModelConfig
 from steps.engines import Failed, OptionRequest, load_engine
 from steps.engines.base import Message
@@ -165,7 +165,7 @@ def pair_verdicts(results: Sequence[Any]) -> list[Verdict | Failed]:
         p_ab = normalised(ab)[" A"]
         p_ba = normalised(ba)[" B"]
         if not (math.isfinite(p_ab) and math.isfinite(p_ba)):  # NaN/inf log-probs: no verdict, not 0.5
-            out.append(Failed(r.NON_FINITE_VERDICT, f"option log-probs {ab} / {ba}"))
+            out.append(Failed(reasons.NON_FINITE_VERDICT, f"option log-probs {ab} / {ba}"))
             continue
         out.append(Verdict((p_ab + p_ba) / 2, (p_ab > 0.5) == (p_ba > 0.5), p_ab, p_ba))
     return out

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import NearDuplicatesConfig
 from steps.base import StageStats
 from steps.decontaminate import clip, match_text
@@ -120,7 +120,7 @@ class NearDuplicates:
                     f"row {row}: {clip(text)!r} is a near-duplicate (estimated Jaccard {similarity:.2f}) "
                     f"of row {self.kept_rows[ordinal]}: {self.kept_texts[ordinal]!r}"
                 )
-            stats.drop(r.NEAR_DUPLICATE, example=example)
+            stats.drop(reasons.NEAR_DUPLICATE, example=example)
             self.kept_texts = None  # the first drop has its example: later ones keep theirs as counts
             stats.rows_out -= 1
         stats.timings[TIMING] = stats.timings.get(TIMING, 0.0) + time.perf_counter() - start

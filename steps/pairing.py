@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import ModelConfig, Recipe
 from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_schema
 from steps.aggregate import AGG, LOG_CHARS, Aggregation, RunStats, aggregate_scores, run_stats, wide_scores
@@ -50,7 +50,9 @@ def judge_candidates(table: pa.Table, model: ModelConfig, stats: StageStats) -> 
         for row in table.select([c.PROMPT, c.CHOSEN, c.REJECTED]).to_pylist()
     ]
     verdicts = [
-        v if not isinstance(v, Verdict) or math.isfinite(v.p_first) else Failed(r.NON_FINITE_VERDICT, "")
+        v
+        if not isinstance(v, Verdict) or math.isfinite(v.p_first)
+        else Failed(reasons.NON_FINITE_VERDICT, "")
         for v in PairJudge(model).judge(jobs)
     ]
     p_chosen = [v.p_first if isinstance(v, Verdict) else None for v in verdicts]
@@ -120,20 +122,20 @@ def _no_pair_reasons(
     )
     reason = (
         pl.when(pl.col("distinct_texts") == 1)
-        .then(pl.lit(r.IDENTICAL_SAMPLES))
+        .then(pl.lit(reasons.IDENTICAL_SAMPLES))
         .when((pl.col("n").fill_null(0) < 2) & (pl.col("cut") > 0) & finished_only)
-        .then(pl.lit(r.FEWER_THAN_TWO_FINISHED))
+        .then(pl.lit(reasons.FEWER_THAN_TWO_FINISHED))
         .when(pl.col("n").is_null() | (pl.col("n") == 0))
-        .then(pl.concat_str(pl.lit(r.UNSCORED_PREFIX), pl.col("label_reason").fill_null("unknown")))
+        .then(pl.concat_str(pl.lit(reasons.UNSCORED_PREFIX), pl.col("label_reason").fill_null("unknown")))
         .when(pl.col("n") < 2)
-        .then(pl.lit(r.FEWER_THAN_TWO_SCORED))
+        .then(pl.lit(reasons.FEWER_THAN_TWO_SCORED))
         .when(pl.col("spread") == 0)
-        .then(pl.lit(r.ALL_TIED))
+        .then(pl.lit(reasons.ALL_TIED))
         .when(pl.col("beyond_margin") == 0)
-        .then(pl.lit(r.BELOW_MARGIN))
+        .then(pl.lit(reasons.BELOW_MARGIN))
         .when(pl.col("_ratio"))
-        .then(pl.lit(r.LENGTH_RATIO))
-        .otherwise(pl.lit(r.IDENTICAL_TEXT))
+        .then(pl.lit(reasons.LENGTH_RATIO))
+        .otherwise(pl.lit(reasons.IDENTICAL_TEXT))
     )
     return frame.with_columns(reason.alias(c.REASON)).select(c.PROMPT_ID, c.REASON).sort(c.PROMPT_ID)
 
@@ -176,7 +178,7 @@ def make_pairs(
     scored = joined.filter(pl.col(AGG).is_not_null())
     if recipe.pairing.finished_only:
         # Left out after aggregation: the z-scores still see every answer the policy gave.
-        stats.counts[r.CUT_ANSWERS_NOT_PAIRED] = int(scored.get_column(c.TRUNCATED).sum())
+        stats.counts[reasons.CUT_ANSWERS_NOT_PAIRED] = int(scored.get_column(c.TRUNCATED).sum())
         scored = scored.filter(~pl.col(c.TRUNCATED))
 
     # Chosen is the best response; with a length ratio, the best one that has a partner within it.
@@ -200,7 +202,7 @@ def make_pairs(
             .join(within.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
         )
         candidates = within.filter(pl.col(_RANK) == pl.col(_RANK).min().over(c.PROMPT_ID))
-        stats.counts[r.LENGTH_RATIO_NEXT_BEST] = (
+        stats.counts[reasons.LENGTH_RATIO_NEXT_BEST] = (
             candidates.filter(pl.col(_RANK) > 1).get_column(c.PROMPT_ID).n_unique()
         )
     if rule == "best_vs_random":
@@ -215,12 +217,12 @@ def make_pairs(
     picked = picked.join(
         evidence(scores, picked, aggregation, recipe.consistency.rank_signals), on=c.PROMPT_ID, how="left"
     )
-    reasons = _no_pair_reasons(
+    no_pair = _no_pair_reasons(
         joined, scored, labels_df, picked, margin, recipe.pairing.finished_only, blocked
     )
-    for reason, count in reasons.group_by(c.REASON).len().iter_rows():
+    for reason, count in no_pair.group_by(c.REASON).len().iter_rows():
         stats.drop(reason, count)
-    for pid, reason in reasons.head(50).iter_rows():
+    for pid, reason in no_pair.head(50).iter_rows():
         stats.examples.setdefault(reason, f"prompt {pid}")
     stats.counts["prompts_with_responses"] = resp.get_column(c.PROMPT_ID).n_unique()
     if len(aggregation.signals) > 1:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import BuiltinPrompts, FilePrompts, HFPrompts, PromptsConfig
 from schemas.records import PROMPTS
 from steps.base import StageStats
@@ -81,12 +81,12 @@ class InvalidRow(ValueError):
 
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise InvalidRow(r.NON_STRING_CONTENT, f"{where} must be a string, got {type(value).__name__}")
+        raise InvalidRow(reasons.NON_STRING_CONTENT, f"{where} must be a string, got {type(value).__name__}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:  # a JSON escape such as "\ud800" decodes to a lone surrogate
         raise InvalidRow(
-            r.INVALID_UNICODE,
+            reasons.INVALID_UNICODE,
             f"{where} is not valid Unicode (unpaired surrogate at character {exc.start}); fix the text",
         ) from None
     return unicodedata.normalize("NFC", value).strip()
@@ -98,24 +98,27 @@ def normalise_messages(prompt: Any) -> list[dict[str, str]]:
         prompt = [{c.ROLE: "user", c.CONTENT: prompt}]
     if not isinstance(prompt, list | tuple):
         raise InvalidRow(
-            r.INVALID_PROMPT, f"prompt must be a string or a list of messages, got {type(prompt).__name__}"
+            reasons.INVALID_PROMPT,
+            f"prompt must be a string or a list of messages, got {type(prompt).__name__}",
         )
     if not prompt:
-        raise InvalidRow(r.EMPTY_PROMPT, "prompt has no messages")
+        raise InvalidRow(reasons.EMPTY_PROMPT, "prompt has no messages")
     messages = []
     for i, message in enumerate(prompt):
         if not isinstance(message, dict) or c.ROLE not in message or c.CONTENT not in message:
-            raise InvalidRow(r.INVALID_PROMPT, f"message {i} must be a mapping with 'role' and 'content'")
+            raise InvalidRow(
+                reasons.INVALID_PROMPT, f"message {i} must be a mapping with 'role' and 'content'"
+            )
         role = message[c.ROLE]
         if role not in ROLES:
-            raise InvalidRow(r.UNKNOWN_ROLE, f"message {i} has role {role!r}; expected one of {ROLES}")
+            raise InvalidRow(reasons.UNKNOWN_ROLE, f"message {i} has role {role!r}; expected one of {ROLES}")
         if role == "system" and i != 0:
-            raise InvalidRow(r.INVALID_PROMPT, f"message {i}: a system message may only come first")
+            raise InvalidRow(reasons.INVALID_PROMPT, f"message {i}: a system message may only come first")
         messages.append({c.ROLE: role, c.CONTENT: _text(message[c.CONTENT], f"message {i} content")})
     if messages[-1][c.ROLE] != "user":
-        raise InvalidRow(r.INVALID_PROMPT, "the last message must be a user turn (the one to answer)")
+        raise InvalidRow(reasons.INVALID_PROMPT, "the last message must be a user turn (the one to answer)")
     if not messages[-1][c.CONTENT]:
-        raise InvalidRow(r.EMPTY_PROMPT, "the last user message is empty or whitespace")
+        raise InvalidRow(reasons.EMPTY_PROMPT, "the last user message is empty or whitespace")
     return messages
 
 
@@ -126,7 +129,7 @@ def normalise_references(value: Any) -> list[str]:
         value = [value]
     if not isinstance(value, list | tuple):
         raise InvalidRow(
-            r.INVALID_REFERENCES,
+            reasons.INVALID_REFERENCES,
             f"references must be a string or a list of strings, got {type(value).__name__}",
         )
     refs = [_text(ref, f"reference {i}") for i, ref in enumerate(value)]
@@ -427,7 +430,9 @@ def stream_prompts(
             continue
         pid = prompt_id(messages)
         if pid in seen:
-            stats.drop(r.DUPLICATE_PROMPT, example=f"row {raw.index}: same conversation as row {seen[pid]}")
+            stats.drop(
+                reasons.DUPLICATE_PROMPT, example=f"row {raw.index}: same conversation as row {seen[pid]}"
+            )
             continue
         seen[pid] = raw.index
         rows[c.PROMPT_ID].append(pid)

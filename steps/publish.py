@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import Recipe
 from schemas.records import dropped_schema, pairs_schema
 from steps import faults, plots
@@ -35,8 +35,8 @@ def funnel_steps(stats: dict[str, Any], kept: int) -> list[tuple[str, int]]:
     """Rows left after each step; a prompt filter has its own bar when it ran (``stats["prompts"]``)."""
     stages = stats["stages"]
     prompts = stages["prompts"]
-    contaminated = sum(n for k, n in prompts["drops"].items() if k.startswith(r.CONTAMINATED_PREFIX))
-    unique = prompts["rows_out"] + contaminated + prompts["drops"].get(r.NEAR_DUPLICATE, 0)
+    contaminated = sum(n for k, n in prompts["drops"].items() if k.startswith(reasons.CONTAMINATED_PREFIX))
+    unique = prompts["rows_out"] + contaminated + prompts["drops"].get(reasons.NEAR_DUPLICATE, 0)
     steps = [("prompts read", prompts["rows_in"]), ("unique prompts", unique)]
     filters = stats.get("prompts", {})
     if "decontamination" in filters:

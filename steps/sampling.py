@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import Recipe
 from schemas.records import PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats, read_table, write_table
@@ -41,7 +41,7 @@ def sampling_params(recipe: Recipe) -> SamplingParams:
 Failures = dict[str, tuple[str, str]]
 # Failures a slot's later shard takes over instead of sampling again: the same prompt, settings and
 # model fail the same way. An engine's transient error is not one of them.
-REPLAYED = frozenset({r.PROMPT_TOO_LONG})
+REPLAYED = frozenset({reasons.PROMPT_TOO_LONG})
 
 
 def sample_table(

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import BleuConfig, PromptsConfig, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.aggregate import Aggregation, run_stats, wide_scores
@@ -91,11 +91,11 @@ class PromptFilters:
         if self.decontaminate is not None:
             out["decontamination"] = self.decontaminate.report()
             for name, facts in out["decontamination"]["sets"].items():
-                facts["dropped"] = stats.drops.get(r.contaminated(name), 0)
+                facts["dropped"] = stats.drops.get(reasons.contaminated(name), 0)
         if self.near_duplicates is not None:
             out["near_duplicates"] = {
                 **self.near_duplicates.report(),
-                "dropped": stats.drops.get(r.NEAR_DUPLICATE, 0),
+                "dropped": stats.drops.get(reasons.NEAR_DUPLICATE, 0),
             }
         return out
 

@@ -141,13 +141,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test gets one lane: ``model`` or ``integration`` as marked, else ``unit`` (make test-fast).
+    """Every test gets one lane: ``model``, ``vllm`` or ``integration`` as marked, else ``unit`` (make test-fast).
 
     A test that runs a Prefect flow (it asks for ``prefect_home``, directly or through a fixture)
     starts Prefect's temporary server: integration.
     """
     for item in items:
-        if item.get_closest_marker("model"):
+        if item.get_closest_marker("model") or item.get_closest_marker("vllm"):
             continue
         if "prefect_home" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)

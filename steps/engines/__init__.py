@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import atexit
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from schemas.recipe import ModelConfig
 from steps.engines.base import (
     Chooser,
     Completion,
@@ -34,6 +33,9 @@ from steps.engines.base import (
 from steps.engines.dtypes import resolve_dtype
 from steps.engines.models import ModelSpecError, ResolvedModel, resolve_model
 from steps.engines.reward import RewardRequest, RewardScorer
+
+if TYPE_CHECKING:  # the vLLM worker imports this package, and has no pyarrow for schemas.recipe
+    from schemas.recipe import ModelConfig
 
 __all__ = [
     "Chooser",
@@ -91,6 +93,7 @@ def _settings(policy: ModelConfig) -> tuple[Any, ...]:
         policy.gpu_memory_utilization,
         policy.max_model_len,
         policy.enforce_eager,
+        policy.kv_cache_gib,
     )
 
 
@@ -103,6 +106,8 @@ def _vllm_options(config: ModelConfig) -> dict[str, Any]:
         "dtype": config.dtype,
         "enforce_eager": config.enforce_eager,
         "trust_remote_code": config.trust_remote_code,
+        "kv_cache_gib": config.kv_cache_gib,
+        "device": config.device,
     }
 
 
@@ -119,9 +124,9 @@ def load_engine(policy: ModelConfig) -> Engine:
                     resolved, n_ctx=policy.n_ctx, n_threads=policy.n_threads, decode=policy.decode
                 )
             elif policy.engine == "vllm":
-                from steps.engines.vllm_engine import VllmEngine
+                from steps.engines.vllm_process import RemoteVllmEngine
 
-                _ENGINES[key] = VllmEngine(resolved, **_vllm_options(policy))
+                _ENGINES[key] = RemoteVllmEngine(resolved, **_vllm_options(policy))
             else:
                 from steps.engines.transformers_engine import TransformersEngine
 
@@ -158,9 +163,9 @@ def load_reward_model(config: ModelConfig) -> RewardScorer:
         if key not in _REWARD_MODELS:
             resolved = resolve_model(config.model, config.engine)
             if config.engine == "vllm":
-                from steps.engines.vllm_engine import VllmRewardModel
+                from steps.engines.vllm_process import RemoteVllmRewardModel
 
-                _REWARD_MODELS[key] = VllmRewardModel(resolved, **_vllm_options(config))
+                _REWARD_MODELS[key] = RemoteVllmRewardModel(resolved, **_vllm_options(config))
             elif config.engine == "transformers":
                 from steps.engines.reward import TransformersRewardModel
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from schemas import reasons as r
+from schemas import reasons
 
 Message = dict[str, str]
 Conversation = Sequence[Message]
@@ -137,7 +137,9 @@ def read_requests(engine: Any, requests: Sequence[ReadRequest]) -> list[ReadResu
         if where:  # an engine (or a test's fake) may implement only the kind it is asked for
             for i, result in zip(where, getattr(engine, call)([requests[i] for i in where]), strict=True):
                 results[i] = result
-    return [result if result is not None else Failed(r.INTERNAL, "request not read") for result in results]
+    return [
+        result if result is not None else Failed(reasons.INTERNAL, "request not read") for result in results
+    ]
 
 
 def derive_seed(*parts: object) -> int:

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from schemas import reasons as r
+from schemas import reasons
 from steps.engines.base import (
     Conversation,
     Failed,
@@ -65,18 +65,20 @@ class ChatTokens:
         turn = {"role": request.role, "content": request.continuation}
         full = self.ids([*request.context, turn], False)
         if tuple(full[: len(header)]) != header:
-            return Failed(r.TEMPLATE_BOUNDARY, "chat template changes earlier tokens when a turn is added")
+            return Failed(
+                reasons.TEMPLATE_BOUNDARY, "chat template changes earlier tokens when a turn is added"
+            )
         content = []
         for token in full[len(header) :]:
             if self.is_special(token):  # the end-of-turn marker the template appends
                 break
             content.append(token)
         if not content:
-            return Failed(r.EMPTY_CONTINUATION, "nothing to score")
+            return Failed(reasons.EMPTY_CONTINUATION, "nothing to score")
         size = len(header) + len(content)
         if size + reserve > self.n_ctx:
             extra = f" (+{reserve})" if reserve else ""
-            return Failed(r.TOO_LONG, f"{size} tokens{extra} exceed context {self.n_ctx}")
+            return Failed(reasons.TOO_LONG, f"{size} tokens{extra} exceed context {self.n_ctx}")
         return header, content
 
     def options(self, request: OptionRequest, reserve: int = 0) -> tuple[list[int], dict[str, int]] | Failed:
@@ -87,12 +89,12 @@ class ChatTokens:
         for option in request.options:
             ids = self.encode_text(request.prefill + option)
             if ids[: len(base)] != base or len(ids) != len(base) + 1:
-                return Failed(r.OPTION_NOT_SINGLE_TOKEN, f"option {option!r} after {request.prefill!r}")
+                return Failed(reasons.OPTION_NOT_SINGLE_TOKEN, f"option {option!r} after {request.prefill!r}")
             option_ids[option] = int(ids[-1])
         seq = [*header, *base]
         if len(seq) + reserve > self.n_ctx:
             extra = f" (+{reserve})" if reserve else ""
-            return Failed(r.TOO_LONG, f"{len(seq)} tokens{extra} exceed context {self.n_ctx}")
+            return Failed(reasons.TOO_LONG, f"{len(seq)} tokens{extra} exceed context {self.n_ctx}")
         return seq, option_ids
 
 

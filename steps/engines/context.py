@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from schemas import reasons as r
+from schemas import reasons
 from steps.engines.base import Conversation, Failed, Message
 
 
@@ -52,7 +52,7 @@ def fit_prompt(
     if too_long == "drop":
         if len(ids) + 1 > n_ctx:
             return Failed(
-                r.PROMPT_TOO_LONG,
+                reasons.PROMPT_TOO_LONG,
                 f"{len(ids)} prompt tokens >= context {n_ctx}; raise n_ctx, or set "
                 "sampling.too_long: truncate_left to keep the most recent turns",
             )
@@ -71,7 +71,7 @@ def fit_prompt(
             return Fitted(candidate, ids, k)
     kept = "the system message and the last user turn" if head else "the last user turn"
     return Failed(
-        r.PROMPT_TOO_LONG,
+        reasons.PROMPT_TOO_LONG,
         f"{kept} alone need {len(ids)} tokens, more than context {n_ctx} minus max_tokens {max_tokens}; "
         "raise n_ctx or lower sampling.max_tokens",
     )

@@ -10,9 +10,10 @@ chooses differently recomputes rather than mixing shards of both.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from schemas.recipe import Recipe
+if TYPE_CHECKING:  # imported where used: the vLLM worker imports steps.engines without pyarrow
+    from schemas.recipe import Recipe
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -63,4 +64,6 @@ def resolve_recipe_dtypes(recipe: Recipe) -> tuple[Recipe, list[str]]:
         return node
 
     resolved = walk(recipe.model_dump(mode="json"), "")
+    from schemas.recipe import Recipe
+
     return (Recipe.model_validate(resolved) if notes else recipe), notes

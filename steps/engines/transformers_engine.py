@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from schemas import reasons as r
+from schemas import reasons
 from steps.engines.base import (
     Completion,
     Conversation,
@@ -335,7 +335,7 @@ class TransformersEngine(ChatWindow):
         """
         trie = TokenTrie()
         planned: list[tuple[int, _Finish]] = []
-        results: list[ReadResult] = [Failed(r.INTERNAL, "request not read")] * len(requests)
+        results: list[ReadResult] = [Failed(reasons.INTERNAL, "request not read")] * len(requests)
         for i, request in enumerate(requests):
             if isinstance(request, ScoreRequest):
                 plan = self._plan_score(trie, request)
@@ -355,7 +355,7 @@ class TransformersEngine(ChatWindow):
         if isinstance(split, Failed):
             return split
         if not split.prefix:  # the first token has no state to be predicted from
-            return Failed(r.NO_CONTEXT, "the chat template puts nothing before the continuation")
+            return Failed(reasons.NO_CONTEXT, "the chat template puts nothing before the continuation")
         nodes = trie.add(split.content, trie.end_of(split.prefix))
         for node in nodes:
             trie.read(trie.parent[node], trie.token[node])

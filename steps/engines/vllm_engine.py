@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from schemas import reasons as r
+from schemas import reasons
 from steps.engines.base import (
     Completion,
     Conversation,
@@ -63,6 +63,7 @@ def _new_llm(
     dtype: str,
     enforce_eager: bool,
     trust_remote_code: bool,
+    kv_cache_gib: float | None = None,
     **extra: Any,
 ) -> Any:
     """``vllm.LLM`` with the recipe's options, each passed only where the recipe sets it.
@@ -73,6 +74,10 @@ def _new_llm(
         raise ModelSpecError(f"engine vllm needs a Hugging Face model, not the GGUF {model.location}")
     if max_model_len is not None:
         extra["max_model_len"] = max_model_len
+    if kv_cache_gib is not None:
+        extra["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    else:
+        _check_memory_share(gpu_memory_utilization)
     return vllm.LLM(
         model.location,
         tokenizer=None,
@@ -85,6 +90,30 @@ def _new_llm(
         enforce_eager=enforce_eager,
         **extra,
     )
+
+
+def _check_memory_share(share: float) -> None:
+    """On a CPU build, refuse a RAM share this machine cannot give, saying what to set instead.
+
+    vLLM's CPU backend reads ``gpu_memory_utilization`` as the share of all RAM to reserve and
+    fails deep in its start-up when that much is not free (the GPU default 0.9 always is not).
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import psutil  # a dependency of vllm
+
+    memory = psutil.virtual_memory()
+    wanted, free, gib = memory.total * share, memory.available, 2**30
+    if wanted > free:
+        fits = max(0.01, int(free / memory.total * 0.8 * 100) / 100)
+        raise ModelSpecError(
+            f"this is a CPU build of vLLM, where gpu_memory_utilization is the share of RAM to reserve: "
+            f"{share} asks for {wanted / gib:.1f} GiB, but {free / gib:.1f} of {memory.total / gib:.1f} GiB "
+            f"are free. Set kv_cache_gib (the KV cache size, e.g. kv_cache_gib: 2) or "
+            f"gpu_memory_utilization: {fits} or less for this model"
+        )
 
 
 def _chat_tokenizer(llm: Any, model_id: str) -> Any:
@@ -107,6 +136,7 @@ class VllmEngine(ChatWindow):
         dtype: str = "auto",
         enforce_eager: bool = False,
         trust_remote_code: bool = False,
+        kv_cache_gib: float | None = None,
     ) -> None:
         vllm = _import_vllm()
         from vllm.inputs import TokensPrompt
@@ -123,6 +153,7 @@ class VllmEngine(ChatWindow):
             dtype=dtype,
             enforce_eager=enforce_eager,
             trust_remote_code=trust_remote_code,
+            kv_cache_gib=kv_cache_gib,
         )
         self.tokenizer = _chat_tokenizer(self.llm, self.model_id)
         self._special = set(self.tokenizer.all_special_ids)
@@ -206,10 +237,15 @@ class VllmEngine(ChatWindow):
             for (i, seq, start), entries in zip(ready, tables, strict=True):
                 values = [self._logprob_at(entries, seq, pos) for pos in range(start, len(seq))]
                 if any(v is None for v in values):
-                    results[i] = Failed(r.ENGINE_ERROR, "vLLM returned no log-prob for a continuation token")
+                    results[i] = Failed(
+                        reasons.ENGINE_ERROR, "vLLM returned no log-prob for a continuation token"
+                    )
                 else:
                     results[i] = TokenScores(seq[start:], [float(v) for v in values if v is not None])
-        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
+        return [
+            result if result is not None else Failed(reasons.INTERNAL, "request not scored")
+            for result in results
+        ]
 
     def option_logprobs(self, requests: Sequence[OptionRequest]) -> list[dict[str, float] | Failed]:
         """Next-token log-probs of each single-token option after the assistant's ``prefill``.
@@ -234,13 +270,18 @@ class VllmEngine(ChatWindow):
             for (i, option, ids), entries in zip(ready, tables, strict=True):
                 value = self._logprob_at(entries, ids, len(ids) - 1)
                 if value is None:
-                    results[i] = Failed(r.ENGINE_ERROR, f"vLLM returned no log-prob for option {option!r}")
+                    results[i] = Failed(
+                        reasons.ENGINE_ERROR, f"vLLM returned no log-prob for option {option!r}"
+                    )
                 elif not isinstance(results[i], Failed):
                     chosen.setdefault(i, {})[option] = value
             for i, values in chosen.items():
                 if results[i] is None:
                     results[i] = values
-        return [r if r is not None else Failed(r.INTERNAL, "request not scored") for r in results]
+        return [
+            result if result is not None else Failed(reasons.INTERNAL, "request not scored")
+            for result in results
+        ]
 
     def generate(
         self, conversations: Sequence[Conversation], params: SamplingParams, seeds: Sequence[int]
@@ -279,12 +320,15 @@ class VllmEngine(ChatWindow):
             )
             for (i, fitted, seed), out in zip(batch, outputs, strict=True):
                 results[i] = self._completions(out, fitted, seed, params.n)
-        return [r if r is not None else Failed(r.INTERNAL, "conversation not sampled") for r in results]
+        return [
+            result if result is not None else Failed(reasons.INTERNAL, "conversation not sampled")
+            for result in results
+        ]
 
     def _completions(self, out: Any, fitted: Fitted, seed: int, n: int) -> list[Completion] | Failed:
         samples = sorted(out.outputs, key=lambda o: o.index)
         if len(samples) != n:
-            return Failed(r.ENGINE_ERROR, f"vLLM returned {len(samples)} samples, expected {n}")
+            return Failed(reasons.ENGINE_ERROR, f"vLLM returned {len(samples)} samples, expected {n}")
         completions = []
         for sample in samples:
             ids = list(sample.token_ids)
@@ -296,7 +340,7 @@ class VllmEngine(ChatWindow):
             elif sample.finish_reason == "length":
                 finish = "length"
             else:
-                return Failed(r.ENGINE_ERROR, f"vLLM finished a sample with {sample.finish_reason!r}")
+                return Failed(reasons.ENGINE_ERROR, f"vLLM finished a sample with {sample.finish_reason!r}")
             completions.append(
                 Completion(sample.text, len(ids), finish, len(fitted.prompt_ids), seed, fitted.turns_dropped)
             )
@@ -327,6 +371,7 @@ class VllmRewardModel(ChatWindow):
         dtype: str = "auto",
         enforce_eager: bool = False,
         trust_remote_code: bool = False,
+        kv_cache_gib: float | None = None,
     ) -> None:
         refuse_gguf(model)
         labels = checkpoint_labels(model, trust_remote_code)  # before vLLM claims the GPU
@@ -351,6 +396,7 @@ class VllmRewardModel(ChatWindow):
             dtype=dtype,
             enforce_eager=enforce_eager,
             trust_remote_code=trust_remote_code,
+            kv_cache_gib=kv_cache_gib,
             runner="pooling",
         )
         self.labels = labels
@@ -375,7 +421,7 @@ class VllmRewardModel(ChatWindow):
             for (i, _), out in zip(ready, outputs, strict=True):
                 error = getattr(out, "error", None)  # newer vLLM reports a failed request here
                 if error is not None:
-                    results[i] = Failed(r.ENGINE_ERROR, f"vLLM could not score the request: {error}")
+                    results[i] = Failed(reasons.ENGINE_ERROR, f"vLLM could not score the request: {error}")
                 else:  # named probs, but raw head outputs with use_activation=False
                     results[i] = tuple(float(v) for v in out.outputs.probs)
-        return [x if x is not None else Failed(r.INTERNAL, "request not scored") for x in results]
+        return [x if x is not None else Failed(reasons.INTERNAL, "request not scored") for x in results]

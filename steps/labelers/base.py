@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.records import LABELS
 from steps.base import StageStats
 from steps.engines.base import ReadRequest, ReadResult, read_requests
@@ -154,9 +154,9 @@ class Labeler(ABC):
                 stats.counts.update(score.counts)
                 value, reason = score.value, score.reason
                 if value is not None and not math.isfinite(value):
-                    value, reason = None, r.NON_FINITE_SCORE
+                    value, reason = None, reasons.NON_FINITE_SCORE
                 if value is None:
-                    reason = reason or r.UNSCORED
+                    reason = reason or reasons.UNSCORED
                     stats.drop(reason, example=f"response {rid}")
                 rows[c.PROMPT_ID].append(prompt[c.PROMPT_ID])
                 rows[c.RESPONSE_ID].append(rid)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import BleuConfig
 from steps.bleu import BleuScorer
 from steps.labelers.base import Labeler, PromptGroup, Score
@@ -19,6 +19,6 @@ class BleuLabeler(Labeler):
     def score_prompt(self, group: PromptGroup) -> list[Score]:
         references = group.prompt[c.REFERENCES] or []
         if not references:
-            return [Score(None, r.NO_REFERENCES)] * len(group.responses)
+            return [Score(None, reasons.NO_REFERENCES)] * len(group.responses)
         scorer = BleuScorer(references, variant=self.variant)
         return [Score(scorer.score(text)) for text in group.responses]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import ContrastSide, DensityRatioConfig
 from steps.engines import Failed, ScoreRequest, load_engine
 from steps.engines.base import Message, ReadResult
@@ -64,7 +64,7 @@ class DensityRatioLabeler(Labeler):
     def _score(self, strong: Any, weak: Any) -> Score:
         for side in (strong, weak):
             if isinstance(side, Failed):
-                reason = r.EMPTY_RESPONSE if side.reason == r.EMPTY_CONTINUATION else side.reason
+                reason = reasons.EMPTY_RESPONSE if side.reason == reasons.EMPTY_CONTINUATION else side.reason
                 return Score(None, reason)
         ratio = strong.total - weak.total
         tokens = len(strong.logprobs)

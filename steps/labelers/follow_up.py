@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import FollowUpConfig, RecipeError
 from steps.engines import Failed, ScoreRequest, load_engine
 from steps.engines.base import ReadResult
@@ -90,7 +90,7 @@ class FollowUpLabeler(Labeler):
         def finish(results: list[list[ReadResult]]) -> list[list[Score]]:
             [read] = results
             flat = [
-                Score(None, r.EMPTY_RESPONSE)
+                Score(None, reasons.EMPTY_RESPONSE)
                 if start is None
                 else self._score(read[start : start + len(self.followups)])
                 for start in owners

@@ -7,7 +7,7 @@ import itertools
 from statistics import fmean
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import PairwiseJudgeConfig
 from steps.engines import Failed, load_engine
 from steps.engines.base import ReadResult
@@ -45,8 +45,8 @@ class PairwiseJudgeLabeler(Labeler):
         failed = [v for v in verdicts.values() if isinstance(v, Failed)]
         ok = {pair: v for pair, v in verdicts.items() if isinstance(v, Verdict)}
         if failed or not ok:
-            reason = failed[0].reason if failed else r.FEWER_THAN_TWO_REPLIES
-            return [Score(None, r.EMPTY_RESPONSE if not t.strip() else reason) for t in responses]
+            reason = failed[0].reason if failed else reasons.FEWER_THAN_TWO_REPLIES
+            return [Score(None, reasons.EMPTY_RESPONSE if not t.strip() else reason) for t in responses]
         live = sorted({i for pair in ok for i in pair})
         position = {i: n for n, i in enumerate(live)}
         strengths = bradley_terry(
@@ -56,7 +56,7 @@ class PairwiseJudgeLabeler(Labeler):
         scores = []
         for i in range(len(responses)):
             if i not in position:
-                scores.append(Score(None, r.EMPTY_RESPONSE))
+                scores.append(Score(None, reasons.EMPTY_RESPONSE))
                 continue
             # Keyed by the opponent, whichever side of the pair this reply was on.
             wins = {

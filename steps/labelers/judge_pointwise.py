@@ -7,7 +7,7 @@ from statistics import fmean
 from typing import Any
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import PointwiseJudgeConfig
 from steps.engines import Failed, OptionRequest, SamplingParams, derive_seed, load_engine
 from steps.engines.base import Message, ReadResult
@@ -49,7 +49,7 @@ class PointwiseJudgeLabeler(Labeler):
             prompts, self.engine.generate(conversations, params, seeds), strict=True
         ):
             if not text.strip():
-                scores.append(Score(None, r.EMPTY_RESPONSE))
+                scores.append(Score(None, reasons.EMPTY_RESPONSE))
                 continue
             if isinstance(result, Failed):
                 scores.append(Score(None, result.reason))
@@ -58,9 +58,9 @@ class PointwiseJudgeLabeler(Labeler):
             parsed = [r for r in ratings if r is not None]
             details = {"ratings": ratings, "parsed": len(parsed), "judged": len(ratings)}
             missed = len(ratings) - len(parsed)
-            unparsed = {r.JUDGEMENT_UNPARSEABLE: missed} if missed else {}
+            unparsed = {reasons.JUDGEMENT_UNPARSEABLE: missed} if missed else {}
             if not parsed:
-                scores.append(Score(None, r.JUDGE_UNPARSEABLE, details, unparsed))
+                scores.append(Score(None, reasons.JUDGE_UNPARSEABLE, details, unparsed))
             else:  # the unparsed verdicts are left out of the mean, never read as a rating
                 scores.append(Score(fmean(parsed), details=details, counts=unparsed))
         return scores
@@ -74,7 +74,7 @@ def _judge_prompts(groups: list[PromptGroup]) -> list[list[Message]]:
 def _expected(text: str, result: ReadResult) -> Score:
     """The expected rating under the rating tokens' probabilities."""
     if not text.strip():
-        return Score(None, r.EMPTY_RESPONSE)
+        return Score(None, reasons.EMPTY_RESPONSE)
     if isinstance(result, Failed):
         return Score(None, result.reason)
     assert isinstance(result, dict)

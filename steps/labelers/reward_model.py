@@ -8,7 +8,7 @@ scale does not matter there (docs/design.md, Reward model).
 from __future__ import annotations
 
 from schemas import columns as c
-from schemas import reasons as r
+from schemas import reasons
 from schemas.recipe import RewardModelConfig
 from steps.engines import Failed, RewardRequest, load_reward_model
 from steps.engines.reward import head_index
@@ -31,7 +31,7 @@ class RewardModelLabeler(Labeler):
                 if text.strip():
                     requests.append(RewardRequest(group.prompt[c.MESSAGES], text))
         results = self.scorer.reward(requests)
-        flat = [Score(None, r.EMPTY_RESPONSE) if k is None else self._score(results[k]) for k in owners]
+        flat = [Score(None, reasons.EMPTY_RESPONSE) if k is None else self._score(results[k]) for k in owners]
         return regroup(groups, flat)
 
     def _score(self, outputs: tuple[float, ...] | Failed) -> Score:

@@ -41,7 +41,7 @@ from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams
 
 # EngineArgs fields the fake accepts through **kwargs (all exist in vLLM's EngineArgs).
-_ENGINE_KWARGS = {"max_model_len"}
+_ENGINE_KWARGS = {"max_model_len", "kv_cache_memory_bytes"}
 _NEUTRAL = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
