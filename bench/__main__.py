@@ -26,6 +26,7 @@ BENCHES = (
     "scoring",
     "distilabel_side",
     "distilabel_prefs",
+    "vllm",
 )
 
 

