@@ -90,7 +90,7 @@ def overhead(args: argparse.Namespace) -> tuple[Row, dict[str, Any]]:
     from schemas import columns
     from schemas.recipe import ModelConfig
     from steps.engines import derive_seed, load_engine, sample_seed
-    from steps.engines.vllm_process import vllm_python
+    from steps.engines.models import vllm_python
 
     recipe, table, params = _workload(args.prompts_overhead, args.quick)
     folder = _smollm2_dir()

@@ -161,7 +161,13 @@ def test_setting_lists_come_from_the_settings_metadata() -> None:
 
     assert {"n_threads", "batch_tokens", "weight"} == NOT_SHAPING
     assert {"n_threads", "batch_tokens", "trust_remote_code", "device"} == OFF_CARD_SETTINGS
-    assert {"tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"} == VLLM_ONLY
+    assert {
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "max_model_len",
+        "enforce_eager",
+        "kv_cache_gib",
+    } == VLLM_ONLY
     assert set(ModelConfig.model_fields) > VLLM_ONLY
     for option, value in [("tensor_parallel_size", 2), ("enforce_eager", True)]:
         with pytest.raises(ValueError, match=f"{option}: vllm options, but engine is transformers"):

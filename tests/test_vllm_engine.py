@@ -59,7 +59,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def use_fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The fake as ``vllm`` in this process (find_spec would keep finding it: unloaded after) and, by
     PYTHONPATH, in the vLLM workers ``load_engine`` starts with this interpreter."""
-    from steps.engines.vllm_process import PYTHON_ENV, _has_vllm
+    from steps.engines.models import PYTHON_ENV, _has_vllm
 
     _unload_vllm()
     monkeypatch.syspath_prepend(str(FAKES))
@@ -279,7 +279,7 @@ def test_missing_vllm_fails_at_validation_with_install_hint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No PREFSMITH_VLLM_PYTHON, no vllm here, no .venv-vllm: refused before any model loads."""
-    import steps.engines.vllm_process as vp
+    import steps.engines.models as vp
 
     assert importlib.util.find_spec("vllm") is None  # the pipeline's environment never has it
     monkeypatch.delenv(vp.PYTHON_ENV, raising=False)

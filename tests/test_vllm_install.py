@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from steps.engines import vllm_build
-from steps.engines.vllm_process import VLLM_ENV
+from steps.engines.models import VLLM_ENV
 from tests.conftest import ROOT
 
 

@@ -33,8 +33,8 @@ from steps.engines import (
     load_engine,
     load_reward_model,
 )
-from steps.engines.models import ResolvedModel
-from steps.engines.vllm_process import PYTHON_ENV, VLLM_ENV, RemoteVllmEngine
+from steps.engines.models import PYTHON_ENV, VLLM_ENV, ResolvedModel
+from steps.engines.vllm_process import RemoteVllmEngine
 from tests.conftest import ROOT, smollm2_tokenizer
 
 pytestmark = pytest.mark.vllm
@@ -271,8 +271,7 @@ def test_a_missing_vllm_environment_fails_at_validation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, smollm2_dir: Path
 ) -> None:
     from flows.checks import prepare
-    from steps.engines.models import ModelSpecError
-    from steps.engines.vllm_process import _has_vllm
+    from steps.engines.models import ModelSpecError, _has_vllm
 
     monkeypatch.setenv(PYTHON_ENV, str(tmp_path / "no-python"))
     recipe = tmp_path / "r.yaml"

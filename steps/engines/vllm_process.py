@@ -7,7 +7,7 @@ that has vLLM, and sends it the same engine calls the other engines answer in-pr
 and results are our own dataclasses, pickled over a socket pair only the two processes hold; the
 per-call cost is a few milliseconds against seconds of model time (``bench.vllm``).
 
-Which interpreter (``vllm_python``): ``PREFSMITH_VLLM_PYTHON`` if set; else this interpreter if
+Which interpreter (``steps.engines.models.vllm_python``): ``PREFSMITH_VLLM_PYTHON`` if set; else this interpreter if
 it can import vllm (one environment, where a vLLM release and our pins happen to agree); else
 ``.venv-vllm`` beside the project (what ``make vllm-env`` builds). Validation only looks the
 interpreter up and asks it whether vllm is importable, so a missing vLLM fails before any model
@@ -21,7 +21,6 @@ watchdog kills the group itself (``steps.engines.vllm_worker``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import logging
@@ -29,7 +28,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -47,15 +45,18 @@ from steps.engines.base import (
     TokenScores,
 )
 from steps.engines.llama_build import cache_root
-from steps.engines.models import VLLM_INSTALL_HINT, ModelSpecError, ResolvedModel, VllmMissingError
+from steps.engines.models import (
+    PROJECT_ROOT,
+    ModelSpecError,
+    ResolvedModel,
+    VllmMissingError,
+    check_vllm_installed,
+)
 from steps.engines.native_check import EngineCrashError
 from steps.engines.reward import RewardRequest
 
 log = logging.getLogger(__name__)
 
-PYTHON_ENV = "PREFSMITH_VLLM_PYTHON"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-VLLM_ENV = PROJECT_ROOT / ".venv-vllm"
 # How long a model may take to load before the run gives up on it (a 70B from a cold disk is slow).
 LOAD_TIMEOUT_S = float(os.environ.get("PREFSMITH_VLLM_LOAD_TIMEOUT_S", "1800"))
 CLOSE_TIMEOUT_S = 30.0
@@ -65,52 +66,6 @@ _COUNTER = itertools.count()
 
 class VllmWorkerError(EngineCrashError):
     """The vLLM worker could not load its model, or died while answering; the message carries its log."""
-
-
-def _venv_python(env: Path) -> Path:
-    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def vllm_python() -> Path:
-    """The interpreter that runs vLLM models (see the module docstring for the order)."""
-    named = os.environ.get(PYTHON_ENV)
-    if named:
-        path = Path(named).expanduser()
-        if not path.is_file():
-            raise VllmMissingError(f"{PYTHON_ENV}={named} is not a file; {VLLM_INSTALL_HINT}")
-        return path
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        return Path(sys.executable)
-    candidate = _venv_python(VLLM_ENV)
-    if candidate.is_file():
-        return candidate
-    raise VllmMissingError(
-        f"engine vllm needs an environment with vLLM, and none was found; {VLLM_INSTALL_HINT}"
-    )
-
-
-@functools.cache
-def _has_vllm(python: str) -> str | None:
-    """None if ``python`` can import vllm, else what it said (asked without importing vllm: ~50 ms)."""
-    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
-    try:
-        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{python} could not be run: {exc}"
-    if done.returncode != 0:
-        return f"{python} has no vllm package" + (f" ({done.stderr.strip()[-300:]})" if done.stderr else "")
-    return None
-
-
-def check_vllm_installed() -> Path:
-    """The vLLM interpreter, checked to have vllm; fails at validation time, before any model loads."""
-    python = vllm_python()
-    problem = _has_vllm(str(python))
-    if problem is not None:
-        raise VllmMissingError(f"engine vllm: {problem}; {VLLM_INSTALL_HINT}")
-    return python
 
 
 def _import_root() -> Path:
