@@ -7,11 +7,10 @@ that has vLLM, and sends it the same engine calls the other engines answer in-pr
 and results are our own dataclasses, pickled over a socket pair only the two processes hold; the
 per-call cost is a few milliseconds against seconds of model time (``bench.vllm``).
 
-Which interpreter (``steps.engines.models.vllm_python``): ``PREFSMITH_VLLM_PYTHON`` if set; else this interpreter if
-it can import vllm (one environment, where a vLLM release and our pins happen to agree); else
-``.venv-vllm`` beside the project (what ``make vllm-env`` builds). Validation only looks the
-interpreter up and asks it whether vllm is importable, so a missing vLLM fails before any model
-loads.
+Which interpreter: ``steps.engines.models.vllm_python`` (``PREFSMITH_VLLM_PYTHON``, else this one if
+it imports vllm, else ``.venv-vllm`` beside the project, what ``make vllm-env`` builds). Validation
+only looks the interpreter up and asks it whether vllm is importable, so a missing vLLM fails
+before any model loads.
 
 A worker leads its own process group. ``close`` (and the exit hook of ``steps.engines``) ends it
 gracefully and then kills what is left of the group; if this process dies instead, the worker's
