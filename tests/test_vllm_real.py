@@ -447,30 +447,33 @@ def test_shipped_gpu_recipes_run_end_to_end_on_real_vllm(
         assert temperatures and temperatures <= {0.6, 0.9, 1.2}
 
 
-def test_the_worker_is_gone_when_the_engine_closes(vllm_env: Path, tiny_classifier: Path) -> None:
-    """close() ends the worker and every process vLLM started under it (the session's exit hook too)."""
-    from steps.engines.vllm_process import RemoteVllmRewardModel
+def test_closing_the_engines_ends_every_vllm_process_of_the_session(
+    policy: RemoteVllmEngine, vllm_env: Path
+) -> None:
+    """The exit hook (``close_engines``) ends each worker and every process vLLM started under it.
 
-    scorer = RemoteVllmRewardModel(
-        ResolvedModel("hf_dir", str(tiny_classifier), "rm"),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        kv_cache_gib=0.1,
-        gpu_memory_utilization=0.9,
-        tensor_parallel_size=1,
-        trust_remote_code=False,
-        device="auto",
-    )
-    family = [
-        psutil.Process(scorer.worker.process.pid),
-        *psutil.Process(scorer.worker.process.pid).children(True),
-    ]
-    assert len(family) >= 2
-    scorer.close()
-    deadline = time.monotonic() + 10
-    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
-        assert time.monotonic() < deadline, [p.cmdline() for p in family if p.is_running()]
+    Last in the lane: it closes the session's loaded models (the next use would load them again).
+    """
+    from steps.engines import _ENGINES, _REWARD_MODELS, close_engines
+
+    remote = [m for m in [*_ENGINES.values(), *_REWARD_MODELS.values()] if hasattr(m, "worker")]
+    assert policy in remote and len(remote) >= 2  # the policy and the reward model at least
+    family = []
+    for model in remote:
+        root = psutil.Process(model.worker.process.pid)
+        family += [root, *root.children(recursive=True)]
+    assert len(family) >= 2 * len(remote)  # each worker has vLLM's engine core under it
+    close_engines()
+    deadline = time.monotonic() + 15
+
+    def running(process: psutil.Process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while alive := [p for p in family if running(p)]:
+        assert time.monotonic() < deadline, [" ".join(p.cmdline()) for p in alive]
         time.sleep(0.1)
     with pytest.raises(Exception, match="closed"):
-        scorer.reward([])
+        policy.generate([CONV], SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=2), [1])
