@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.common import Row, column_map, finish, interleave, log, median_ratio, parser, total_seconds
 from bench.data import prompts_table, responses_table
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import BleuConfig
 from steps.labelers.registry import build_labeler
 
@@ -33,12 +33,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = 1
     prompts = prompts_table(max(1, total // PER_PROMPT))
     responses = responses_table(prompts, PER_PROMPT)
-    refs = column_map(prompts, c.PROMPT_ID, c.REFERENCES)
-    ids = responses.column(c.RESPONSE_ID).to_pylist()
+    refs = column_map(prompts, columns.PROMPT_ID, columns.REFERENCES)
+    ids = responses.column(columns.RESPONSE_ID).to_pylist()
     jobs = [
         (text, refs[pid])
         for pid, text in zip(
-            responses.column(c.PROMPT_ID).to_pylist(), responses.column(c.TEXT).to_pylist(), strict=True
+            responses.column(columns.PROMPT_ID).to_pylist(),
+            responses.column(columns.TEXT).to_pylist(),
+            strict=True,
         )
     ]
     n_refs = sorted({len(r) for r in refs.values()})
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def labeler_scores(variant: str) -> dict[str, float | None]:
         labeler = build_labeler(BleuConfig(kind="bleu", variant=variant))  # type: ignore[arg-type]
         table, _ = labeler.label(prompts, responses)
-        return column_map(table, c.RESPONSE_ID, c.SCORE)
+        return column_map(table, columns.RESPONSE_ID, columns.SCORE)
 
     def ours() -> dict[str, float | None]:
         return labeler_scores("sacrebleu")

@@ -14,11 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import BuiltinPrompts
 from schemas.records import PROMPTS, RESPONSES
 from steps.engines.base import Completion, Conversation, Failed, SamplingParams, sample_seed
-from steps.prompts import load_prompts, prompt_id
+from steps.prompts.normalise import load_prompts, prompt_id
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +28,9 @@ def builtin() -> tuple[tuple[tuple[dict[str, str], ...], tuple[str, ...]], ...]:
     return tuple(
         (tuple(messages), tuple(refs or ()))
         for messages, refs in zip(
-            table.column(c.MESSAGES).to_pylist(), table.column(c.REFERENCES).to_pylist(), strict=True
+            table.column(columns.MESSAGES).to_pylist(),
+            table.column(columns.REFERENCES).to_pylist(),
+            strict=True,
         )
     )
 
@@ -58,8 +60,10 @@ def perturb(text: str, rng: random.Random) -> str:
 
 def prompts_table(n: int, seed: int = 0) -> pa.Table:
     """``n`` distinct prompts cycling through the built-in set (a variant number keeps ids unique)."""
-    rows: dict[str, list[Any]] = {name: [] for name in (c.PROMPT_ID, c.MESSAGES, c.REFERENCES)}
-    rows.update({c.SOURCE: [], c.SOURCE_ROW: []})
+    rows: dict[str, list[Any]] = {
+        name: [] for name in (columns.PROMPT_ID, columns.MESSAGES, columns.REFERENCES)
+    }
+    rows.update({columns.SOURCE: [], columns.SOURCE_ROW: []})
     # Two references each, as the issue's BLEU workload asks (one built-in prompt has a single one).
     base = [(messages, refs[:2]) for messages, refs in builtin() if len(refs) >= 2]
     for i in range(n):
@@ -67,18 +71,19 @@ def prompts_table(n: int, seed: int = 0) -> pa.Table:
         messages = [dict(m) for m in messages]
         if i >= len(base):
             last = messages[-1]
-            last[c.CONTENT] = f"{last[c.CONTENT]} (variant {i // len(base)})"
-        rows[c.PROMPT_ID].append(prompt_id(messages))
-        rows[c.MESSAGES].append(messages)
-        rows[c.REFERENCES].append(list(refs))
-        rows[c.SOURCE].append(f"bench:{seed}")
-        rows[c.SOURCE_ROW].append(i)
+            last[columns.CONTENT] = f"{last[columns.CONTENT]} (variant {i // len(base)})"
+        rows[columns.PROMPT_ID].append(prompt_id(messages))
+        rows[columns.MESSAGES].append(messages)
+        rows[columns.REFERENCES].append(list(refs))
+        rows[columns.SOURCE].append(f"bench:{seed}")
+        rows[columns.SOURCE_ROW].append(i)
     return complete(rows, PROMPTS)
 
 
 _RESPONSE_COLUMNS = (
-    c.PROMPT_ID, c.RESPONSE_ID, c.SAMPLE_INDEX, c.TEXT, c.FINISH_REASON, c.TRUNCATED, c.IS_EMPTY,
-    c.NUM_TOKENS, c.PROMPT_TOKENS, c.POLICY_MODEL, c.ENGINE, c.TEMPERATURE, c.TOP_P, c.MAX_TOKENS, c.SEED,
+    columns.PROMPT_ID, columns.RESPONSE_ID, columns.SAMPLE_INDEX, columns.TEXT, columns.FINISH_REASON,
+    columns.TRUNCATED, columns.IS_EMPTY, columns.NUM_TOKENS, columns.PROMPT_TOKENS, columns.POLICY_MODEL,
+    columns.ENGINE, columns.TEMPERATURE, columns.TOP_P, columns.MAX_TOKENS, columns.SEED,
 )  # fmt: skip
 
 
@@ -87,25 +92,27 @@ def responses_table(prompts: pa.Table, per_prompt: int, seed: int = 0) -> pa.Tab
     rng = random.Random(seed)
     rows: dict[str, list[Any]] = {name: [] for name in _RESPONSE_COLUMNS}
     for pid, refs in zip(
-        prompts.column(c.PROMPT_ID).to_pylist(), prompts.column(c.REFERENCES).to_pylist(), strict=True
+        prompts.column(columns.PROMPT_ID).to_pylist(),
+        prompts.column(columns.REFERENCES).to_pylist(),
+        strict=True,
     ):
         for index in range(per_prompt):
             text = perturb(rng.choice(refs), rng) if refs else "no reference to start from"
-            rows[c.PROMPT_ID].append(pid)
-            rows[c.RESPONSE_ID].append(f"{pid}-{index}")
-            rows[c.SAMPLE_INDEX].append(index)
-            rows[c.TEXT].append(text)
-            rows[c.FINISH_REASON].append("stop")
-            rows[c.TRUNCATED].append(False)
-            rows[c.IS_EMPTY].append(not text.strip())
-            rows[c.NUM_TOKENS].append(len(text.split()))
-            rows[c.PROMPT_TOKENS].append(32)
-            rows[c.POLICY_MODEL].append(NullEngine.model_id)
-            rows[c.ENGINE].append(NullEngine.engine_name)
-            rows[c.TEMPERATURE].append(0.8)
-            rows[c.TOP_P].append(0.95)
-            rows[c.MAX_TOKENS].append(128)
-            rows[c.SEED].append(sample_seed(seed, len(rows[c.SEED])))
+            rows[columns.PROMPT_ID].append(pid)
+            rows[columns.RESPONSE_ID].append(f"{pid}-{index}")
+            rows[columns.SAMPLE_INDEX].append(index)
+            rows[columns.TEXT].append(text)
+            rows[columns.FINISH_REASON].append("stop")
+            rows[columns.TRUNCATED].append(False)
+            rows[columns.IS_EMPTY].append(not text.strip())
+            rows[columns.NUM_TOKENS].append(len(text.split()))
+            rows[columns.PROMPT_TOKENS].append(32)
+            rows[columns.POLICY_MODEL].append(NullEngine.model_id)
+            rows[columns.ENGINE].append(NullEngine.engine_name)
+            rows[columns.TEMPERATURE].append(0.8)
+            rows[columns.TOP_P].append(0.95)
+            rows[columns.MAX_TOKENS].append(128)
+            rows[columns.SEED].append(sample_seed(seed, len(rows[columns.SEED])))
     return complete(rows, RESPONSES)
 
 
@@ -171,32 +178,36 @@ def pairs_table(n: int, signals: list[str], seed: int = 0) -> pa.Table:
     rng = random.Random(seed)
     prompts = prompts_table(n, seed)
     rows: dict[str, list[Any]] = {
-        c.PROMPT_ID: prompts.column(c.PROMPT_ID).to_pylist(),
-        c.PROMPT: prompts.column(c.MESSAGES).to_pylist(),
+        columns.PROMPT_ID: prompts.column(columns.PROMPT_ID).to_pylist(),
+        columns.PROMPT: prompts.column(columns.MESSAGES).to_pylist(),
     }
-    refs = prompts.column(c.REFERENCES).to_pylist()
+    refs = prompts.column(columns.REFERENCES).to_pylist()
     chosen = [perturb(r[0], rng) for r in refs]
     rejected = [perturb(r[-1], rng) for r in refs]
-    rows[c.CHOSEN] = [[{c.ROLE: "assistant", c.CONTENT: t}] for t in chosen]
-    rows[c.REJECTED] = [[{c.ROLE: "assistant", c.CONTENT: t}] for t in rejected]
+    rows[columns.CHOSEN] = [[{columns.ROLE: "assistant", columns.CONTENT: t}] for t in chosen]
+    rows[columns.REJECTED] = [[{columns.ROLE: "assistant", columns.CONTENT: t}] for t in rejected]
     high = [rng.uniform(10, 60) for _ in range(n)]
     low = [h - rng.uniform(0.1, 10) for h in high]
-    rows[c.SCORE_CHOSEN], rows[c.SCORE_REJECTED] = high, low
-    rows[c.MARGIN] = [h - lo for h, lo in zip(high, low, strict=True)]
-    rows[c.CHOSEN_ID] = [f"{pid}-0" for pid in rows[c.PROMPT_ID]]
-    rows[c.REJECTED_ID] = [f"{pid}-1" for pid in rows[c.PROMPT_ID]]
+    rows[columns.SCORE_CHOSEN], rows[columns.SCORE_REJECTED] = high, low
+    rows[columns.MARGIN] = [h - lo for h, lo in zip(high, low, strict=True)]
+    rows[columns.CHOSEN_ID] = [f"{pid}-0" for pid in rows[columns.PROMPT_ID]]
+    rows[columns.REJECTED_ID] = [f"{pid}-1" for pid in rows[columns.PROMPT_ID]]
     for signal in signals:
-        rows[c.signal_column(signal, c.CHOSEN)] = high
-        rows[c.signal_column(signal, c.REJECTED)] = low
-    for side, texts in ((c.CHOSEN, chosen), (c.REJECTED, rejected)):
-        rows[c.side_column(c.FINISH_REASON, side)] = ["stop"] * n
-        rows[c.side_column(c.NUM_TOKENS, side)] = [len(t.split()) for t in texts]
-        rows[c.side_column(c.SEED, side)] = [rng.randrange(2**31) for _ in range(n)]
-    rows[c.POLICY_MODEL] = [NullEngine.model_id] * n
-    rows[c.ENGINE] = [NullEngine.engine_name] * n
-    rows[c.TEMPERATURE], rows[c.TOP_P], rows[c.MAX_TOKENS] = [0.8] * n, [0.95] * n, [128] * n
-    rows[c.AGREEMENT] = [1.0] * n
-    rows[c.STRENGTH_MEAN] = [1.0] * n
-    rows[c.P_CHOSEN] = [0.73] * n
-    rows[c.PAIR_RULE] = ["best_vs_worst"] * n
+        rows[columns.signal_column(signal, columns.CHOSEN)] = high
+        rows[columns.signal_column(signal, columns.REJECTED)] = low
+    for side, texts in ((columns.CHOSEN, chosen), (columns.REJECTED, rejected)):
+        rows[columns.side_column(columns.FINISH_REASON, side)] = ["stop"] * n
+        rows[columns.side_column(columns.NUM_TOKENS, side)] = [len(t.split()) for t in texts]
+        rows[columns.side_column(columns.SEED, side)] = [rng.randrange(2**31) for _ in range(n)]
+    rows[columns.POLICY_MODEL] = [NullEngine.model_id] * n
+    rows[columns.ENGINE] = [NullEngine.engine_name] * n
+    rows[columns.TEMPERATURE], rows[columns.TOP_P], rows[columns.MAX_TOKENS] = (
+        [0.8] * n,
+        [0.95] * n,
+        [128] * n,
+    )
+    rows[columns.AGREEMENT] = [1.0] * n
+    rows[columns.STRENGTH_MEAN] = [1.0] * n
+    rows[columns.P_CHOSEN] = [0.73] * n
+    rows[columns.PAIR_RULE] = ["best_vs_worst"] * n
     return complete(rows, pairs_schema(signals))

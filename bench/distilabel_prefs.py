@@ -195,31 +195,31 @@ def _result(outcome: dict[str, Any], who: str) -> dict[str, Any]:
 
 
 def _builtin_instructions(n: int) -> list[str]:
-    from schemas import columns as c
+    from schemas import columns
     from schemas.recipe import BuiltinPrompts
-    from steps.prompts import load_prompts
+    from steps.prompts.normalise import load_prompts
 
     prompts, _ = load_prompts(BuiltinPrompts(), limit=n)
     texts = []
-    for messages in prompts.column(c.MESSAGES).to_pylist():
-        if len(messages) != 1 or messages[0][c.ROLE] != "user":
+    for messages in prompts.column(columns.MESSAGES).to_pylist():
+        if len(messages) != 1 or messages[0][columns.ROLE] != "user":
             raise ValueError("TextGeneration takes one user instruction; pick single-turn built-in prompts")
-        texts.append(messages[0][c.CONTENT])
+        texts.append(messages[0][columns.CONTENT])
     return texts
 
 
 def transcript(messages: list[dict[str, str]]) -> str:
     """A conversation as UltraFeedback's one ``instruction``: the user's text alone when single-turn."""
-    from schemas import columns as c
+    from schemas import columns
 
     if len(messages) == 1:
-        return messages[0][c.CONTENT]
-    return "\n\n".join(f"{m[c.ROLE].capitalize()}: {m[c.CONTENT]}" for m in messages)
+        return messages[0][columns.CONTENT]
+    return "\n\n".join(f"{m[columns.ROLE].capitalize()}: {m[columns.CONTENT]}" for m in messages)
 
 
 def agreement_rows(pairs_file: Path, n_pairs: int, seed: int) -> list[dict[str, Any]]:
     """The first ``n_pairs`` pairs as UltraFeedback rows, the two answers in eval_labelers' order."""
-    from flows.eval_labelers import chosen_first, read_pairs
+    from steps.quality.pairs_file import chosen_first, read_pairs
 
     pairs, _ = read_pairs(pairs_file, limit=n_pairs)
     rows = []

@@ -5,7 +5,7 @@ context size, threads, temperature, top-p, max tokens, with llama.cpp's extra sa
 off on both sides), then chosen = the longest answer and rejected = the shortest.
 
 * ours: ``steps.sampling.sample_table`` with the engine the default recipe loads, a length
-  labeler on the real ``Labeler`` base, and ``steps.pairing.make_pairs``;
+  labeler on the real ``Labeler`` base, and ``steps.pairing.pairs.make_pairs``;
 * distilabel: ``Pipeline`` with ``LoadDataFromDicts`` → ``TextGeneration`` (``LlamaCppLLM``,
   ``num_generations=4``) → a step that picks the same pair.
 
@@ -176,11 +176,11 @@ def _job(args: argparse.Namespace) -> dict[str, Any]:
 def ours_worker(cfg: dict[str, Any], out_dir: Path) -> None:
     started = time.perf_counter()
     from schemas.recipe import BleuConfig, ModelConfig, Recipe, SamplingConfig
-    from steps.base import write_table
     from steps.engines import load_engine
     from steps.labelers.base import Labeler, PromptGroup, Score
-    from steps.pairing import make_pairs
-    from steps.prompts import load_prompts
+    from steps.pairing.pairs import make_pairs
+    from steps.prompts.normalise import load_prompts
+    from steps.run.files import write_table
     from steps.sampling import sample_table, sampling_params
 
     class LengthLabel(Labeler):
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = _job(args)
     from schemas.recipe import BuiltinPrompts
-    from steps.prompts import load_prompts
+    from steps.prompts.normalise import load_prompts
 
     prompts, _ = load_prompts(BuiltinPrompts(), limit=cfg["n_prompts"])
     texts = []

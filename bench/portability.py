@@ -33,10 +33,10 @@ def worker(prompts: int, n: int, max_tokens: int, threads: int) -> dict[str, Any
     """One timed sampling pass in this process, with whichever llama_cpp it imports."""
     import llama_cpp
 
-    from schemas import columns as c
+    from schemas import columns
     from schemas.recipe import ModelConfig, Recipe, SamplingConfig
     from steps.engines import load_engine
-    from steps.prompts import load_prompts
+    from steps.prompts.normalise import load_prompts
     from steps.sampling import sample_table, sampling_params
 
     recipe = Recipe(
@@ -57,7 +57,7 @@ def worker(prompts: int, n: int, max_tokens: int, threads: int) -> dict[str, Any
     return {
         "seconds": seconds,
         "tokens": int(stats.counts["tokens"]),
-        "texts": out.column(c.TEXT).to_pylist(),
+        "texts": out.column(columns.TEXT).to_pylist(),
         "library": str(Path(llama_cpp.__file__).parent),
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
     }

@@ -37,7 +37,7 @@ from schemas.recipe import (
     RewardModelConfig,
     load_recipe,
 )
-from steps.judges import PAIRWISE, RUBRIC
+from steps.labelers.judging import PAIRWISE, RUBRIC
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RATES = ROOT / "docs" / "measurements" / "gpu_rates_h200_2026-11-26.json"

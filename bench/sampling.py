@@ -22,10 +22,10 @@ import time
 from typing import Any
 
 from bench.common import Row, finish, interleave, log, median_ratio, parser, total_seconds
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import DecodeMode, ModelConfig, Recipe, SamplingConfig
 from steps.engines import Engine, derive_seed, load_engine, resolve_model, sample_seed
-from steps.prompts import load_prompts
+from steps.prompts.normalise import load_prompts
 from steps.sampling import sample_table, sampling_params
 
 NAME = "sampling"
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     params = sampling_params(recipe)
     prompts, _ = load_prompts(recipe.prompts, recipe.limit)
-    conversations = prompts.column(c.MESSAGES).to_pylist()
-    seeds = [derive_seed(recipe.sampling.seed, pid) for pid in prompts.column(c.PROMPT_ID).to_pylist()]
+    conversations = prompts.column(columns.MESSAGES).to_pylist()
+    seeds = [derive_seed(recipe.sampling.seed, pid) for pid in prompts.column(columns.PROMPT_ID).to_pylist()]
     model = resolve_model(recipe.policy.model, recipe.policy.engine)
     log(f"sampling: {n_prompts} prompts × {n}, ≤{max_tokens} tokens, {threads} threads, {model.location}")
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def through_pipeline(decode: DecodeMode) -> tuple[list[str], int]:
         table, stats = sample_table(prompts, engines[decode], params, recipe.sampling.seed)
-        return table.column(c.TEXT).to_pylist(), int(stats.counts["tokens"])
+        return table.column(columns.TEXT).to_pylist(), int(stats.counts["tokens"])
 
     def plain_loop(limit: int | None = None) -> tuple[list[str], int]:
         texts, tokens = [], 0

@@ -63,22 +63,23 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
     """Run one stage over every shard with the pipeline's own functions; returns rows produced."""
     from schemas.recipe import FilePrompts
     from schemas.records import PROMPTS
-    from steps.base import merge_stats, shard_uri, write_table
+    from steps.base import merge_stats
+    from steps.run.files import shard_uri, write_table
 
     recipe = _recipe(quick)
     if stage in ("prompts", DECONTAMINATED):
         from steps.base import StageStats
-        from steps.prompts import stream_prompts
-        from steps.stages import PromptFilters
+        from steps.prompts.normalise import stream_prompts
+        from steps.run.stages import PromptFilters
 
-        # As steps.stages.prompt_shards does: the source streamed one shard at a time.
+        # As steps.run.stages.prompt_shards does: the source streamed one shard at a time.
         stats = StageStats("prompts")
         source = FilePrompts(source="file", uri=str(work / "source.jsonl"))
         filters, folder = PromptFilters(), "prompts"
         if stage == DECONTAMINATED:
             from schemas.recipe import DecontaminationConfig
-            from steps.decontaminate import Decontaminator
-            from steps.resume import WorkArea
+            from steps.prompts.decontaminate import Decontaminator
+            from steps.run.resume import WorkArea
 
             start = time.perf_counter()
             spec = {"name": "bench_eval", "uri": str(work / "eval.jsonl")}
@@ -112,7 +113,7 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
             for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
         ]
     elif stage == "pairing":
-        from steps.pairing import pair_shard
+        from steps.pairing.pairs import pair_shard
 
         triples = zip(prompts, _shards(work, "responses"), _shards(work, "labels"), strict=True)
         results = [
@@ -120,7 +121,7 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
             for i, (p, r, lab) in enumerate(triples)
         ]
     elif stage == "consistency":
-        from steps.consistency import consistency_stage
+        from steps.pairing.consistency import consistency_stage
 
         kept, dropped = shard_uri(str(work), "kept", 0), shard_uri(str(work), "dropped", 0)
         stats, report = consistency_stage(recipe, _shards(work, "pairs"), kept, dropped)
@@ -128,7 +129,7 @@ def _run_stage(stage: str, work: Path, quick: bool) -> int:
         _save_stats(work, stage, stats)
         return stats.rows_out
     elif stage == "publish":
-        from steps.publish import publish
+        from steps.publish.release import publish
 
         stages = {s: json.loads((work / "stats" / f"{s}.json").read_text()) for s in STAGES[:-1]}
         stats = {
@@ -165,12 +166,14 @@ def worker(stage: str, work: Path, quick: bool) -> None:
 
 def _write_source(path: Path, size: int) -> None:
     from bench.data import prompts_table
-    from schemas import columns as c
+    from schemas import columns
 
     table = prompts_table(size)
     with path.open("w", encoding="utf-8") as handle:
         for messages, refs in zip(
-            table.column(c.MESSAGES).to_pylist(), table.column(c.REFERENCES).to_pylist(), strict=True
+            table.column(columns.MESSAGES).to_pylist(),
+            table.column(columns.REFERENCES).to_pylist(),
+            strict=True,
         ):
             handle.write(json.dumps({"prompt": messages, "references": refs}, ensure_ascii=False) + "\n")
 
@@ -184,15 +187,15 @@ def _write_eval_set(path: Path, size: int) -> None:
     import random
 
     from bench.data import builtin, perturb, prompts_table
-    from schemas import columns as c
+    from schemas import columns
 
     rng = random.Random(7)
     references = [ref for _, refs in builtin() for ref in refs]
-    copies = prompts_table(EVAL_COPIES).column(c.MESSAGES).to_pylist()
+    copies = prompts_table(EVAL_COPIES).column(columns.MESSAGES).to_pylist()
     with path.open("w", encoding="utf-8") as handle:
         for i in range(size):
             if i < len(copies):
-                text = copies[i][-1][c.CONTENT]
+                text = copies[i][-1][columns.CONTENT]
             else:
                 salad = [perturb(rng.choice(references), rng) for _ in range(2)]
                 text = f"Item {i}: {' '.join(salad)}"

@@ -25,13 +25,13 @@ from typing import Any
 
 from bench.common import Row, column_map, finish, interleave, log, median_ratio, parser, ratio, total_seconds
 from bench.data import responses_table
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import BuiltinPrompts, DensityRatioConfig, FollowUpConfig, load_recipe
 from steps.engines import load_engine
 from steps.labelers.density_ratio import side_context
 from steps.labelers.follow_up import load_followups
 from steps.labelers.registry import build_labeler
-from steps.prompts import load_prompts
+from steps.prompts.normalise import load_prompts
 
 NAME = "scoring"
 K_FOLLOWUPS = 8
@@ -85,12 +85,12 @@ def _density(
     labeler = build_labeler(config)
     engine = load_engine(config.strong.model)
     raw = RawScorer(engine)
-    messages = column_map(prompts, c.PROMPT_ID, c.MESSAGES)
+    messages = column_map(prompts, columns.PROMPT_ID, columns.MESSAGES)
     jobs = []  # (response id, side, full ids, start, end)
     for pid, rid, text in zip(
-        responses.column(c.PROMPT_ID).to_pylist(),
-        responses.column(c.RESPONSE_ID).to_pylist(),
-        responses.column(c.TEXT).to_pylist(),
+        responses.column(columns.PROMPT_ID).to_pylist(),
+        responses.column(columns.RESPONSE_ID).to_pylist(),
+        responses.column(columns.TEXT).to_pylist(),
         strict=True,
     ):
         for side_name, side in (("strong", config.strong), ("weak", config.weak)):
@@ -100,7 +100,7 @@ def _density(
 
     def ours() -> dict[str, dict[str, float]]:
         table, _ = labeler.label(prompts, responses)
-        details = column_map(table, c.RESPONSE_ID, c.DETAILS)
+        details = column_map(table, columns.RESPONSE_ID, columns.DETAILS)
         return {rid: json.loads(d) for rid, d in details.items() if d}
 
     def forward() -> dict[str, dict[str, float]]:
@@ -150,12 +150,12 @@ def _followup(args: argparse.Namespace, n_prompts: int) -> dict[str, Any]:
     labeler = build_labeler(config)
     engine = load_engine(config.model)
     raw = RawScorer(engine)
-    messages = column_map(prompts, c.PROMPT_ID, c.MESSAGES)
+    messages = column_map(prompts, columns.PROMPT_ID, columns.MESSAGES)
     jobs = []  # (response id, [(polarity, full, start, end)] for its K follow-ups)
     for pid, rid, text in zip(
-        responses.column(c.PROMPT_ID).to_pylist(),
-        responses.column(c.RESPONSE_ID).to_pylist(),
-        responses.column(c.TEXT).to_pylist(),
+        responses.column(columns.PROMPT_ID).to_pylist(),
+        responses.column(columns.RESPONSE_ID).to_pylist(),
+        responses.column(columns.TEXT).to_pylist(),
         strict=True,
     ):
         context = [*messages[pid], {"role": "assistant", "content": text}]
@@ -163,7 +163,7 @@ def _followup(args: argparse.Namespace, n_prompts: int) -> dict[str, Any]:
 
     def ours() -> dict[str, float]:
         table, _ = labeler.label(prompts, responses)
-        return column_map(table, c.RESPONSE_ID, c.SCORE)
+        return column_map(table, columns.RESPONSE_ID, columns.SCORE)
 
     def naive() -> dict[str, float]:
         out = {}

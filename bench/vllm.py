@@ -39,7 +39,7 @@ def _smollm2_dir() -> str:
 
 def _workload(prompts: int, quick: bool) -> tuple[Any, Any, Any]:
     from schemas.recipe import load_recipe
-    from steps.prompts import load_prompts
+    from steps.prompts.normalise import load_prompts
     from steps.sampling import sampling_params
 
     recipe = load_recipe("default")

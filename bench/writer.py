@@ -1,4 +1,4 @@
-"""Writer: our publication of a split (``steps.writer.write_split``) against a raw
+"""Writer: our publication of a split (``steps.publish.writer.write_split``) against a raw
 ``pyarrow.dataset.write_dataset`` of the same pairs shards.
 
 Both read the same Parquet shards (what the consistency stage leaves behind) and write
@@ -23,17 +23,17 @@ import pyarrow.parquet as pq
 
 from bench.common import DEFAULT_OUT, Row, finish, interleave, log, median_ratio, parser, total_seconds
 from bench.data import pairs_table
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import OutputConfig, Recipe
 from schemas.records import pairs_schema
-from steps.base import write_table
-from steps.writer import write_split
+from steps.publish.writer import write_split
+from steps.run.files import write_table
 
 NAME = "writer"
 
 
 def _sorted(table: pa.Table) -> pa.Table:
-    return table.sort_by(c.PROMPT_ID).combine_chunks()
+    return table.sort_by(columns.PROMPT_ID).combine_chunks()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     source = pairs_table(total, recipe.signals)
     # The writer stamps the recipe hash at publication; give the source the same stamp to compare.
     stamp = pa.array([recipe.fingerprint()] * source.num_rows, pa.string())
-    source = source.set_column(source.schema.get_field_index(c.RECIPE_HASH), c.RECIPE_HASH, stamp)
+    source = source.set_column(source.schema.get_field_index(columns.RECIPE_HASH), columns.RECIPE_HASH, stamp)
     scratch = Path(tempfile.mkdtemp(prefix="writer-", dir=_scratch_root(args)))
     try:
         inputs = [

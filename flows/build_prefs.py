@@ -11,46 +11,37 @@ this one reads as the data path, then the CLI.
 
 from __future__ import annotations
 
-import argparse
-import errno
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.checks import WORK_DIR, NothingSampledError, OutputError, prepare, require_responses
-from flows.console import quiet_console
-from flows.eval_labelers import LabelQualityError, PairsFileError, check_eval_sets, measure_recipe
+from flows.checks import preflight_run, require_responses
 from flows.placement import (
     DEFAULT_BATCH_SHARDS,
     DEFAULT_START_TIMEOUT_S,
-    ModelPoolError,
-    PlacementError,
-    check_placement,
+    Placement,
     dask_runner,
     run_model_batches,
 )
 from flows.summary import summary_markdown
-from flows.temp_server import TemporaryServerError, ensure_server
-from schemas.recipe import LockSettings, Recipe, RecipeError, load_recipe, lock_settings
-from steps import lease, stages
-from steps.aggregate import Aggregation
-from steps.base import ShardResult, StageStats, join_uri, merge_stats
-from steps.cost import cost_summary
-from steps.engines import ModelSpecError
+from schemas.locks import LockSettings
+from schemas.recipe import Recipe
+from steps.base import ShardResult, StageStats, merge_stats
 from steps.engines.llama_build import cache_root
-from steps.engines.native_check import EngineCrashError, check_models
-from steps.hub import HubError, push_dataset
-from steps.labelers.checks import recipe_models
-from steps.prompts import PromptSourceError, source_label
-from steps.publish import publish
-from steps.resume import WorkArea
-from steps.work_gc import DEFAULT_KEEP_RUNS, RECORD_EVERY_S, GcError, RunRecord, check_keep_runs, collect
+from steps.pairing.aggregate import Aggregation
+from steps.prompts.sources import source_label
+from steps.publish.cost import cost_summary
+from steps.publish.hub import push_dataset
+from steps.publish.release import publish
+from steps.quality.evaluate import measure_recipe
+from steps.run import lease, stages
+from steps.run.resume import WorkArea
+from steps.run.work_gc import RECORD_EVERY_S, GcError, RunRecord, collect
 
 
 def _log_progress(stage: str, done: int, total: int, result: ShardResult, started: float) -> None:
@@ -78,32 +69,10 @@ def prompts_task(
     return shards, stats, filters
 
 
-@task(name="sample", cache_policy=NO_CACHE)
-def sample_task(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
-    return stages.sample(recipe, area, prompts)
-
-
-@task(name="label", cache_policy=NO_CACHE)
-def label_task(
-    recipe: Recipe,
-    area: WorkArea,
-    prompts: ShardResult,
-    responses: ShardResult,
-    model_area: WorkArea | None = None,
-) -> ShardResult:
-    return stages.label(recipe, area, prompts, responses, model_area)
-
-
-@task(name="pair", cache_policy=NO_CACHE)
-def pair_task(
-    recipe: Recipe,
-    area: WorkArea,
-    prompts: ShardResult,
-    responses: ShardResult,
-    labels: ShardResult,
-    stats_of_run: dict[str, Any] | None = None,
-) -> ShardResult:
-    return stages.pair(recipe, area, prompts, responses, labels, stats_of_run)
+# One task per shard; the shard jobs themselves (keys, resume) are steps.run.stages.
+sample_task = task(stages.sample, name="sample", cache_policy=NO_CACHE)
+label_task = task(stages.label, name="label", cache_policy=NO_CACHE)
+pair_task = task(stages.pair, name="pair", cache_policy=NO_CACHE)
 
 
 @task(name="consistency", cache_policy=NO_CACHE)
@@ -274,10 +243,10 @@ def build_prefs(
     to wait for another run's); ``gc_keep_runs`` N removes, after publishing, the work entries that
     none of the last N runs of any recipe used.
     """
-    config, out, work_uri = prepare(recipe, output, limit, seed, work, report=get_run_logger().info)
-    work_uri = check_placement(model_deployment, batch_shards, dask, work_uri, model_start_timeout, config)
-    if gc_keep_runs is not None:  # found now, not after the run has published
-        check_keep_runs(gc_keep_runs, "gc_keep_runs")
+    placement = Placement(model_deployment, batch_shards, model_job_variables, model_start_timeout, dask)
+    config, out, work_uri = preflight_run(
+        recipe, output, limit, seed, work, placement, gc_keep_runs, report=get_run_logger().info
+    )
     settings, purpose, say = lock or LockSettings(), f"build-prefs {config.name}", get_run_logger().warning
     with lease.held_each([("output", out), ("work location", work_uri)], settings, purpose, say) as leases:
         return _build(
@@ -285,15 +254,11 @@ def build_prefs(
             out,
             work_uri,
             (leases[0], leases[1]),
+            placement,
             push_to_hub=push_to_hub,
             private=private,
             fresh=fresh,
-            model_deployment=model_deployment,
-            batch_shards=batch_shards,
-            model_job_variables=model_job_variables,
-            dask=dask,
             gc_keep_runs=gc_keep_runs,
-            model_start_timeout=model_start_timeout,
         )
 
 
@@ -302,21 +267,18 @@ def _build(
     out: str,
     work_uri: str,
     leases: tuple[lease.Lease, lease.Lease],
+    placement: Placement,
     *,
     push_to_hub: str | None,
     private: bool,
     fresh: bool,
-    model_deployment: str | None,
-    batch_shards: int,
-    model_job_variables: dict[str, Any] | None,
-    dask: str | None,
     gc_keep_runs: int | None,
-    model_start_timeout: float,
 ) -> str:
     """The data path, under the run's leases; every stage's entries go into the run's record for GC."""
     area = WorkArea(work_uri, fresh=fresh)
     record = RunRecord(work_uri, config.name, out)
     # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.
+    model_deployment, dask = placement.model_deployment, placement.dask
     model_area = WorkArea(work_uri) if model_deployment else area
     # Eval scores depend on the labelers and the pairs only, not on this run: one cache for every run.
     quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
@@ -325,17 +287,7 @@ def _build(
     slots = stages.slot_entries(config, area, prompts)
     record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *slots])
     if model_deployment:
-        run_model_batches(
-            model_deployment,
-            config,
-            work_uri,
-            "sampling",
-            prompts,
-            batch_shards,
-            fresh,
-            model_job_variables,
-            model_start_timeout,
-        )
+        run_model_batches(placement, config, work_uri, "sampling", prompts, fresh)
     # A killed run's record keeps what it finished (to within RECORD_EVERY_S), so GC spares it.
     responses = _run_stage(
         "sampling",
@@ -348,17 +300,7 @@ def _build(
     require_responses(sampled)
     model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
     if model_deployment and model_labelers:
-        run_model_batches(
-            model_deployment,
-            config,
-            work_uri,
-            "labeling",
-            prompts,
-            batch_shards,
-            fresh,
-            model_job_variables,
-            model_start_timeout,
-        )
+        run_model_batches(placement, config, work_uri, "labeling", prompts, fresh)
     labels_on_dask = dask is not None and (model_deployment is not None or not model_labelers)
     pairs_on_dask = dask is not None and config.pairing.judge is None
     labels: list[ShardResult] | None = None
@@ -423,186 +365,7 @@ def _build(
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.build_prefs", description="Build an on-policy preference dataset."
-    )
-    parser.add_argument("--recipe", default="default", help="recipe name in pipelines/ or a YAML path")
-    parser.add_argument("--output", help="output directory or fsspec URI (default ./outputs/<recipe>)")
-    parser.add_argument("--limit", type=int, help="use only the first N prompts")
-    parser.add_argument("--seed", type=int, help="override sampling.seed")
-    parser.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the dataset as one commit")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--work", metavar="URI", help="where finished shards live (default <output>/.work)")
-    parser.add_argument(
-        "--fresh", action="store_true", help="recompute every shard instead of reusing finished ones"
-    )
-    parser.add_argument(
-        "--model-deployment",
-        metavar="NAME",
-        help="run sampling and model labelers as runs of this deployment (e.g. model-stage, bound to a "
-        "GPU work pool); needs PREFECT_API_URL and a work location the pool's workers share",
-    )
-    parser.add_argument(
-        "--batch-shards",
-        type=int,
-        default=DEFAULT_BATCH_SHARDS,
-        help=f"shards per model-stage run (default {DEFAULT_BATCH_SHARDS})",
-    )
-    parser.add_argument(
-        "--model-start-timeout",
-        type=float,
-        default=DEFAULT_START_TIMEOUT_S,
-        metavar="SECONDS",
-        help="cancel model-stage batches and fail when no worker has started any of them for this long, "
-        f"e.g. because none polls the pool (default {DEFAULT_START_TIMEOUT_S:g})",
-    )
-    parser.add_argument(
-        "--dask",
-        metavar="ADDRESS|local",
-        help="run the CPU stages (BLEU labeling, pairing) on Dask: a new LocalCluster or a scheduler address",
-    )
-    locking = parser.add_argument_group("locking (one run at a time per output and work location)")
-    locking.add_argument(
-        "--on-busy",
-        choices=["wait", "fail"],
-        help="when another live run holds the output or work location: wait for it (default) or stop",
-    )
-    locking.add_argument("--max-wait", type=float, metavar="S", help="stop waiting after S seconds")
-    locking.add_argument(
-        "--lock-expiry",
-        type=float,
-        metavar="S",
-        help="a lease not renewed for S seconds is stale (default 60)",
-    )
-    locking.add_argument(
-        "--lock-renew", type=float, metavar="S", help="renew the lease every S seconds (default 10)"
-    )
-    gc = parser.add_argument_group("garbage collection of the work location (instead of a run)")
-    gc.add_argument(
-        "--gc",
-        action="store_true",
-        help="remove work entries none of the last --keep-runs runs of any recipe used, then stop",
-    )
-    gc.add_argument("--dry-run", action="store_true", help="with --gc: report what would go, remove nothing")
-    gc.add_argument(
-        "--keep-runs",
-        type=int,
-        default=None,
-        metavar="N",
-        help=f"with --gc: keep the entries of the last N runs per recipe (default {DEFAULT_KEEP_RUNS})",
-    )
-    return parser.parse_args(argv)
+if __name__ == "__main__":  # the command line lives in flows.cli; this keeps `python -m flows.build_prefs`
+    from flows.cli import build_prefs_main
 
-
-def collect_garbage(args: argparse.Namespace, settings: LockSettings) -> int:
-    """``--gc``: under the work location's lease, so it never races a live run (which it waits for)."""
-    try:
-        keep_runs = DEFAULT_KEEP_RUNS if args.keep_runs is None else args.keep_runs
-        check_keep_runs(keep_runs, "--keep-runs")
-        work = args.work or join_uri(args.output or load_recipe(args.recipe).output_uri(), WORK_DIR)
-        with lease.held(work, settings, "gc (python -m flows.build_prefs --gc)", "work location") as held:
-            collect(work, keep_runs, dry_run=args.dry_run, check=held.check)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (lease.LeaseBusyError, lease.LeaseLostError, GcError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    quiet_console()
-    try:
-        settings = lock_settings(
-            on_busy=args.on_busy, max_wait_s=args.max_wait, expiry_s=args.lock_expiry, renew_s=args.lock_renew
-        )
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.gc:
-        return collect_garbage(args, settings)
-    if args.dry_run or args.keep_runs is not None:
-        print("error: --dry-run and --keep-runs go with --gc (a build collects nothing)", file=sys.stderr)
-        return 2
-
-    try:
-        if args.limit is not None and args.limit < 1:
-            raise RecipeError("--limit must be at least 1")
-        loaded, _, work_uri = prepare(args.recipe, args.output, args.limit, args.seed, args.work)
-        engine_check = check_models([model for _, model in recipe_models(loaded)])  # prepare's result
-        if engine_check is not None:
-            print(engine_check.describe(), file=sys.stderr)
-        check_placement(
-            args.model_deployment, args.batch_shards, args.dask, work_uri, args.model_start_timeout, loaded
-        )
-        check_eval_sets(loaded)
-    except (
-        RecipeError, ModelSpecError, PromptSourceError, OutputError, PlacementError, EngineCrashError,
-        PairsFileError,
-    ) as exc:  # fmt: skip
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        # Prefect's own temporary server would outlive a run killed by a signal; this one dies with it.
-        ensure_server()
-        result = build_prefs(
-            recipe=args.recipe,
-            output=args.output,
-            limit=args.limit,
-            seed=args.seed,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            work=args.work,
-            fresh=args.fresh,
-            model_deployment=args.model_deployment,
-            batch_shards=args.batch_shards,
-            dask=args.dask,
-            lock=settings,
-            model_start_timeout=args.model_start_timeout,
-        )
-    except (
-        RecipeError,
-        ModelSpecError,
-        PromptSourceError,
-        OutputError,
-        PlacementError,
-        PairsFileError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (
-        ModelPoolError, NothingSampledError, LabelQualityError, lease.LeaseBusyError, lease.LeaseLostError,
-        GcError, TemporaryServerError,
-    ) as exc:  # fmt: skip
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except HubError as exc:
-        print(
-            f"error: {exc}\nThe dataset itself is complete; rerun the same command to push again "
-            "(finished work is reused, nothing is recomputed).",
-            file=sys.stderr,
-        )
-        return 1
-    except OSError as exc:
-        print(f"error: {write_failure_message(exc)}", file=sys.stderr)
-        return 1
-    where = str(Path(result).resolve()) if "://" not in result else result
-    print(f"\nDataset ready: {where}\n  load it with: datasets.load_dataset({where!r}, split='train')")
-    return 0
-
-
-def write_failure_message(exc: OSError) -> str:
-    """After a failed write a user needs: what happened, that nothing half-done was published, what next."""
-    cause = "no space left on device" if exc.errno == errno.ENOSPC else f"{type(exc).__name__}: {exc}"
-    where = f" while writing {exc.filename}" if exc.filename else ""
-    return (
-        f"{cause}{where}. Nothing partial was published: the previous dataset (if any) is intact. "
-        "Fix the cause and rerun the same command; finished shards are reused."
-    )
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(build_prefs_main())

@@ -11,19 +11,24 @@ from collections.abc import Callable
 
 import fsspec
 
+from flows.placement import Placement, check_placement
 from schemas import reasons
-from schemas.recipe import Recipe, load_recipe
-from steps.base import StageStats, join_uri
-from steps.decontaminate import check_sets
+from schemas.errors import RunError, UsageError
+from schemas.recipe import Recipe, RecipeError, load_recipe
+from steps.base import StageStats
 from steps.engines.dtypes import resolve_recipe_dtypes
 from steps.engines.native_check import check_models
 from steps.labelers.checks import preflight, recipe_models
-from steps.prompts import check_prompts
+from steps.prompts.decontaminate import check_sets
+from steps.prompts.normalise import check_prompts
+from steps.quality.pairs_file import check_eval_sets
+from steps.run.files import join_uri
+from steps.run.work_gc import check_keep_runs
 
 WORK_DIR = ".work"
 
 
-class OutputError(RuntimeError):
+class OutputError(UsageError):
     """The output or work location cannot be written; raised before any model loads."""
 
 
@@ -77,7 +82,32 @@ def prepare(
     return loaded, out, work_uri
 
 
-class NothingSampledError(RuntimeError):
+def preflight_run(
+    recipe: str,
+    output: str | None,
+    limit: int | None,
+    seed: int | None,
+    work: str | None,
+    placement: Placement,
+    gc_keep_runs: int | None = None,
+    report: Callable[[str], None] | None = None,
+) -> tuple[Recipe, str, str]:
+    """The one list of checks before a run, for the CLI and for the flow (a deployment skips the CLI).
+
+    Returns the recipe with every ``dtype: auto`` made concrete, the output and the work location as
+    every worker must name it. Each check raises a ``UsageError`` naming what to change.
+    """
+    if limit is not None and limit < 1:
+        raise RecipeError("--limit must be at least 1")
+    loaded, out, work_uri = prepare(recipe, output, limit, seed, work, report)
+    work_uri = check_placement(placement, work_uri, loaded)
+    check_eval_sets(loaded)
+    if gc_keep_runs is not None:  # found now, not after the run has published
+        check_keep_runs(gc_keep_runs, "gc_keep_runs")
+    return loaded, out, work_uri
+
+
+class NothingSampledError(RunError):
     """Sampling dropped every prompt: publishing an empty dataset would hide that."""
 
 

@@ -2,7 +2,7 @@
 
 ``build-prefs`` with a model pool triggers this flow's deployment once per batch
 of prompt shards (``flows.build_prefs.run_model_batches``). It computes the
-shards into the shared work location through ``steps.stages``, which writes the
+shards into the shared work location through ``steps.run.stages``, which writes the
 completion markers; the main flow then calls the same stage functions and finds
 every shard finished. Nothing is returned but counts: the data travels through
 the work location, so a batch that dies halfway leaves its finished shards for
@@ -19,18 +19,19 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from schemas.errors import RunError
 from schemas.recipe import ModelConfig, Recipe
-from steps import stages
 from steps.base import ShardResult, StageStats
 from steps.engines.gpu_pool import run_on_gpus, visible_gpus
 from steps.engines.native_check import check_models
 from steps.labelers.checks import recipe_models
-from steps.resume import WorkArea, sha256_of
+from steps.run import stages
+from steps.run.resume import WorkArea, sha256_of
 
 MODEL_STAGES = ("sampling", "labeling")
 
 
-class MissingShardError(RuntimeError):
+class MissingShardError(RunError):
     """A prompt shard the batch names is not (or no longer) finished in the work location."""
 
 

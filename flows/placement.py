@@ -19,16 +19,17 @@ from prefect.task_runners import TaskRunner
 
 from flows.model_stage import shard_ref
 from flows.temp_server import is_temporary
+from schemas.errors import RunError, UsageError
 from schemas.recipe import Recipe
 from steps.base import ShardResult
 from steps.labelers.checks import check_gpu_shares, recipe_models
 
 
-class PlacementError(ValueError):
+class PlacementError(UsageError):
     """``--model-deployment``/``--dask`` cannot work as given; raised before any model loads."""
 
 
-class ModelPoolError(RuntimeError):
+class ModelPoolError(RunError):
     """A model-stage batch did not complete on its work pool; its finished shards are kept."""
 
 
@@ -48,14 +49,24 @@ def deployment_name(model_deployment: str) -> str:
     return model_deployment if "/" in model_deployment else f"{MODEL_FLOW}/{model_deployment}"
 
 
-def check_placement(
-    model_deployment: str | None,
-    batch_shards: int,
-    dask: str | None,
-    work_uri: str,
-    start_timeout: float = DEFAULT_START_TIMEOUT_S,
-    recipe: Recipe | None = None,
-) -> str:
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's stages go: one value from the CLI or the flow's parameters to every stage.
+
+    ``model_deployment`` sends sampling and the model-reading labelers to that deployment's work
+    pool, ``batch_shards`` shards per run (``job_variables`` go with each, e.g. ``{"env": ...}``);
+    batches no worker starts for ``start_timeout`` seconds are cancelled. ``dask`` (``local`` or a
+    scheduler address) runs the CPU stages on Dask. The default is everything in this process.
+    """
+
+    model_deployment: str | None = None
+    batch_shards: int = DEFAULT_BATCH_SHARDS
+    job_variables: dict[str, Any] | None = None
+    start_timeout: float = DEFAULT_START_TIMEOUT_S
+    dask: str | None = None
+
+
+def check_placement(placement: Placement, work_uri: str, recipe: Recipe | None = None) -> str:
     """Validate where stages run; returns the work location as every worker must name it.
 
     A model pool's workers run in their own processes (other machines, usually), so a relative
@@ -63,6 +74,8 @@ def check_placement(
     location must be storage they share (an object store URI or a shared mount). Without a pool,
     ``recipe``'s vLLM models must fit one process together, the policy's included.
     """
+    model_deployment, batch_shards, dask = placement.model_deployment, placement.batch_shards, placement.dask
+    start_timeout = placement.start_timeout
     if batch_shards < 1:
         raise PlacementError(f"--batch-shards must be at least 1, got {batch_shards}")
     if not start_timeout > 0:
@@ -134,15 +147,7 @@ def dask_runner(dask: str) -> TaskRunner[Any]:
 
 
 def run_model_batches(
-    deployment: str,
-    config: Recipe,
-    work_uri: str,
-    stage: str,
-    prompts: list[ShardResult],
-    batch_shards: int,
-    fresh: bool,
-    job_variables: dict[str, Any] | None,
-    start_timeout: float = DEFAULT_START_TIMEOUT_S,
+    placement: Placement, config: Recipe, work_uri: str, stage: str, prompts: list[ShardResult], fresh: bool
 ) -> None:
     """One ``model-stage`` deployment run per batch of shards: submit them all, then wait for all.
 
@@ -155,8 +160,10 @@ def run_model_batches(
     from prefect.deployments import run_deployment
     from prefect.utilities.asyncutils import run_coro_as_sync
 
+    assert placement.model_deployment is not None
+    batch_shards, start_timeout = placement.batch_shards, placement.start_timeout
     logger = get_run_logger()
-    name = deployment_name(deployment)
+    name = deployment_name(placement.model_deployment)
     recipe = config.model_dump(mode="json")
     batches = [prompts[i : i + batch_shards] for i in range(0, len(prompts), batch_shards)]
     submitted = []
@@ -172,7 +179,7 @@ def run_model_batches(
             },
             flow_run_name=f"{config.name}-{stage}-batch-{i}-of-{len(batches)}",
             timeout=0,
-            job_variables=job_variables,
+            job_variables=placement.job_variables,
         )
         submitted.append(run)
     logger.info(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.publish import funnel_steps
+from steps.publish.release import funnel_steps
 
 
 def summary_markdown(output: str, manifest: dict[str, Any]) -> str:

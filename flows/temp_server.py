@@ -27,11 +27,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from schemas.errors import RunError
+
 # After the lifeline breaks, uvicorn gets this long to shut down cleanly before the process exits anyway.
 SHUTDOWN_GRACE_S = 5.0
 
 
-class TemporaryServerError(RuntimeError):
+class TemporaryServerError(RunError):
     """The temporary server exited or did not answer before the startup timeout."""
 
 

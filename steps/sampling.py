@@ -20,12 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import Recipe
 from schemas.records import PROMPTS, RESPONSES
-from steps.base import ShardResult, StageStats, read_table, write_table
+from steps.base import ShardResult, StageStats
 from steps.engines import Completion, Failed, Generator, SamplingParams, derive_seed, load_engine
+from steps.run.files import read_table, write_table
 
 
 def sampling_params(recipe: Recipe) -> SamplingParams:
@@ -71,8 +71,8 @@ def sample_rows(
     answers from only some temperatures would skew its pair toward them.
     """
     stats = StageStats("sampling", rows_in=prompts.num_rows)
-    ids = prompts.column(c.PROMPT_ID).to_pylist()
-    conversations = prompts.column(c.MESSAGES).to_pylist()
+    ids = prompts.column(columns.PROMPT_ID).to_pylist()
+    conversations = prompts.column(columns.MESSAGES).to_pylist()
     temps = list(temperatures) if temperatures else [params.temperature]
     if params.n % len(temps):
         raise ValueError(f"n={params.n} does not split evenly over temperatures {temps}")
@@ -94,22 +94,22 @@ def sample_rows(
         result = [(completion, temps[g]) for g, group in enumerate(results) for completion in group]
         for index, (completion, temperature) in enumerate(result):
             text = completion.text
-            rows[c.PROMPT_ID].append(pid)
-            rows[c.RESPONSE_ID].append(f"{pid}-{index}")
-            rows[c.SAMPLE_INDEX].append(index)
-            rows[c.TEXT].append(text)
-            rows[c.FINISH_REASON].append(completion.finish_reason)
-            rows[c.TRUNCATED].append(completion.finish_reason == "length")
-            rows[c.IS_EMPTY].append(not text.strip())
-            rows[c.NUM_TOKENS].append(completion.num_tokens)
-            rows[c.PROMPT_TOKENS].append(completion.prompt_tokens)
-            rows[c.PROMPT_TURNS_DROPPED].append(completion.prompt_turns_dropped)
-            rows[c.POLICY_MODEL].append(engine.model_id)
-            rows[c.ENGINE].append(engine.engine_name)
-            rows[c.TEMPERATURE].append(temperature)
-            rows[c.TOP_P].append(params.top_p)
-            rows[c.MAX_TOKENS].append(params.max_tokens)
-            rows[c.SEED].append(completion.seed)
+            rows[columns.PROMPT_ID].append(pid)
+            rows[columns.RESPONSE_ID].append(f"{pid}-{index}")
+            rows[columns.SAMPLE_INDEX].append(index)
+            rows[columns.TEXT].append(text)
+            rows[columns.FINISH_REASON].append(completion.finish_reason)
+            rows[columns.TRUNCATED].append(completion.finish_reason == "length")
+            rows[columns.IS_EMPTY].append(not text.strip())
+            rows[columns.NUM_TOKENS].append(completion.num_tokens)
+            rows[columns.PROMPT_TOKENS].append(completion.prompt_tokens)
+            rows[columns.PROMPT_TURNS_DROPPED].append(completion.prompt_turns_dropped)
+            rows[columns.POLICY_MODEL].append(engine.model_id)
+            rows[columns.ENGINE].append(engine.engine_name)
+            rows[columns.TEMPERATURE].append(temperature)
+            rows[columns.TOP_P].append(params.top_p)
+            rows[columns.MAX_TOKENS].append(params.max_tokens)
+            rows[columns.SEED].append(completion.seed)
     table = pa.Table.from_pydict(rows, schema=RESPONSES)
     _count(table, stats)
     return table, stats, failed
@@ -119,11 +119,11 @@ def _count(table: pa.Table, stats: StageStats) -> None:
     """The stage's counts, from the responses table itself (so reused and new rows count alike)."""
     stats.rows_out = table.num_rows
     stats.counts["responses"] = table.num_rows
-    stats.counts["truncated"] = pc.sum(table.column(c.TRUNCATED)).as_py() or 0
-    stats.counts["empty"] = pc.sum(table.column(c.IS_EMPTY)).as_py() or 0
-    stats.counts["tokens"] = pc.sum(table.column(c.NUM_TOKENS)).as_py() or 0
-    first = table.filter(pc.equal(table.column(c.SAMPLE_INDEX), 0))
-    truncated = pc.sum(pc.greater(first.column(c.PROMPT_TURNS_DROPPED), 0)).as_py() or 0
+    stats.counts["truncated"] = pc.sum(table.column(columns.TRUNCATED)).as_py() or 0
+    stats.counts["empty"] = pc.sum(table.column(columns.IS_EMPTY)).as_py() or 0
+    stats.counts["tokens"] = pc.sum(table.column(columns.NUM_TOKENS)).as_py() or 0
+    first = table.filter(pc.equal(table.column(columns.SAMPLE_INDEX), 0))
+    truncated = pc.sum(pc.greater(first.column(columns.PROMPT_TURNS_DROPPED), 0)).as_py() or 0
     if truncated:
         stats.counts["prompts_truncated"] = truncated
 
@@ -152,7 +152,7 @@ def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Iterab
     """
     start = time.perf_counter()
     prompts = read_table(prompts_uri, PROMPTS)
-    ids = prompts.column(c.PROMPT_ID).to_pylist()
+    ids = prompts.column(columns.PROMPT_ID).to_pylist()
     wanted = set(ids)
     reused: list[pa.Table] = []
     failed: Failures = {}
@@ -160,10 +160,10 @@ def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Iterab
         if not wanted:
             break
         old = read_table(shard.uri, RESPONSES)
-        old = old.filter(pc.is_in(old.column(c.PROMPT_ID), pa.array(sorted(wanted), pa.string())))
+        old = old.filter(pc.is_in(old.column(columns.PROMPT_ID), pa.array(sorted(wanted), pa.string())))
         if old.num_rows:
             reused.append(old)
-            wanted -= set(old.column(c.PROMPT_ID).to_pylist())
+            wanted -= set(old.column(columns.PROMPT_ID).to_pylist())
         for pid in sorted(wanted & shard.failed.keys()):
             reason, message = shard.failed[pid]  # a JSON list in the marker
             failed[pid] = (str(reason), str(message))
@@ -172,7 +172,7 @@ def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Iterab
     for reason, message in failed.values():  # an earlier shard's drops, reported again
         stats.drop(reason, example=message)
     tables = list(reused)
-    todo = prompts.filter(pc.is_in(prompts.column(c.PROMPT_ID), pa.array(sorted(wanted), pa.string())))
+    todo = prompts.filter(pc.is_in(prompts.column(columns.PROMPT_ID), pa.array(sorted(wanted), pa.string())))
     if todo.num_rows:
         new, new_stats, new_failed = sample_rows(
             todo,
@@ -187,8 +187,8 @@ def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Iterab
         failed.update(new_failed)
     table = pa.concat_tables(tables) if tables else RESPONSES.empty_table()
     order = {pid: i for i, pid in enumerate(ids)}
-    position = [order[pid] for pid in table.column(c.PROMPT_ID).to_pylist()]
-    ranked = np.lexsort((table.column(c.SAMPLE_INDEX).to_numpy(), np.asarray(position, dtype=np.int64)))
+    position = [order[pid] for pid in table.column(columns.PROMPT_ID).to_pylist()]
+    ranked = np.lexsort((table.column(columns.SAMPLE_INDEX).to_numpy(), np.asarray(position, dtype=np.int64)))
     table = table.take(pa.array(ranked, pa.int64()))
     _count(table, stats)
     reused_prompts = prompts.num_rows - todo.num_rows

@@ -2,7 +2,7 @@
 
 ``python -m tests.lease_worker ROOT LOG NAME HOLD EXPIRY_S RENEW_S`` takes the lease on ROOT
 (waiting for another holder), appends ``enter NAME`` to the local file LOG, then publishes the way
-``steps.publish`` orders it (a card naming NAME, then the manifest naming NAME, each an atomic
+``steps.publish.release`` orders it (a card naming NAME, then the manifest naming NAME, each an atomic
 write), and appends ``exit NAME``. Between card and manifest it waits HOLD: seconds, or until the
 local file HOLD exists (so a test can keep it mid-publication until another worker is waiting). Two workers publishing to one ROOT at once would leave
 the card of one beside the manifest of the other, or overlapping enter/exit lines in LOG.
@@ -14,9 +14,9 @@ import os
 import sys
 import time
 
-from schemas.recipe import LockSettings
-from steps import lease
-from steps.base import join_uri, write_bytes_atomic
+from schemas.locks import LockSettings
+from steps.run import lease
+from steps.run.files import join_uri, write_bytes_atomic
 
 
 def note(log: str, line: str) -> None:

@@ -8,11 +8,20 @@ import numpy as np
 import polars as pl
 import pytest
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import RecipeError
-from steps.aggregate import AGG, LOG_CHARS, Aggregation, RunStats, aggregate, feature, features, run_stats
-from steps.consistency import evidence
-from steps.fit_weights import fit_logistic, fit_weights, folds_by_group
+from steps.pairing.aggregate import (
+    AGG,
+    LOG_CHARS,
+    Aggregation,
+    RunStats,
+    aggregate,
+    feature,
+    features,
+    run_stats,
+)
+from steps.pairing.consistency import evidence
+from steps.quality.fit_weights import fit_logistic, fit_weights, folds_by_group
 from tests.conftest import make_recipe
 
 
@@ -20,7 +29,7 @@ def frame(
     values: dict[str, list[float | None]], prompts: list[str], chars: list[int] | None = None
 ) -> pl.DataFrame:
     data: dict[str, list[object]] = {
-        c.PROMPT_ID: list(prompts), c.RESPONSE_ID: [f"{p}-{i}" for i, p in enumerate(prompts)], **values,
+        columns.PROMPT_ID: list(prompts), columns.RESPONSE_ID: [f"{p}-{i}" for i, p in enumerate(prompts)], **values,
     }  # fmt: skip
     out = pl.DataFrame(data, schema_overrides={k: pl.Float64 for k in values})
     if chars is not None:
@@ -80,15 +89,17 @@ def test_run_wide_numbers_are_required_not_guessed() -> None:
 
 def test_signed_evidence_counts_an_inverted_signal_as_agreeing() -> None:
     scores = frame({"good": [2.0, 1.0], "inverted": [0.0, 5.0], "none": [None, None]}, ["p", "p"])
-    picked = pl.DataFrame({c.PROMPT_ID: ["p"], f"{c.RESPONSE_ID}_c": ["p-0"], c.RESPONSE_ID: ["p-1"]})
+    picked = pl.DataFrame(
+        {columns.PROMPT_ID: ["p"], f"{columns.RESPONSE_ID}_c": ["p-0"], columns.RESPONSE_ID: ["p-1"]}
+    )
     weights = Aggregation({"good": 1.0, "inverted": -3.0, "none": 1.0})
     ev = evidence(scores, picked, weights, ("good", "inverted")).row(0, named=True)
-    assert ev[c.AGREEMENT] == 1.0  # both scored signals back chosen; the unscored one is left out
-    assert ev[c.STRENGTH_MEAN] == pytest.approx(2.0)  # (1·2 + 3·2) / 4
-    assert ev[c.STRENGTH_STD] == pytest.approx(0.0)
-    assert ev[c.CONSISTENCY] == pytest.approx(1.0)  # ranks agree once the inverted one is flipped
+    assert ev[columns.AGREEMENT] == 1.0  # both scored signals back chosen; the unscored one is left out
+    assert ev[columns.STRENGTH_MEAN] == pytest.approx(2.0)  # (1·2 + 3·2) / 4
+    assert ev[columns.STRENGTH_STD] == pytest.approx(0.0)
+    assert ev[columns.CONSISTENCY] == pytest.approx(1.0)  # ranks agree once the inverted one is flipped
     plain = evidence(scores, picked, ["good", "inverted"], None).row(0, named=True)
-    assert plain[c.AGREEMENT] == 0.5 and plain[c.STRENGTH_MEAN] == pytest.approx(0.0)
+    assert plain[columns.AGREEMENT] == 0.5 and plain[columns.STRENGTH_MEAN] == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("weight", [math.inf, math.nan])
@@ -109,9 +120,11 @@ def test_zero_weight_keeps_a_column_out_of_the_vote() -> None:
     scores = frame({"a": [2.0, 1.0], "b": [0.0, 5.0]}, ["p", "p"])
     aggregation = Aggregation({"a": 1.0, "b": 0.0})
     assert agg_of(scores, aggregation) == [2.0, 1.0]  # one voting signal: its own units
-    picked = pl.DataFrame({c.PROMPT_ID: ["p"], f"{c.RESPONSE_ID}_c": ["p-0"], c.RESPONSE_ID: ["p-1"]})
+    picked = pl.DataFrame(
+        {columns.PROMPT_ID: ["p"], f"{columns.RESPONSE_ID}_c": ["p-0"], columns.RESPONSE_ID: ["p-1"]}
+    )
     ev = evidence(scores, picked, aggregation, None).row(0, named=True)
-    assert ev[c.AGREEMENT] == 1.0 and ev[c.STRENGTH_MEAN] == pytest.approx(2.0)
+    assert ev[columns.AGREEMENT] == 1.0 and ev[columns.STRENGTH_MEAN] == pytest.approx(2.0)
 
 
 def test_logistic_fit_matches_the_optimality_condition() -> None:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import (
     BleuConfig,
     FilePrompts,
@@ -31,16 +31,17 @@ from schemas.recipe import (
     load_recipe,
 )
 from schemas.records import PROMPTS, RESPONSES, pairs_schema
-from steps import judges
 from steps.engines import Failed, ModelSpecError, SamplingParams, load_engine
 from steps.engines.base import Completion, Conversation, Message, OptionRequest
 from steps.engines.context import fit_prompt, truncated
 from steps.labelers import judge_pointwise
+from steps.labelers import judging as judges
 from steps.labelers.base import Labeler, PromptGroup, Score
 from steps.labelers.bleu import BleuLabeler
 from steps.labelers.checks import preflight
-from steps.pairing import judge_candidates, make_pairs
-from steps.prompts import PromptSourceError, check_prompts, load_prompts
+from steps.pairing.pairs import judge_candidates, make_pairs
+from steps.prompts.normalise import check_prompts, load_prompts
+from steps.prompts.sources import PromptSourceError
 from steps.sampling import sample_table, sampling_params
 from tests.conftest import ROOT, FakeEngine, make_recipe
 from tests.test_labeling import responses, with_refs
@@ -65,7 +66,7 @@ def drops_of(rows: list[object], tmp_path: Path) -> tuple[pa.Table, dict[str, in
 
 
 def user(text: str) -> Message:
-    return {c.ROLE: "user", c.CONTENT: text}
+    return {columns.ROLE: "user", columns.CONTENT: text}
 
 
 # ----------------------------------------------------------------- 1. empty prompt
@@ -182,7 +183,7 @@ def test_unknown_role_in_messages(tmp_path: Path) -> None:
 
 def words(conversation: Sequence[Message]) -> list[int]:
     """A toy tokenizer: one token per word plus two per message for the template."""
-    return [0] * sum(len(m[c.CONTENT].split()) + 2 for m in conversation)
+    return [0] * sum(len(m[columns.CONTENT].split()) + 2 for m in conversation)
 
 
 LONG_CHAT: list[Message] = [
@@ -248,11 +249,11 @@ def test_prompt_longer_than_the_model_context() -> None:
             pa.Table.from_pylist(
                 [
                     {
-                        c.PROMPT_ID: "long",
-                        c.MESSAGES: LONG_CHAT,
-                        c.REFERENCES: ["alpha beta"],
-                        c.SOURCE: "t",
-                        c.SOURCE_ROW: 1,
+                        columns.PROMPT_ID: "long",
+                        columns.MESSAGES: LONG_CHAT,
+                        columns.REFERENCES: ["alpha beta"],
+                        columns.SOURCE: "t",
+                        columns.SOURCE_ROW: 1,
                     }
                 ],
                 schema=PROMPTS,
@@ -262,7 +263,7 @@ def test_prompt_longer_than_the_model_context() -> None:
     dropping = make_recipe(sampling={"n": 2, "max_tokens": 8})
     table, stats = sample_table(prompts, TruncatingEngine(34), sampling_params(dropping), seed=0)
     assert stats.drops == {"prompt_too_long": 1} and "truncate_left" in stats.examples["prompt_too_long"]
-    assert set(table.column(c.PROMPT_ID).to_pylist()) == {prompts.column(c.PROMPT_ID)[0].as_py()}
+    assert set(table.column(columns.PROMPT_ID).to_pylist()) == {prompts.column(columns.PROMPT_ID)[0].as_py()}
 
     recipe = make_recipe(sampling={"n": 2, "max_tokens": 8, "too_long": "truncate_left"})
     engine = TruncatingEngine(34)
@@ -271,25 +272,25 @@ def test_prompt_longer_than_the_model_context() -> None:
     dropped = {
         pid: k
         for pid, k in zip(
-            *resp.select([c.PROMPT_ID, c.PROMPT_TURNS_DROPPED]).to_pydict().values(), strict=True
+            *resp.select([columns.PROMPT_ID, columns.PROMPT_TURNS_DROPPED]).to_pydict().values(), strict=True
         )
     }
-    assert dropped == {prompts.column(c.PROMPT_ID)[0].as_py(): 0, "long": 2}
+    assert dropped == {prompts.column(columns.PROMPT_ID)[0].as_py(): 0, "long": 2}
 
     class Recorder(Labeler):
         signal = "bleu"
         contexts: ClassVar[list[list[Message]]] = []
 
         def score_prompt(self, group: PromptGroup) -> list[Score]:
-            self.contexts.append(group.prompt[c.MESSAGES])
+            self.contexts.append(group.prompt[columns.MESSAGES])
             return [Score(float(len(t))) for t in group.responses]
 
     labels, _ = Recorder().label(prompts, resp)
     assert Recorder.contexts[1] == truncated(LONG_CHAT, 2)  # labelers read what the policy answered
     pairs, _ = make_pairs(prompts, resp, labels, recipe)
     assert pairs.schema == pairs_schema(["bleu"])
-    row = {r[c.PROMPT_ID]: r for r in pairs.to_pylist()}["long"]
-    assert row[c.PROMPT] == truncated(LONG_CHAT, 2) and row[c.PROMPT_TURNS_DROPPED] == 2
+    row = {r[columns.PROMPT_ID]: r for r in pairs.to_pylist()}["long"]
+    assert row[columns.PROMPT] == truncated(LONG_CHAT, 2) and row[columns.PROMPT_TURNS_DROPPED] == 2
 
 
 @pytest.mark.model
@@ -337,9 +338,9 @@ def test_duplicate_prompt_ids(tmp_path: Path) -> None:
     table, stats = load_prompts(jsonl(tmp_path / "p.jsonl", rows))
     assert table.num_rows == 2 and dict(stats.drops) == {"duplicate_prompt": 3}
     assert stats.examples["duplicate_prompt"] == "row 2: same conversation as row 1"
-    ids = table.column(c.PROMPT_ID).to_pylist()
+    ids = table.column(columns.PROMPT_ID).to_pylist()
     assert len(set(ids)) == len(ids)
-    assert table.column(c.SOURCE_ROW).to_pylist() == [1, 4]  # the first occurrence is the one kept
+    assert table.column(columns.SOURCE_ROW).to_pylist() == [1, 4]  # the first occurrence is the one kept
 
 
 # ----------------------------------------------------------------- 7. non-UTF-8 bytes
@@ -354,7 +355,7 @@ def test_non_utf8_bytes_in_a_prompts_file(tmp_path: Path) -> None:
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n{"prompt": "second"}\n')
     table, _ = load_prompts(FilePrompts(source="file", uri=str(bom)))
-    assert table.column(c.MESSAGES).to_pylist()[0] == [user("first")]
+    assert table.column(columns.MESSAGES).to_pylist()[0] == [user("first")]
     # Valid UTF-8 JSON can still escape an unpaired surrogate: that row is dropped, not a crash later.
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text('{"prompt": "bad \\ud800 text"}\n{"prompt": "fine"}\n', encoding="utf-8")
@@ -429,8 +430,8 @@ def test_nan_or_inf_from_a_labeler(monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = prompts_table(["p"])
     resp = responses(prompts, ["a", "b", "c", "d", "e"])
     labels, stats = NonFinite().label(prompts, resp)
-    assert labels.column(c.SCORE).to_pylist() == [None, None, None, 1.0, 2.0]
-    assert labels.column(c.REASON).to_pylist()[:3] == ["non_finite_score"] * 3
+    assert labels.column(columns.SCORE).to_pylist() == [None, None, None, 1.0, 2.0]
+    assert labels.column(columns.REASON).to_pylist()[:3] == ["non_finite_score"] * 3
     assert dict(stats.drops) == {"non_finite_score": 3}
     pairs, _ = make_pairs(prompts, resp, labels, make_recipe())
     assert pairs.num_rows == 1
@@ -460,7 +461,7 @@ def test_nan_or_inf_from_a_labeler(monkeypatch: pytest.MonkeyPatch) -> None:
 
     pair_stats = StageStats("pairing")
     judged = judge_candidates(pairs, PolicyConfig(), pair_stats)
-    assert judged.column(c.JUDGE_P_CHOSEN).to_pylist() == [None]
+    assert judged.column(columns.JUDGE_P_CHOSEN).to_pylist() == [None]
     assert pair_stats.counts["pair_judge_failed:non_finite_verdict"] == 1
 
 
@@ -501,9 +502,11 @@ def test_unparseable_judge_output(monkeypatch: pytest.MonkeyPatch) -> None:
         prompts, responses(prompts, ["one", "two"])
     )
     first, second = labels.to_pylist()
-    assert first[c.SCORE] == 4.0 and first[c.REASON] is None  # the mean of the parsed verdicts only
-    assert json.loads(first[c.DETAILS])["ratings"] == [4, None, None]
-    assert second[c.SCORE] is None and second[c.REASON] == "judge_unparseable"
+    assert (
+        first[columns.SCORE] == 4.0 and first[columns.REASON] is None
+    )  # the mean of the parsed verdicts only
+    assert json.loads(first[columns.DETAILS])["ratings"] == [4, None, None]
+    assert second[columns.SCORE] is None and second[columns.REASON] == "judge_unparseable"
     assert dict(stats.drops) == {"judge_unparseable": 1}
     assert stats.counts["judgement_unparseable"] == 5  # every unreadable verdict is counted
 
@@ -518,12 +521,12 @@ def test_missing_references_for_bleu(tmp_path: Path) -> None:
         {"prompt": "c", "references": "ref"},
     ]
     loaded, _ = load_prompts(jsonl(tmp_path / "p.jsonl", rows))
-    assert loaded.column(c.REFERENCES).to_pylist() == [[], [], ["ref"]]
-    prompts = with_refs(prompts_table(["a", "b", "c"]), loaded.column(c.REFERENCES).to_pylist())
+    assert loaded.column(columns.REFERENCES).to_pylist() == [[], [], ["ref"]]
+    prompts = with_refs(prompts_table(["a", "b", "c"]), loaded.column(columns.REFERENCES).to_pylist())
     labels, stats = BleuLabeler(BleuConfig()).label(prompts, responses(prompts, ["ref", "x"]))
-    scores = labels.column(c.SCORE).to_pylist()
+    scores = labels.column(columns.SCORE).to_pylist()
     assert scores[:4] == [None] * 4 and scores[4] == 100.0
-    assert labels.column(c.REASON).to_pylist()[:4] == ["no_references"] * 4
+    assert labels.column(columns.REASON).to_pylist()[:4] == ["no_references"] * 4
     assert dict(stats.drops) == {"no_references": 4}
 
 

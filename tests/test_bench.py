@@ -141,8 +141,8 @@ def test_distilabel_prefs_counts_unparsed_and_misaligned_ratings_against_the_jud
 
 
 def test_distilabel_prefs_feeds_both_judges_the_same_triples_in_the_same_order(tmp_path: Path) -> None:
-    from flows.eval_labelers import chosen_first, read_pairs
     from schemas.recipe import Recipe
+    from steps.quality.pairs_file import chosen_first, read_pairs
 
     cfg = {"model": "smollm2-135m-instruct", "n_ctx": 4096, "threads": 2, "n": 4, "temperature": 0.8,
            "top_p": 0.95, "max_tokens": 128}  # fmt: skip

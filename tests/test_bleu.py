@@ -1,4 +1,4 @@
-"""Tests for steps.bleu: the tokenizer and the sacrebleu flavour against sacrebleu itself,
+"""Tests for steps.labelers.bleu_score: the tokenizer and the sacrebleu flavour against sacrebleu itself,
 the BLEUBERI flavour against hand-worked arithmetic."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from steps.bleu import BleuScorer, bleuberi_bleu, sacrebleu_bleu, tokenize_13a
+from steps.labelers.bleu_score import BleuScorer, bleuberi_bleu, sacrebleu_bleu, tokenize_13a
 
 ScoreFn = Callable[[str, Sequence[str]], float]
 

@@ -13,19 +13,19 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import kendalltau
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import ConsistencyConfig
 from schemas.records import SchemaMismatch, conform, dropped_schema, pairs_schema
-from steps.base import read_table, write_table
-from steps.consistency import (
+from steps.pairing.consistency import (
     ambiguous_threshold,
     apply_rules,
     consistency_stage,
     evidence,
     kendall_consistency,
 )
-from steps.pairing import make_pairs
-from steps.publish import publish
+from steps.pairing.pairs import make_pairs
+from steps.publish.release import publish
+from steps.run.files import read_table, write_table
 from tests.conftest import make_recipe
 from tests.test_labeling import responses
 from tests.test_pairing import labels_for
@@ -37,7 +37,7 @@ SIGNALS3 = [{"kind": "bleu", "name": n} for n in ("s1", "s2", "s3")]
 def scores_frame(values: dict[str, list[float | None]], prompt: str = "p") -> pl.DataFrame:
     n = len(next(iter(values.values())))
     return pl.DataFrame(
-        {c.PROMPT_ID: [prompt] * n, c.RESPONSE_ID: [f"{prompt}-{i}" for i in range(n)], **values},
+        {columns.PROMPT_ID: [prompt] * n, columns.RESPONSE_ID: [f"{prompt}-{i}" for i in range(n)], **values},
         schema_overrides={k: pl.Float64 for k in values},
     )
 
@@ -48,7 +48,11 @@ def test_rank_consistency_matches_scipy_kendall_tau_b(seed: int) -> None:
     n = rng.randint(2, 8)
     a = [float(rng.randint(0, 3)) for _ in range(n)]  # small range: plenty of ties
     b = [float(rng.randint(0, 3)) for _ in range(n)]
-    got = kendall_consistency(scores_frame({"a": a, "b": b}), "a", "b").get_column(c.CONSISTENCY).to_list()
+    got = (
+        kendall_consistency(scores_frame({"a": a, "b": b}), "a", "b")
+        .get_column(columns.CONSISTENCY)
+        .to_list()
+    )
     tau = kendalltau(a, b).statistic
     if math.isnan(tau):
         assert got == [None]
@@ -58,17 +62,19 @@ def test_rank_consistency_matches_scipy_kendall_tau_b(seed: int) -> None:
 
 def test_rank_consistency_ignores_missing_scores_and_edges() -> None:
     frame = scores_frame({"a": [1.0, 2.0, 3.0, None], "b": [3.0, 2.0, 1.0, 5.0]})
-    assert kendall_consistency(frame, "a", "b").get_column(c.CONSISTENCY).to_list() == [
+    assert kendall_consistency(frame, "a", "b").get_column(columns.CONSISTENCY).to_list() == [
         0.0
     ]  # perfectly reversed
     same = scores_frame({"a": [1.0, 2.0], "b": [1.0, 2.0]})
-    assert kendall_consistency(same, "a", "b").get_column(c.CONSISTENCY).to_list() == [1.0]
+    assert kendall_consistency(same, "a", "b").get_column(columns.CONSISTENCY).to_list() == [1.0]
     single = scores_frame({"a": [1.0, None], "b": [1.0, 2.0]})
     assert kendall_consistency(single, "a", "b").height == 0  # fewer than two jointly scored: no value
 
 
 def picked_frame(chosen: str, rejected: str) -> pl.DataFrame:
-    return pl.DataFrame({c.PROMPT_ID: ["p"], f"{c.RESPONSE_ID}_c": [chosen], c.RESPONSE_ID: [rejected]})
+    return pl.DataFrame(
+        {columns.PROMPT_ID: ["p"], f"{columns.RESPONSE_ID}_c": [chosen], columns.RESPONSE_ID: [rejected]}
+    )
 
 
 def test_evidence_agreement_strength_and_soft_label() -> None:
@@ -77,22 +83,24 @@ def test_evidence_agreement_strength_and_soft_label() -> None:
         0, named=True
     )
     z1 = 1.224744871391589 * 2  # z(3) - z(1) for 1,2,3
-    assert ev[c.AGREEMENT] == pytest.approx(1 / 3)  # s1 prefers chosen, s2 rejects, s3 ties
-    assert ev[c.STRENGTH_MEAN] == pytest.approx((z1 - z1 + 0) / 3)
-    assert ev[c.STRENGTH_STD] == pytest.approx(math.sqrt((z1**2 + z1**2) / 3))
-    assert ev[c.CONSISTENCY] == pytest.approx(0.0)
-    assert ev[c.P_CHOSEN] == pytest.approx(0.5)
+    assert ev[columns.AGREEMENT] == pytest.approx(1 / 3)  # s1 prefers chosen, s2 rejects, s3 ties
+    assert ev[columns.STRENGTH_MEAN] == pytest.approx((z1 - z1 + 0) / 3)
+    assert ev[columns.STRENGTH_STD] == pytest.approx(math.sqrt((z1**2 + z1**2) / 3))
+    assert ev[columns.CONSISTENCY] == pytest.approx(0.0)
+    assert ev[columns.P_CHOSEN] == pytest.approx(0.5)
 
 
 def test_evidence_with_a_single_or_missing_signal() -> None:
     ev = evidence(scores_frame({"s1": [2.0, 1.0]}), picked_frame("p-0", "p-1"), ["s1"], None).row(
         0, named=True
     )
-    assert ev[c.AGREEMENT] == 1.0 and ev[c.STRENGTH_STD] == 0.0 and ev[c.CONSISTENCY] is None
-    assert ev[c.P_CHOSEN] == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert (
+        ev[columns.AGREEMENT] == 1.0 and ev[columns.STRENGTH_STD] == 0.0 and ev[columns.CONSISTENCY] is None
+    )
+    assert ev[columns.P_CHOSEN] == pytest.approx(1 / (1 + math.exp(-2.0)))
     missing = scores_frame({"s1": [2.0, 1.0], "s2": [None, None]})
     ev = evidence(missing, picked_frame("p-0", "p-1"), ["s1", "s2"], None).row(0, named=True)
-    assert ev[c.AGREEMENT] == 1.0 and ev[c.STRENGTH_MEAN] == pytest.approx(
+    assert ev[columns.AGREEMENT] == 1.0 and ev[columns.STRENGTH_MEAN] == pytest.approx(
         2.0
     )  # s2 is left out, not counted as 0
 
@@ -121,17 +129,17 @@ def with_column(table: pa.Table, name: str, values: list[object]) -> pa.Table:
 def test_rules_each_drop_with_their_own_reason() -> None:
     rows = [{"s1": [4.0, 1.0, 2.0, 3.0], "s2": [4.0, 1.0, 2.0, 3.0], "s3": [4.0, 1.0, 2.0, 3.0]}] * 3
     pairs, config = candidate_pairs(rows)
-    assert pairs.column(c.AGREEMENT).to_pylist() == [1.0, 1.0, 1.0]
+    assert pairs.column(columns.AGREEMENT).to_pylist() == [1.0, 1.0, 1.0]
     # With equal weights the aggregate margin and strength_mean coincide; set the evidence directly.
     pairs = with_column(
-        with_column(pairs, c.AGREEMENT, [1.0, 2 / 3, 1 / 3]), c.STRENGTH_MEAN, [1.0, 0.0, -0.5]
+        with_column(pairs, columns.AGREEMENT, [1.0, 2 / 3, 1 / 3]), columns.STRENGTH_MEAN, [1.0, 0.0, -0.5]
     )
     kept, dropped, stats, _ = apply_rules(
         pairs, config.consistency, config.signals
     )  # default: mislabeled only
     assert dict(stats.drops) == {"likely_mislabeled": 2} and kept.num_rows == 1  # 0.0 is on the dropped side
     kept, dropped, stats, _ = apply_rules(pairs, rules(config, min_agree=3), config.signals)
-    assert dropped.column(c.DROP_REASON).to_pylist() == [
+    assert dropped.column(columns.DROP_REASON).to_pylist() == [
         "sign_disagreement",
         "sign_disagreement",
     ]  # first rule wins
@@ -143,16 +151,16 @@ def test_rules_each_drop_with_their_own_reason() -> None:
 def test_pairing_computes_agreement_from_raw_directions() -> None:
     rows = [{"s1": [4.0, 1.0, 2.0, 3.0], "s2": [1.0, 4.0, 2.0, 3.0], "s3": [4.0, 1.0, 2.0, 3.0]}]
     pairs, _ = candidate_pairs(rows)
-    assert pairs.column(c.AGREEMENT).to_pylist() == [pytest.approx(2 / 3)]
-    assert pairs.column(c.STRENGTH_MEAN).to_pylist()[0] == pytest.approx(
-        pairs.column(c.MARGIN).to_pylist()[0]
+    assert pairs.column(columns.AGREEMENT).to_pylist() == [pytest.approx(2 / 3)]
+    assert pairs.column(columns.STRENGTH_MEAN).to_pylist()[0] == pytest.approx(
+        pairs.column(columns.MARGIN).to_pylist()[0]
     )
 
 
 def test_ambiguous_threshold_and_quantile() -> None:
     rows = [{"s1": [float(k), 0.0, 0.0, 0.0]} for k in (1, 2, 3, 4)]
     pairs, config = candidate_pairs(rows)
-    strengths = pairs.column(c.STRENGTH_MEAN).to_pylist()
+    strengths = pairs.column(columns.STRENGTH_MEAN).to_pylist()
     assert len(set(strengths)) == 1  # z-scores: one winner of four always scores the same
     below = rules(config, ambiguous_below=strengths[0] + 1e-9)
     assert dict(apply_rules(pairs, below, config.signals)[2].drops) == {"ambiguous": 4}
@@ -162,11 +170,13 @@ def test_ambiguous_threshold_and_quantile() -> None:
     pairs, config = candidate_pairs(rows)
     quantile = rules(config, ambiguous_quantile=0.5)
     kept, dropped, _, _ = apply_rules(pairs, quantile, config.signals)
-    assert kept.num_rows == 2 and set(dropped.column(c.DROP_REASON).to_pylist()) <= {
+    assert kept.num_rows == 2 and set(dropped.column(columns.DROP_REASON).to_pylist()) <= {
         "ambiguous",
         "likely_mislabeled",
     }
-    assert min(kept.column(c.STRENGTH_MEAN).to_pylist()) >= max(dropped.column(c.STRENGTH_MEAN).to_pylist())
+    assert min(kept.column(columns.STRENGTH_MEAN).to_pylist()) >= max(
+        dropped.column(columns.STRENGTH_MEAN).to_pylist()
+    )
 
 
 def test_a_zero_floor_still_counts_under_the_quantile_cut() -> None:
@@ -187,31 +197,33 @@ def test_rank_consistency_rule_and_swap_rule() -> None:
     pairs, config = candidate_pairs(
         rows, consistency={"rank_signals": ["a", "b"], "min_rank_consistency": 0.6}
     )
-    assert pairs.column(c.CONSISTENCY).to_pylist() == pytest.approx([1.0, 0.5])
+    assert pairs.column(columns.CONSISTENCY).to_pylist() == pytest.approx([1.0, 0.5])
     kept, dropped, _, _ = apply_rules(pairs, config.consistency, config.signals)
-    assert kept.num_rows == 1 and dropped.column(c.DROP_REASON).to_pylist() == ["rank_inconsistent"]
+    assert kept.num_rows == 1 and dropped.column(columns.DROP_REASON).to_pylist() == ["rank_inconsistent"]
     judged = pairs.set_column(
-        pairs.schema.get_field_index(c.JUDGE_SWAP_AGREE),
-        c.JUDGE_SWAP_AGREE,
+        pairs.schema.get_field_index(columns.JUDGE_SWAP_AGREE),
+        columns.JUDGE_SWAP_AGREE,
         pa.array([True, None], pa.bool_()),
     )
     swap = config.consistency.model_copy(
         update={"require_swap_agreement": True, "min_rank_consistency": None}
     )
     kept, dropped, _, _ = apply_rules(judged, swap, config.signals)
-    assert kept.num_rows == 1 and dropped.column(c.DROP_REASON).to_pylist() == ["judge_swap_disagreement"]
+    assert kept.num_rows == 1 and dropped.column(columns.DROP_REASON).to_pylist() == [
+        "judge_swap_disagreement"
+    ]
 
 
 def test_length_guard_and_report() -> None:
     rows = [{"s1": [4.0, 1.0, 2.0, 3.0]}] * 3
     texts = ["a much much longer answer " * 5, "short", "mid", "other"]
     pairs, config = candidate_pairs(rows, texts)  # chosen: the long text (5x+ longer than "short")
-    pairs = with_column(pairs, c.AGREEMENT, [0.5, 1.0, 0.99])
+    pairs = with_column(pairs, columns.AGREEMENT, [0.5, 1.0, 0.99])
     guard = rules(config, length_guard={"max_ratio": 2.0, "unless_agreement": 1.0})
     kept, dropped, _, report = apply_rules(pairs, guard, config.signals)
     # only unanimous signals may keep a pair whose chosen is much longer
-    assert dropped.column(c.DROP_REASON).to_pylist() == ["length_only", "length_only"]
-    assert kept.column(c.AGREEMENT).to_pylist() == [1.0]
+    assert dropped.column(columns.DROP_REASON).to_pylist() == ["length_only", "length_only"]
+    assert kept.column(columns.AGREEMENT).to_pylist() == [1.0]
     assert (
         apply_rules(pairs, rules(config, length_guard={"max_ratio": 100.0}), config.signals)[0].num_rows == 3
     )
@@ -220,9 +232,11 @@ def test_length_guard_and_report() -> None:
 
 def test_identical_pairs_are_dropped_even_if_pairing_let_one_through() -> None:
     pairs, config = candidate_pairs([{"s1": [2.0, 1.0, 0.0, 0.0]}])
-    same = pairs.set_column(pairs.schema.get_field_index(c.REJECTED), c.REJECTED, pairs.column(c.CHOSEN))
+    same = pairs.set_column(
+        pairs.schema.get_field_index(columns.REJECTED), columns.REJECTED, pairs.column(columns.CHOSEN)
+    )
     _, dropped, _, _ = apply_rules(same, config.consistency, config.signals)
-    assert dropped.column(c.DROP_REASON).to_pylist() == ["identical_pair"]
+    assert dropped.column(columns.DROP_REASON).to_pylist() == ["identical_pair"]
 
 
 def test_dropped_config_loads_and_card_has_pictures(tmp_path: Path) -> None:
@@ -261,7 +275,7 @@ def test_dropped_config_loads_and_card_has_pictures(tmp_path: Path) -> None:
     assert manifest["splits"] == {"train": 1, "dropped": 1}
     assert datasets.load_dataset(str(out), split="train").num_rows == 1
     dropped_ds = datasets.load_dataset(str(out), "dropped", split="train")
-    assert dropped_ds[0][c.DROP_REASON] == "sign_disagreement"
+    assert dropped_ds[0][columns.DROP_REASON] == "sign_disagreement"
     card = (out / "README.md").read_text()
     for name in ("funnel", "signals", "agreement", "margins", "length_vs_score"):
         png = out / "runs" / manifest["run_id"] / "images" / f"{name}.png"
@@ -321,7 +335,9 @@ def test_stage_over_many_shards_equals_rules_over_the_concatenation(
 
     want_kept, want_dropped, want_stats, want_report = apply_rules(pairs, config.consistency, config.signals)
     assert want_kept.num_rows and want_dropped.num_rows  # the case exercises both files
-    assert len(set(want_dropped.column(c.DROP_REASON).to_pylist())) >= 2 or consistency.get("ambiguous_below")
+    assert len(set(want_dropped.column(columns.DROP_REASON).to_pylist())) >= 2 or consistency.get(
+        "ambiguous_below"
+    )
     schema, dschema = pairs_schema(config.signals), dropped_schema(config.signals)
     # Same rows in the same order (shard order, then row order), and the same numbers.
     assert read_table(kept_uri, schema).equals(conform(want_kept, schema, "kept"))
@@ -352,23 +368,23 @@ def test_stage_writes_through_fsspec_and_checks_the_contract(tmp_path: Path) -> 
     assert kept.num_rows == stats.rows_out and kept.num_rows + dropped.num_rows == 6
     # A shard missing a contract column is an error naming it, even in the numbers-only first pass.
     broken = str(tmp_path / "broken.parquet")
-    pq.write_table(pairs.drop_columns([c.MARGIN]), broken)
+    pq.write_table(pairs.drop_columns([columns.MARGIN]), broken)
     quantile = make_recipe(labelers=SIGNALS3, consistency={"ambiguous_quantile": 0.5})
-    with pytest.raises(SchemaMismatch, match=f"missing column.*{c.MARGIN}"):
+    with pytest.raises(SchemaMismatch, match=f"missing column.*{columns.MARGIN}"):
         consistency_stage(quantile, [*uris, broken], str(tmp_path / "k.parquet"), str(tmp_path / "d.parquet"))
 
 
 def test_length_report_sees_a_shorter_chosen_as_shorter() -> None:
     """len_chars is unsigned: chosen − rejected must go negative, not wrap to 4e9 (it did, and read 100% longer)."""
-    from steps.consistency import length_report
+    from steps.pairing.consistency import length_report
 
     def side(text: str) -> list[dict[str, str]]:
         return [{"role": "assistant", "content": text}]
 
     frame = pl.DataFrame({
-        c.CHOSEN: [side("short"), side("a much longer answer"), side("tiny")],
-        c.REJECTED: [side("a longer rejected one"), side("x"), side("a bit longer")],
-        c.MARGIN: [1.0, 2.0, 3.0],
+        columns.CHOSEN: [side("short"), side("a much longer answer"), side("tiny")],
+        columns.REJECTED: [side("a longer rejected one"), side("x"), side("a bit longer")],
+        columns.MARGIN: [1.0, 2.0, 3.0],
     })  # fmt: skip
     report = length_report(frame)
     assert report["chosen_longer_share"] == pytest.approx(1 / 3)

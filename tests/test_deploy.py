@@ -28,8 +28,9 @@ import pytest
 import yaml
 
 from flows.build_prefs import build_prefs
-from schemas.recipe import LockSettings
-from steps import faults, resume, work_gc, writer
+from schemas.locks import LockSettings
+from steps.publish import writer
+from steps.run import faults, resume, work_gc
 from tests.conftest import ROOT
 from tests.test_end_to_end import free_port
 from tests.test_faults import tiny_model  # noqa: F401  (a fixture, used by name)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
 
-from schemas import columns as c
+from schemas import columns
 from tests.conftest import ROOT, smollm2_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.model
@@ -142,17 +142,17 @@ def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, ob
     ]
     # The default recipe pairs finished answers only (pairing.finished_only).
     finished = {
-        row[c.RESPONSE_ID]
+        row[columns.RESPONSE_ID]
         for shard in sorted((out / ".work" / "sampling").glob("*.data.parquet"))
-        for row in pq.read_table(shard, columns=[c.RESPONSE_ID, c.TRUNCATED]).to_pylist()
-        if not row[c.TRUNCATED]
+        for row in pq.read_table(shard, columns=[columns.RESPONSE_ID, columns.TRUNCATED]).to_pylist()
+        if not row[columns.TRUNCATED]
     }
     by_prompt: dict[str, set[float]] = {}
     n_finished: dict[str, set[str]] = {}
     for label in labels:
-        if label[c.SCORE] is not None and label[c.RESPONSE_ID] in finished:
-            by_prompt.setdefault(label[c.PROMPT_ID], set()).add(label[c.SCORE])
-            n_finished.setdefault(label[c.PROMPT_ID], set()).add(label[c.RESPONSE_ID])
+        if label[columns.SCORE] is not None and label[columns.RESPONSE_ID] in finished:
+            by_prompt.setdefault(label[columns.PROMPT_ID], set()).add(label[columns.SCORE])
+            n_finished.setdefault(label[columns.PROMPT_ID], set()).add(label[columns.RESPONSE_ID])
     varied = {pid for pid, scores in by_prompt.items() if len(scores) > 1 and len(n_finished[pid]) > 1}
     kept = set(datasets.load_dataset(str(out), split="train")["prompt_id"])
     manifest = json.loads((out / "manifest.json").read_text())
@@ -164,7 +164,7 @@ def test_one_pair_per_prompt_whose_samples_scored_differently(runs: dict[str, ob
     assert not kept & dropped  # one candidate pair per prompt, in exactly one config
     assert varied and varied <= kept | dropped
     # ... and every prompt without two finished answers is counted under its own reason.
-    prompts = {label[c.PROMPT_ID] for label in labels}
+    prompts = {label[columns.PROMPT_ID] for label in labels}
     short = {pid for pid in prompts if len(n_finished.get(pid, ())) < 2}
     drops = manifest["stats"]["stages"]["pairing"]["drops"]
     assert drops.get("fewer_than_two_finished", 0) == len(short)

@@ -168,7 +168,7 @@ def test_llama_cpp_batched_truncate_left_and_no_tokens_counted(llama: object) ->
     params = SamplingParams(n=2, temperature=0.8, top_p=0.95, max_tokens=300, too_long="truncate_left")
     before = engine.tokens_processed
     [completions] = engine.generate([old], params, [7])
-    assert engine.tokens_processed == before  # generation is not scoring (steps/cost.py reads it)
+    assert engine.tokens_processed == before  # generation is not scoring (steps/publish/cost.py reads it)
     for completion in completions:
         assert completion.prompt_turns_dropped == 2
         assert completion.prompt_tokens + completion.num_tokens <= 512
@@ -413,7 +413,7 @@ def test_trie_scoring_equals_a_plain_forward_per_request(
 @pytest.mark.model
 def test_every_distinct_prefix_runs_exactly_once() -> None:
     """tokens_processed equals the number of distinct token prefixes: nothing shared is recomputed."""
-    from steps import judges
+    from steps.labelers import judging as judges
 
     hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))
     requests = _mixed_requests()
@@ -439,8 +439,8 @@ def test_every_distinct_prefix_runs_exactly_once() -> None:
 @pytest.mark.model
 def test_llama_cpp_reads_judge_options_like_transformers() -> None:
     """Every engine is an ``Engine``: a judge on llama.cpp reads the same rating probabilities."""
-    from steps import judges
     from steps.engines import Engine
+    from steps.labelers import judging as judges
 
     llama = load_engine(PolicyConfig(n_ctx=2048, n_threads=2))
     hf = load_engine(PolicyConfig(engine="transformers", device="cpu"))

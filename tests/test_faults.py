@@ -2,7 +2,7 @@
 
 The run is the real thing (CLI, Prefect's temporary server, transformers engine,
 Parquet files) on a tiny random model so it takes seconds per run. The kills land
-at named checkpoints (``steps.faults``) and take the whole process group down,
+at named checkpoints (``steps.run.faults``) and take the whole process group down,
 Prefect's server included, as a lost machine would.
 """
 
@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from schemas import columns as c
-from steps import faults, resume, writer
+from schemas import columns
+from steps.publish import writer
+from steps.run import faults, resume
 from tests.conftest import ROOT, smollm2_tokenizer, tiny_llama
 
 pytestmark = pytest.mark.model
@@ -101,7 +102,7 @@ def dataset(out: Path) -> dict[str, list[dict[str, Any]]]:
     for entry in manifest["files"]:
         split = entry["path"].rsplit("/", 1)[-1].split("-", 1)[0]
         splits[split] += pq.read_table(out / entry["path"]).to_pylist()
-    return {name: sorted(rows, key=lambda r: r[c.PROMPT_ID]) for name, rows in splits.items()}
+    return {name: sorted(rows, key=lambda r: r[columns.PROMPT_ID]) for name, rows in splits.items()}
 
 
 def test_killed_anywhere_the_rerun_gives_the_uninterrupted_dataset_without_redoing_work(
@@ -136,7 +137,7 @@ def test_killed_anywhere_the_rerun_gives_the_uninterrupted_dataset_without_redoi
     assert all(final[p] == seen[p] for p in seen), "the final rerun redid finished shards"
     got = dataset(out)
     assert got == expected
-    ids = [r[c.PROMPT_ID] for r in got["train"] + got["dropped"]]
+    ids = [r[columns.PROMPT_ID] for r in got["train"] + got["dropped"]]
     assert len(ids) == len(set(ids)), "a prompt's pair appears twice"
     manifest = writer.verify(str(out))
     assert {p.name for p in (out / "runs").iterdir()} == {manifest["run_id"]}

@@ -13,8 +13,8 @@ import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from steps.hub import HfHubClient, HubAuthError, HubError, RetryPolicy, UploadFile, push_dataset
-from steps.publish import publish
+from steps.publish.hub import HfHubClient, HubAuthError, HubError, RetryPolicy, UploadFile, push_dataset
+from steps.publish.release import publish
 from tests.conftest import make_recipe
 from tests.test_writer import STATS, pair_shards
 

@@ -15,11 +15,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import BleuConfig, DensityRatioConfig, FollowUpConfig, PointwiseJudgeConfig
 from schemas.records import LABELS, PROMPTS, RESPONSES
-from steps import stages
-from steps.base import ShardResult, StageStats, read_table, write_table
+from steps.base import ShardResult, StageStats
 from steps.engines.base import (
     Failed,
     JointReader,
@@ -28,11 +27,13 @@ from steps.engines.base import (
     TokenScores,
     read_requests,
 )
-from steps.judges import SCORE_OPTIONS, SCORE_PREFILL, pointwise_prompt
 from steps.labelers import density_ratio, follow_up, judge_pointwise
 from steps.labelers.base import Plan, read_plans
 from steps.labelers.joint import label_jointly, passes
-from steps.resume import WorkArea, sha256_of
+from steps.labelers.judging import SCORE_OPTIONS, SCORE_PREFILL, pointwise_prompt
+from steps.run import stages
+from steps.run.files import read_table, write_table
+from steps.run.resume import WorkArea, sha256_of
 from tests.conftest import smollm2_tokenizer, tiny_llama
 from tests.test_labeling import responses as responses_table
 from tests.test_sampling import prompts_table
@@ -71,7 +72,7 @@ RESPONSES_TABLE = responses_table(PROMPTS_TABLE, ["Water it often and give it su
 
 
 def scores(table: pa.Table) -> dict[str, float | None]:
-    return dict(zip(table[c.RESPONSE_ID].to_pylist(), table[c.SCORE].to_pylist(), strict=True))
+    return dict(zip(table[columns.RESPONSE_ID].to_pylist(), table[columns.SCORE].to_pylist(), strict=True))
 
 
 def close(a: dict[str, float | None], b: dict[str, float | None]) -> bool:
@@ -158,8 +159,8 @@ def test_joint_scores_equal_separate_scores_with_fewer_tokens(shared: Any) -> No
     together = label_jointly(labelers, PROMPTS_TABLE, RESPONSES_TABLE)
     joint_tokens = shared.tokens_processed - before
     for alone, joint in zip(apart, together, strict=True):
-        assert alone[c.RESPONSE_ID].to_pylist() == joint.table[c.RESPONSE_ID].to_pylist()
-        assert alone[c.REASON].to_pylist() == joint.table[c.REASON].to_pylist()
+        assert alone[columns.RESPONSE_ID].to_pylist() == joint.table[columns.RESPONSE_ID].to_pylist()
+        assert alone[columns.REASON].to_pylist() == joint.table[columns.REASON].to_pylist()
         assert close(scores(alone), scores(joint.table))
     # The plain side of the density ratio is the prefix of every follow-up: it runs once now.
     assert joint_tokens < apart_tokens
@@ -199,7 +200,7 @@ def test_a_changed_labeler_recomputes_alone_and_equals_a_run_from_scratch(
 def test_label_keeps_one_part_per_labeler_and_the_cost_says_what_was_shared(
     shared: Any, tmp_path: Path
 ) -> None:
-    from steps.cost import cost_summary
+    from steps.publish.cost import cost_summary
     from tests.conftest import make_recipe
 
     recipe = make_recipe(labelers=[config.model_dump() for config in configs()])
@@ -208,7 +209,7 @@ def test_label_keeps_one_part_per_labeler_and_the_cost_says_what_was_shared(
         stored(RESPONSES_TABLE, RESPONSES, tmp_path / "r.parquet"),
     )
     labels = stages.label(recipe, WorkArea(str(tmp_path / "work")), *shard)
-    assert set(read_table(labels.uri, LABELS)[c.SIGNAL].to_pylist()) == {
+    assert set(read_table(labels.uri, LABELS)[columns.SIGNAL].to_pylist()) == {
         "density_ratio",
         "follow_up",
         "judge",

@@ -25,7 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from steps import lease, resume, work_gc, writer
+from steps.publish import writer
+from steps.run import lease, resume, work_gc
 from tests.conftest import ROOT
 from tests.test_faults import dataset, env, recipe, tiny_model  # noqa: F401  (fixtures, used by name)
 

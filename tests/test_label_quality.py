@@ -10,12 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.eval_labelers import LabelQualityError, PairsFileError, check_eval_sets, measure_recipe, read_pairs
 from schemas.recipe import EvalPairs, RecipeError, load_recipe
-from steps.card import render_card
-from steps.pairing import make_pairs
-from steps.resume import WorkArea
-from steps.writer import WrittenFile
+from steps.pairing.pairs import make_pairs
+from steps.publish.card import render_card
+from steps.publish.writer import WrittenFile
+from steps.quality.evaluate import LabelQualityError, measure_recipe
+from steps.quality.pairs_file import PairsFileError, check_eval_sets, read_pairs
+from steps.run.resume import WorkArea
 from tests.conftest import make_recipe
 from tests.test_labeling import responses
 from tests.test_pairing import labels_for
@@ -171,7 +172,7 @@ def test_prefect_summary_carries_the_label_quality_line() -> None:
 
 def test_cost_summary_adds_up_and_divides_by_kept_pairs() -> None:
     from steps.base import StageStats
-    from steps.cost import cost_summary
+    from steps.publish.cost import cost_summary
 
     sampling = StageStats("sampling", seconds=10.0)
     sampling.counts["tokens"] = 400

@@ -21,8 +21,10 @@ import fsspec
 import pytest
 
 from flows import build_prefs as bp
-from schemas.recipe import LockSettings, RecipeError, lock_settings
-from steps import lease
+from flows import cli
+from schemas.locks import LockSettings, lock_settings
+from schemas.recipe import RecipeError
+from steps.run import lease
 from tests.conftest import ROOT
 from tests.test_resume import write_recipe
 from tests.test_s3 import bucket, s3_endpoint  # noqa: F401  (fixtures, used by name)
@@ -201,7 +203,7 @@ def test_lock_options_are_validated_before_anything_runs(tmp_path: Path) -> None
     with pytest.raises(RecipeError, match="on_busy"):
         lock_settings(on_busy="sometimes")
     assert lock_settings(on_busy=None, expiry_s=None) == LockSettings()
-    code = bp.main(["--output", str(tmp_path / "o"), "--lock-expiry", "2", "--lock-renew", "1"])
+    code = cli.build_prefs_main(["--output", str(tmp_path / "o"), "--lock-expiry", "2", "--lock-renew", "1"])
     assert code == 2 and not (tmp_path / "o").exists()
 
 
@@ -212,7 +214,9 @@ def test_a_run_on_a_busy_output_with_on_busy_fail_stops_before_any_work(
     out = tmp_path / "out"
     other = lease.acquire(str(out), LockSettings(), "build-prefs another-run")
     try:
-        code = bp.main(["--recipe", write_recipe(tmp_path), "--output", str(out), "--on-busy", "fail"])
+        code = cli.build_prefs_main(
+            ["--recipe", write_recipe(tmp_path), "--output", str(out), "--on-busy", "fail"]
+        )
     finally:
         other.release()
     err = capsys.readouterr().err

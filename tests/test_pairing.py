@@ -8,10 +8,10 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from schemas import columns as c
+from schemas import columns
 from schemas.records import LABELS, pairs_schema
-from steps.aggregate import AGG, aggregate_scores
-from steps.pairing import make_pairs
+from steps.pairing.aggregate import AGG, aggregate_scores
+from steps.pairing.pairs import make_pairs
 from tests.conftest import make_recipe
 from tests.test_labeling import responses
 from tests.test_sampling import prompts_table
@@ -20,16 +20,16 @@ from tests.test_sampling import prompts_table
 def labels_for(resp: pa.Table, scores: dict[str, list[float | None]]) -> pa.Table:
     """Scores per signal, listed in response order."""
     rows = []
-    ids = resp.select([c.PROMPT_ID, c.RESPONSE_ID]).to_pylist()
+    ids = resp.select([columns.PROMPT_ID, columns.RESPONSE_ID]).to_pylist()
     for signal, values in scores.items():
         for ident, value in zip(ids, values, strict=True):
             rows.append(
                 {
                     **ident,
-                    c.SIGNAL: signal,
-                    c.SCORE: value,
-                    c.REASON: None if value is not None else "no_references",
-                    c.DETAILS: None,
+                    columns.SIGNAL: signal,
+                    columns.SCORE: value,
+                    columns.REASON: None if value is not None else "no_references",
+                    columns.DETAILS: None,
                 }
             )
     return pa.Table.from_pylist(rows, schema=LABELS)
@@ -48,12 +48,15 @@ def test_best_vs_worst_conversational_rows() -> None:
     table, drops = run(["a", "b", "c", "d"], [1.0, 5.0, 0.5, 3.0])
     assert drops == {}
     row = table.to_pylist()[0]
-    assert row[c.CHOSEN] == [{"role": "assistant", "content": "b"}]
-    assert row[c.REJECTED] == [{"role": "assistant", "content": "c"}]
-    assert row[c.PROMPT] == [{"role": "user", "content": "p"}]
-    assert (row[c.SCORE_CHOSEN], row[c.SCORE_REJECTED], row[c.MARGIN]) == (5.0, 0.5, 4.5)
-    assert (row[c.signal_column("bleu", c.CHOSEN)], row[c.signal_column("bleu", c.REJECTED)]) == (5.0, 0.5)
-    assert row[c.CHOSEN_ID].endswith("-1") and row[c.REJECTED_ID].endswith("-2")
+    assert row[columns.CHOSEN] == [{"role": "assistant", "content": "b"}]
+    assert row[columns.REJECTED] == [{"role": "assistant", "content": "c"}]
+    assert row[columns.PROMPT] == [{"role": "user", "content": "p"}]
+    assert (row[columns.SCORE_CHOSEN], row[columns.SCORE_REJECTED], row[columns.MARGIN]) == (5.0, 0.5, 4.5)
+    assert (
+        row[columns.signal_column("bleu", columns.CHOSEN)],
+        row[columns.signal_column("bleu", columns.REJECTED)],
+    ) == (5.0, 0.5)
+    assert row[columns.CHOSEN_ID].endswith("-1") and row[columns.REJECTED_ID].endswith("-2")
 
 
 def test_ties_make_no_pair_and_tied_best_breaks_by_sample_order() -> None:
@@ -61,7 +64,7 @@ def test_ties_make_no_pair_and_tied_best_breaks_by_sample_order() -> None:
     assert table.num_rows == 0 and drops == {"all_tied": 1}
     table, _ = run(["a", "b", "c", "d"], [3.0, 3.0, 1.0, 1.0])
     row = table.to_pylist()[0]
-    assert row[c.CHOSEN][0]["content"] == "a" and row[c.REJECTED][0]["content"] == "c"
+    assert row[columns.CHOSEN][0]["content"] == "a" and row[columns.REJECTED][0]["content"] == "c"
 
 
 def test_margin_is_strict() -> None:
@@ -73,7 +76,7 @@ def test_identical_text_never_pairs_even_with_different_scores() -> None:
     table, drops = run(["Same answer", "same   ANSWER "], [2.0, 1.0])
     assert table.num_rows == 0 and drops == {"identical_samples": 1}
     table, _ = run(["Same answer", "same answer", "other"], [2.0, 0.0, 1.0])
-    assert table.to_pylist()[0][c.REJECTED][0]["content"] == "other"
+    assert table.to_pylist()[0][columns.REJECTED][0]["content"] == "other"
 
 
 def test_unscored_and_single_scored_prompts_have_reasons() -> None:
@@ -88,7 +91,7 @@ def test_best_vs_random_is_seeded_and_spreads() -> None:
 
     def rejected(seed: int) -> list[str]:
         recipe = make_recipe(pairing={"rule": "best_vs_random"}, sampling={"seed": seed})
-        return make_pairs(prompts, resp, labels, recipe)[0].column(c.REJECTED_ID).to_pylist()
+        return make_pairs(prompts, resp, labels, recipe)[0].column(columns.REJECTED_ID).to_pylist()
 
     assert rejected(1) == rejected(1)
     assert rejected(1) != rejected(2)
@@ -106,9 +109,9 @@ def test_chosen_and_rejected_always_differ(rule: str) -> None:
         prompts, resp, labels_for(resp, {"bleu": scores}), make_recipe(pairing={"rule": rule})
     )
     for row in table.to_pylist():
-        assert row[c.CHOSEN_ID] != row[c.REJECTED_ID]
-        assert row[c.CHOSEN][0]["content"].strip() != row[c.REJECTED][0]["content"].strip()
-        assert row[c.SCORE_CHOSEN] > row[c.SCORE_REJECTED]
+        assert row[columns.CHOSEN_ID] != row[columns.REJECTED_ID]
+        assert row[columns.CHOSEN][0]["content"].strip() != row[columns.REJECTED][0]["content"].strip()
+        assert row[columns.SCORE_CHOSEN] > row[columns.SCORE_REJECTED]
     assert table.num_rows + sum(stats.drops.values()) == 200  # every prompt accounted for
 
 
@@ -124,7 +127,7 @@ def test_aggregate_is_weighted_mean_of_within_prompt_zscores() -> None:
         (2 * z1[1] + 0) / 3,  # s3 missing: its weight leaves the denominator
         (2 * z1[2] + 0 + z3[2]) / 4,
     ]
-    got = frame.sort(c.RESPONSE_ID).get_column(AGG).to_list()
+    got = frame.sort(columns.RESPONSE_ID).get_column(AGG).to_list()
     assert got == pytest.approx(expected)
     assert frame.get_column("s2").to_list() == [5.0, 5.0, 5.0]  # raw scores stay
 
@@ -133,16 +136,18 @@ def test_single_signal_aggregate_is_raw_score() -> None:
     prompts = prompts_table(["p"])
     resp = responses(prompts, ["a", "b"])
     frame = aggregate_scores(labels_for(resp, {"bleu": [7.0, None]}), {"bleu": 1.0})
-    assert frame.sort(c.RESPONSE_ID).get_column(AGG).to_list() == [7.0, None]
+    assert frame.sort(columns.RESPONSE_ID).get_column(AGG).to_list() == [7.0, None]
     assert isinstance(frame, pl.DataFrame)
 
 
 def cut(resp: pa.Table, indices: set[int]) -> pa.Table:
     """Mark the answers at ``indices`` as cut at max_tokens."""
-    flags = [i in indices for i in resp.column(c.SAMPLE_INDEX).to_pylist()]
+    flags = [i in indices for i in resp.column(columns.SAMPLE_INDEX).to_pylist()]
     reasons = ["length" if f else "stop" for f in flags]
-    resp = resp.set_column(resp.schema.get_field_index(c.TRUNCATED), c.TRUNCATED, pa.array(flags))
-    return resp.set_column(resp.schema.get_field_index(c.FINISH_REASON), c.FINISH_REASON, pa.array(reasons))
+    resp = resp.set_column(resp.schema.get_field_index(columns.TRUNCATED), columns.TRUNCATED, pa.array(flags))
+    return resp.set_column(
+        resp.schema.get_field_index(columns.FINISH_REASON), columns.FINISH_REASON, pa.array(reasons)
+    )
 
 
 def run_cut(
@@ -159,16 +164,19 @@ def test_finished_only_pairs_the_best_and_worst_finished_answers() -> None:
     # b (5.0) and c (0.5) are the extremes but cut; among the finished a (1.0) and d (3.0) pair.
     table, drops, counts = run_cut([1.0, 5.0, 0.5, 3.0], {1, 2}, finished_only=True)
     [row] = table.to_pylist()
-    assert (row[c.CHOSEN][0][c.CONTENT], row[c.REJECTED][0][c.CONTENT]) == ("d", "a")
+    assert (row[columns.CHOSEN][0][columns.CONTENT], row[columns.REJECTED][0][columns.CONTENT]) == ("d", "a")
     assert (
-        row[c.side_column(c.FINISH_REASON, c.CHOSEN)]
-        == row[c.side_column(c.FINISH_REASON, c.REJECTED)]
+        row[columns.side_column(columns.FINISH_REASON, columns.CHOSEN)]
+        == row[columns.side_column(columns.FINISH_REASON, columns.REJECTED)]
         == "stop"
     )
     assert drops == {} and counts["cut_answers_not_paired"] == 2
     # Off (the default), the cut answers pair as before.
     table, _, counts = run_cut([1.0, 5.0, 0.5, 3.0], {1, 2})
-    assert [table.to_pylist()[0][k][0][c.CONTENT] for k in (c.CHOSEN, c.REJECTED)] == ["b", "c"]
+    assert [table.to_pylist()[0][k][0][columns.CONTENT] for k in (columns.CHOSEN, columns.REJECTED)] == [
+        "b",
+        "c",
+    ]
     assert "cut_answers_not_paired" not in counts
 
 
@@ -183,13 +191,13 @@ def test_max_ratio_tries_the_next_best_pair_and_says_why_when_none_fits() -> Non
     texts = ["x" * 400, "y" * 100, "z" * 60, "w" * 10]
     # Unconstrained: best (400 chars) vs worst (10 chars).
     table, _ = run(texts, [4.0, 3.0, 2.0, 1.0])
-    assert (table[c.CHOSEN_ID][0].as_py()[-1], table[c.REJECTED_ID][0].as_py()[-1]) == ("0", "3")
+    assert (table[columns.CHOSEN_ID][0].as_py()[-1], table[columns.REJECTED_ID][0].as_py()[-1]) == ("0", "3")
     # Ratio 2: the best has no partner within 2x, so the next best (100) pairs with 60.
     prompts = prompts_table(["p"])
     resp = responses(prompts, texts)
     recipe = make_recipe(pairing={"length_control": {"max_ratio": 2.0}})
     table, stats = make_pairs(prompts, resp, labels_for(resp, {"bleu": [4.0, 3.0, 2.0, 1.0]}), recipe)
-    assert (table[c.CHOSEN_ID][0].as_py()[-1], table[c.REJECTED_ID][0].as_py()[-1]) == ("1", "2")
+    assert (table[columns.CHOSEN_ID][0].as_py()[-1], table[columns.REJECTED_ID][0].as_py()[-1]) == ("1", "2")
     assert stats.counts["length_ratio_next_best"] == 1
     # Ratio 1.1: no two answers are that close in length.
     recipe = make_recipe(pairing={"length_control": {"max_ratio": 1.1}})
@@ -205,5 +213,5 @@ def test_spread_scale_and_residual_control_run_through_pairing() -> None:
     recipe = make_recipe(labelers=labelers, pairing={"scale": "spread", "length_control": {"residual": True}})
     table, _ = make_pairs(prompts, resp, labels, recipe)
     assert table.num_rows == 2
-    assert table.column(c.AGREEMENT).to_pylist() == [1.0, 1.0]  # s2 is inverted, so it agrees with s1
-    assert all(m > 0 for m in table.column(c.STRENGTH_MEAN).to_pylist())
+    assert table.column(columns.AGREEMENT).to_pylist() == [1.0, 1.0]  # s2 is inverted, so it agrees with s1
+    assert all(m > 0 for m in table.column(columns.STRENGTH_MEAN).to_pylist())

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from flows import build_prefs as bp
+from flows import cli
 from flows.placement import (
     MODEL_FLOW,
     ModelPoolError,
+    Placement,
     PlacementError,
     Stall,
     _await_runs,
@@ -24,8 +26,9 @@ from flows.placement import (
     run_model_batches,
 )
 from schemas.recipe import Recipe, RecipeError
-from steps import sampling, writer
+from steps import sampling
 from steps.base import ShardResult, StageStats
+from steps.publish import writer
 from tests.conftest import FakeEngine
 from tests.test_resume import markers, rows, write_recipe
 
@@ -64,10 +67,10 @@ def test_model_deployment_without_a_server_fails_before_any_model_loads(
         "--model-deployment",
         "gpu",
     ]
-    assert bp.main(argv) == 2
+    assert cli.build_prefs_main(argv) == 2
     err = capsys.readouterr().err
     assert "PREFECT_API_URL" in err and "prefect server start" in err
-    assert bp.main([*argv[:4], "--batch-shards", "0"]) == 2
+    assert cli.build_prefs_main([*argv[:4], "--batch-shards", "0"]) == 2
     assert "--batch-shards must be at least 1" in capsys.readouterr().err
 
 
@@ -78,8 +81,8 @@ def test_work_location_is_made_absolute_for_pool_workers(
 
     monkeypatch.chdir(tmp_path)
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
-        assert check_placement("model-stage", 8, None, "out/.work") == str(tmp_path / "out" / ".work")
-        assert check_placement("model-stage", 8, None, "s3://b/work") == "s3://b/work"
+        assert check_placement(Placement("model-stage", 8), "out/.work") == str(tmp_path / "out" / ".work")
+        assert check_placement(Placement("model-stage", 8), "s3://b/work") == "s3://b/work"
     assert deployment_name("gpu") == "model-stage/gpu" and deployment_name("a/b") == "a/b"
 
 
@@ -125,9 +128,8 @@ def failed_batches(pool: str, tmp_path: Path, prompts: list[ShardResult], start_
     @flow
     def pipeline() -> None:
         config = Recipe.model_validate({"name": "batches"})
-        run_model_batches(
-            f"{MODEL_FLOW}/{pool}", config, str(tmp_path), "sampling", prompts, 2, False, None, start_timeout
-        )
+        placement = Placement(f"{MODEL_FLOW}/{pool}", 2, None, start_timeout)
+        run_model_batches(placement, config, str(tmp_path), "sampling", prompts, False)
 
     with pytest.raises(ModelPoolError) as failed:
         pipeline()
@@ -284,7 +286,7 @@ def test_a_start_timeout_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(
         PlacementError, match="--model-start-timeout must be a positive number of seconds, got 0"
     ):
-        check_placement(None, 8, None, str(tmp_path), 0)
+        check_placement(Placement(None, 8, start_timeout=0), str(tmp_path))
 
 
 @pytest.mark.parametrize("model", [{"engine": "vllm"}, {"engine": "transformers", "device": "cuda"}])
@@ -293,13 +295,13 @@ def test_gpu_work_in_the_flows_own_process_is_refused_with_a_model_pool(model: d
     judge = {"model": {"model": "org/judge-8B", **model}}
     recipe = Recipe.model_validate({"name": "t", "pairing": {"judge": judge}})
     with pytest.raises(PlacementError, match=r"pairing\.judge \(org/judge-8B.*judge_pairwise"):
-        check_placement("model-stage", 8, None, "s3://b/work", recipe=recipe)
-    check_placement(None, 8, None, "/tmp/work", recipe=recipe)  # in one process it runs where the GPU is
+        check_placement(Placement("model-stage", 8), "s3://b/work", recipe=recipe)
+    check_placement(Placement(None, 8), "/tmp/work", recipe=recipe)  # in one process it runs where the GPU is
     # The eval block measures the labelers in the flow too: refused when one of them needs a GPU.
     labeler = {"kind": "judge_pointwise", "model": {"model": "org/judge-8B", **model}}
     measured = {"name": "t", "labelers": [labeler], "eval": {"pairs": [{"builtin": "hh_harmless_32"}]}}
     with pytest.raises(PlacementError, match=r"eval \(it measures labelers\.0\.model\.model \(judge\)"):
-        check_placement("model-stage", 8, None, "s3://b/work", recipe=Recipe.model_validate(measured))
+        check_placement(Placement("model-stage", 8), "s3://b/work", recipe=Recipe.model_validate(measured))
     assert gpu_work_in_flow(Recipe.model_validate({**measured, "eval": None})) == []
 
 
@@ -314,13 +316,15 @@ def test_bad_run_options_stop_the_cli_and_the_flow_before_any_model_loads(
     monkeypatch.setattr(sampling, "load_engine", no_model)
     recipe = write_recipe(tmp_path)
     out = tmp_path / "out"
-    assert bp.main(["--recipe", recipe, "--output", str(out), "--model-start-timeout", "0"]) == 2
+    assert cli.build_prefs_main(["--recipe", recipe, "--output", str(out), "--model-start-timeout", "0"]) == 2
     assert "--model-start-timeout must be a positive number of seconds, got 0" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="gc_keep_runs must be at least 1"):
         bp.build_prefs(recipe=recipe, output=str(out), gc_keep_runs=0)
-    assert bp.main(["--recipe", recipe, "--output", str(out), "--keep-runs", "2"]) == 2  # no --gc
+    assert (
+        cli.build_prefs_main(["--recipe", recipe, "--output", str(out), "--keep-runs", "2"]) == 2
+    )  # no --gc
     assert "--keep-runs go with --gc" in capsys.readouterr().err
-    assert bp.main(["--gc", "--work", str(tmp_path / "w"), "--keep-runs", "0"]) == 2
+    assert cli.build_prefs_main(["--gc", "--work", str(tmp_path / "w"), "--keep-runs", "0"]) == 2
     assert "--keep-runs must be at least 1 (got 0)" in capsys.readouterr().err
     assert not (out / "manifest.json").exists()
 
@@ -338,6 +342,6 @@ def test_a_model_pool_cannot_use_the_clis_temporary_server(monkeypatch: pytest.M
         temporary_settings({PREFECT_API_URL: own.api_url}),
         pytest.raises(PlacementError, match="PREFECT_API_URL"),
     ):
-        check_placement("model-stage", 8, None, "s3://b/work")
+        check_placement(Placement("model-stage", 8), "s3://b/work")
     with temporary_settings({PREFECT_API_URL: "http://10.0.0.5:4200/api"}):
-        assert check_placement("model-stage", 8, None, "s3://b/work") == "s3://b/work"
+        assert check_placement(Placement("model-stage", 8), "s3://b/work") == "s3://b/work"

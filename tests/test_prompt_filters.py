@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from flows import build_prefs as bp
-from schemas import columns as c
-from schemas import reasons
+from flows import cli
+from schemas import columns, reasons
 from schemas.recipe import (
     DecontaminationConfig,
     EvalPromptSet,
@@ -28,14 +28,16 @@ from schemas.recipe import (
     load_recipe,
 )
 from schemas.records import PROMPTS
-from steps import sampling, stages
+from steps import sampling
 from steps.base import StageStats
-from steps.decontaminate import Decontaminator, check_sets, word_grams
 from steps.engines.base import Completion, Conversation, Failed, SamplingParams
-from steps.near_duplicates import NearDuplicates
-from steps.prompts import PromptSourceError, normalise_messages, prompt_id
-from steps.publish import funnel_steps
-from steps.resume import WorkArea
+from steps.prompts.decontaminate import Decontaminator, check_sets, word_grams
+from steps.prompts.near_duplicates import NearDuplicates
+from steps.prompts.normalise import normalise_messages, prompt_id
+from steps.prompts.sources import PromptSourceError
+from steps.publish.release import funnel_steps
+from steps.run import stages
+from steps.run.resume import WorkArea
 from tests.conftest import FakeEngine
 from tests.test_prompts import jsonl
 
@@ -54,16 +56,16 @@ def prompts_table(texts: Sequence[str]) -> pa.Table:
     rows: dict[str, list[Any]] = {name: [] for name in PROMPTS.names}
     for i, text in enumerate(texts):
         messages = normalise_messages(text)
-        rows[c.PROMPT_ID].append(prompt_id(messages))
-        rows[c.MESSAGES].append(messages)
-        rows[c.REFERENCES].append([])
-        rows[c.SOURCE].append("test")
-        rows[c.SOURCE_ROW].append(i)
+        rows[columns.PROMPT_ID].append(prompt_id(messages))
+        rows[columns.MESSAGES].append(messages)
+        rows[columns.REFERENCES].append([])
+        rows[columns.SOURCE].append("test")
+        rows[columns.SOURCE_ROW].append(i)
     return pa.Table.from_pydict(rows, schema=PROMPTS)
 
 
 def user_texts(table: pa.Table) -> list[str]:
-    return [m[-1][c.CONTENT] for m in table.column(c.MESSAGES).to_pylist()]
+    return [m[-1][columns.CONTENT] for m in table.column(columns.MESSAGES).to_pylist()]
 
 
 # ------------------------------------------------------------------ the recipe
@@ -156,7 +158,7 @@ def test_the_index_built_in_small_batches_equals_one_built_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The eval set streams into the index batch by batch: batching must not change what it holds."""
-    from steps import decontaminate
+    from steps.prompts import decontaminate
 
     spec = {"name": "mini", "uri": eval_file(tmp_path), "columns": {"prompt": "question"}}
     whole = Decontaminator(DecontaminationConfig(sets=[spec]), WorkArea(str(tmp_path / "a"))).indexes[0]
@@ -231,7 +233,7 @@ def test_bad_eval_set_fails_before_any_model_loads(
     recipe.write_text(
         yaml.safe_dump({"name": "r", "prompts": {"source": "builtin", "decontaminate": {"sets": sets}}})
     )
-    assert bp.main(["--recipe", str(recipe), "--output", str(tmp_path / "out")]) == 2
+    assert cli.build_prefs_main(["--recipe", str(recipe), "--output", str(tmp_path / "out")]) == 2
     assert "no 'text' field" in capsys.readouterr().err
 
 
@@ -336,7 +338,7 @@ def sample_all(recipe: Recipe, area: WorkArea) -> dict[str, list[dict[str, Any]]
     for shard in shards:
         result = stages.sample(recipe, area, shard)
         for row in pq.read_table(result.uri).to_pylist():
-            out.setdefault(row[c.PROMPT_ID], []).append(row)
+            out.setdefault(row[columns.PROMPT_ID], []).append(row)
     return out
 
 
@@ -431,7 +433,7 @@ def test_gc_keeps_the_eval_index_and_the_slot_lists_a_run_used(
 ) -> None:
     """The run's record names the filters' work entries too: GC after the run leaves the rerun
     nothing to rebuild (the eval set index) and nothing to resample after a filter change (slots)."""
-    from steps.work_gc import RunRecord, collect
+    from steps.run.work_gc import RunRecord, collect
 
     monkeypatch.setattr(sampling, "load_engine", lambda policy: CountingEngine())
     eval_a = jsonl(tmp_path / "a.jsonl", [{"prompt": "Question 1: name a colour you like."}])
@@ -461,7 +463,7 @@ def test_gc_keeps_the_eval_index_and_the_slot_lists_a_run_used(
 
 def test_shingles_are_characters_in_every_script() -> None:
     """A byte shingle covers under two Chinese characters; the setting says characters."""
-    from steps.near_duplicates import shingles
+    from steps.prompts.near_duplicates import shingles
 
     for text in ("how do i keep basil alive", "如何让罗勒保持活力"):
         got = shingles(text, 5)

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import BuiltinPrompts, FilePrompts, HFPrompts
 from schemas.records import PROMPTS
-from steps.prompts import PromptSourceError, load_prompts, normalise_messages, prompt_id
+from steps.prompts.normalise import load_prompts, normalise_messages, prompt_id
+from steps.prompts.sources import PromptSourceError
 
 
 def jsonl(path: Path, rows: list[object]) -> str:
@@ -25,8 +26,8 @@ def test_builtin_set_is_varied_and_referenced() -> None:
     table, stats = load_prompts(BuiltinPrompts())
     assert table.schema == PROMPTS
     assert table.num_rows >= 32 and stats.drops == {}
-    assert all(refs and 1 <= len(refs) <= 2 for refs in table.column(c.REFERENCES).to_pylist())
-    conversations = table.column(c.MESSAGES).to_pylist()
+    assert all(refs and 1 <= len(refs) <= 2 for refs in table.column(columns.REFERENCES).to_pylist())
+    conversations = table.column(columns.MESSAGES).to_pylist()
     assert sum(len(conv) > 1 for conv in conversations) >= 3  # a few multi-turn
     lines = Path("pipelines/prompts/default.jsonl").read_text(encoding="utf-8").splitlines()
     raw = [json.loads(line) for line in lines]
@@ -41,11 +42,11 @@ def test_strings_and_message_lists_both_accepted(tmp_path: Path) -> None:
     ]
     table, _ = load_prompts(FilePrompts(source="file", uri=jsonl(tmp_path / "p.jsonl", rows)))
     first, second = table.to_pylist()
-    assert first[c.MESSAGES] == [{"role": "user", "content": "Hello there"}]
-    assert first[c.REFERENCES] == ["Hi."]
-    assert [m["role"] for m in second[c.MESSAGES]] == ["system", "user"]
-    assert second[c.REFERENCES] == []
-    assert first[c.SOURCE_ROW] == 1 and second[c.SOURCE_ROW] == 2
+    assert first[columns.MESSAGES] == [{"role": "user", "content": "Hello there"}]
+    assert first[columns.REFERENCES] == ["Hi."]
+    assert [m["role"] for m in second[columns.MESSAGES]] == ["system", "user"]
+    assert second[columns.REFERENCES] == []
+    assert first[columns.SOURCE_ROW] == 1 and second[columns.SOURCE_ROW] == 2
 
 
 def test_prompt_id_is_stable_under_normalisation() -> None:
@@ -62,7 +63,7 @@ def test_duplicates_dropped_and_counted_then_limit(tmp_path: Path) -> None:
     table, stats = load_prompts(FilePrompts(source="file", uri=uri))
     assert table.num_rows == 4 and stats.drops == {"duplicate_prompt": 1}
     limited, _ = load_prompts(FilePrompts(source="file", uri=uri), limit=2)
-    assert [m[0]["content"] for m in limited.column(c.MESSAGES).to_pylist()] == ["a", "b"]
+    assert [m[0]["content"] for m in limited.column(columns.MESSAGES).to_pylist()] == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -121,8 +122,8 @@ def test_parquet_through_memory_filesystem_with_column_mapping() -> None:
         source="file", uri="memory://prompts/p.parquet", prompt_column="instruction", references_column="gold"
     )
     loaded, _ = load_prompts(config)
-    assert loaded.column(c.REFERENCES).to_pylist() == [["4"], ["red"]]
-    assert loaded.column(c.SOURCE).to_pylist() == ["memory://prompts/p.parquet"] * 2
+    assert loaded.column(columns.REFERENCES).to_pylist() == [["4"], ["red"]]
+    assert loaded.column(columns.SOURCE).to_pylist() == ["memory://prompts/p.parquet"] * 2
 
 
 def test_jsonl_through_memory_filesystem() -> None:
@@ -142,7 +143,7 @@ def test_hf_dataset_from_local_path_with_column_mapping(tmp_path: Path) -> None:
     config = HFPrompts(source="hf", path=str(folder), split="train", prompt_column="q", references_column="a")
     loaded, stats = load_prompts(config)
     assert loaded.num_rows == 2 and stats.rows_in == 2
-    assert loaded.column(c.REFERENCES).to_pylist() == [["7"], ["Paris"]]
+    assert loaded.column(columns.REFERENCES).to_pylist() == [["7"], ["Paris"]]
     with pytest.raises(PromptSourceError, match="no column"):
         load_prompts(HFPrompts(source="hf", path=str(folder), prompt_column="question"))
 
@@ -153,7 +154,8 @@ def test_hf_dataset_from_local_path_with_column_mapping(tmp_path: Path) -> None:
 def whole_table_reference(config: FilePrompts, limit: int | None) -> tuple[pa.Table, dict[str, object]]:
     """The gather-everything algorithm, kept here to check the stream against."""
     from steps.base import StageStats
-    from steps.prompts import InvalidRow, normalise_references, raw_rows
+    from steps.prompts.normalise import InvalidRow, normalise_references
+    from steps.prompts.sources import raw_rows
 
     stats, seen, rows = StageStats("prompts"), {}, []
     for raw in raw_rows(config):
@@ -172,15 +174,15 @@ def whole_table_reference(config: FilePrompts, limit: int | None) -> tuple[pa.Ta
         seen[pid] = raw.index
         rows.append(
             {
-                c.PROMPT_ID: pid,
-                c.MESSAGES: messages,
-                c.REFERENCES: refs,
-                c.SOURCE: config.uri,
-                c.SOURCE_ROW: raw.index,
+                columns.PROMPT_ID: pid,
+                columns.MESSAGES: messages,
+                columns.REFERENCES: refs,
+                columns.SOURCE: config.uri,
+                columns.SOURCE_ROW: raw.index,
             }
         )
     stats.rows_out = len(rows)
-    stats.counts["with_references"] = sum(bool(r[c.REFERENCES]) for r in rows)
+    stats.counts["with_references"] = sum(bool(r[columns.REFERENCES]) for r in rows)
     return pa.Table.from_pylist(rows, schema=PROMPTS), stats.to_dict()
 
 
@@ -205,7 +207,7 @@ def test_streamed_shards_equal_the_whole_table_path(
     tmp_path: Path, shard_rows: int, limit: int | None
 ) -> None:
     from steps.base import StageStats
-    from steps.prompts import stream_prompts
+    from steps.prompts.normalise import stream_prompts
 
     config = FilePrompts(source="file", uri=jsonl(tmp_path / "p.jsonl", messy_rows(60)))
     want, want_stats = whole_table_reference(config, limit)
@@ -225,7 +227,7 @@ def test_streamed_shards_equal_the_whole_table_path(
 def test_parquet_source_is_read_in_batches_with_global_row_numbers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import steps.prompts as prompts
+    from steps.prompts import sources
 
     rows = messy_rows(30)
     source = pa.table(
@@ -236,17 +238,17 @@ def test_parquet_source_is_read_in_batches_with_global_row_numbers(
     )
     pq.write_table(source, tmp_path / "p.parquet")
     whole, whole_stats = load_prompts(FilePrompts(source="file", uri=str(tmp_path / "p.parquet")))
-    monkeypatch.setattr(prompts, "PARQUET_BATCH_ROWS", 4)
+    monkeypatch.setattr(sources, "PARQUET_BATCH_ROWS", 4)
     batched, batched_stats = load_prompts(FilePrompts(source="file", uri=str(tmp_path / "p.parquet")))
     assert batched.equals(whole) and batched_stats.to_dict() == whole_stats.to_dict()
-    assert batched.column(c.SOURCE_ROW).to_pylist()[-1] == 29  # numbering runs on across batches
+    assert batched.column(columns.SOURCE_ROW).to_pylist()[-1] == 29  # numbering runs on across batches
     assert whole_stats.drops["duplicate_prompt"] and whole_stats.drops["empty_prompt"]
 
 
 def test_prompt_shards_stream_into_the_work_area(tmp_path: Path) -> None:
-    from steps.base import read_table
-    from steps.resume import WorkArea
-    from steps.stages import prompt_shards
+    from steps.run.files import read_table
+    from steps.run.resume import WorkArea
+    from steps.run.stages import prompt_shards
     from tests.conftest import make_recipe
 
     uri = jsonl(tmp_path / "p.jsonl", messy_rows(50))
@@ -260,7 +262,7 @@ def test_prompt_shards_stream_into_the_work_area(tmp_path: Path) -> None:
 
 def test_a_check_over_the_whole_source_still_fails_the_stream(tmp_path: Path) -> None:
     from steps.base import StageStats
-    from steps.prompts import stream_prompts
+    from steps.prompts.normalise import stream_prompts
 
     uri = jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(5)])
     named = FilePrompts(source="file", uri=uri, references_column="gold")

@@ -38,14 +38,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from flows.eval_labelers import PairsFileError, build_tables, read_pairs
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import PIPELINES_DIR, EvalPairs, FilePrompts, RecipeError, load_recipe
-from steps import prompts as prompt_source
 from steps.base import StageStats
 from steps.engines import ModelSpecError
 from steps.labelers.checks import preflight
-from steps.prompts import ROLES, PromptSourceError, check_prompts, load_prompts, stream_prompts
+from steps.prompts import sources as prompt_source
+from steps.prompts.normalise import ROLES, check_prompts, load_prompts, stream_prompts
+from steps.prompts.sources import PromptSourceError
+from steps.quality.evaluate import build_tables
+from steps.quality.pairs_file import PairsFileError, read_pairs
 
 EXAMPLES = int(os.environ.get("PREFSMITH_PROPERTY_EXAMPLES", "0"))
 # Hypothesis keeps a cache of constants under ./.hypothesis even with no example database: send it
@@ -116,13 +118,15 @@ def messages() -> st.SearchStrategy[Any]:
     message = st.fixed_dictionaries(
         {},
         optional={
-            c.ROLE: st.sampled_from(ROLES) | values(),
-            c.CONTENT: text() | values(),
+            columns.ROLE: st.sampled_from(ROLES) | values(),
+            columns.CONTENT: text() | values(),
             "name": values(),
         },
     )
     return st.lists(
-        st.fixed_dictionaries({c.ROLE: st.sampled_from(ROLES), c.CONTENT: text()}) | message | values(),
+        st.fixed_dictionaries({columns.ROLE: st.sampled_from(ROLES), columns.CONTENT: text()})
+        | message
+        | values(),
         max_size=4,
     )
 
@@ -185,7 +189,9 @@ ARROW_SCALARS = [
     pa.string(), pa.large_string(), pa.binary(), pa.int64(), pa.float64(),
     pa.bool_(), pa.null(), pa.dictionary(pa.int32(), pa.string()),
 ]  # fmt: skip
-FIELD_NAMES = st.sampled_from([c.ROLE, c.CONTENT, "name", "text"]) | text(surrogates=False, max_size=4)
+FIELD_NAMES = st.sampled_from([columns.ROLE, columns.CONTENT, "name", "text"]) | text(
+    surrogates=False, max_size=4
+)
 
 
 def arrow_types() -> st.SearchStrategy[pa.DataType]:
@@ -200,8 +206,10 @@ def arrow_types() -> st.SearchStrategy[pa.DataType]:
             inner.map(lambda value: pa.map_(pa.string(), value)),
         )
 
-    message = pa.struct([(c.ROLE, pa.string()), (c.CONTENT, pa.string())])
-    categorical = pa.struct([(c.ROLE, pa.dictionary(pa.int32(), pa.string())), (c.CONTENT, pa.string())])
+    message = pa.struct([(columns.ROLE, pa.string()), (columns.CONTENT, pa.string())])
+    categorical = pa.struct(
+        [(columns.ROLE, pa.dictionary(pa.int32(), pa.string())), (columns.CONTENT, pa.string())]
+    )
     return st.one_of(
         # string_view only at the top: pyarrow 26 cannot write it nested in row groups.
         st.sampled_from(
@@ -217,7 +225,7 @@ def arrow_values(kind: pa.DataType, name: str = "") -> st.SearchStrategy[Any]:
         kind = kind.value_type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
         strings = text(surrogates=False)  # Arrow holds UTF-8 only
-        value: st.SearchStrategy[Any] = st.sampled_from(ROLES) | strings if name == c.ROLE else strings
+        value: st.SearchStrategy[Any] = st.sampled_from(ROLES) | strings if name == columns.ROLE else strings
     elif pa.types.is_binary(kind):
         value = st.binary(max_size=8)
     elif pa.types.is_integer(kind):
@@ -273,11 +281,11 @@ def categorical_messages(rows: int = 2) -> tuple[bytes, int]:
     """Messages whose ``role`` is categorical (pandas writes that), one row per row group: found by
     the Parquet properties, pyarrow could not return such a column across row groups."""
     role = pa.dictionary(pa.int32(), pa.string())
-    kind = pa.list_(pa.struct([(c.ROLE, role), (c.CONTENT, pa.string())]))
-    prompts = [[{c.ROLE: "user", c.CONTENT: f"q{i}"}] for i in range(rows)]
+    kind = pa.list_(pa.struct([(columns.ROLE, role), (columns.CONTENT, pa.string())]))
+    prompts = [[{columns.ROLE: "user", columns.CONTENT: f"q{i}"}] for i in range(rows)]
     sink = pa.BufferOutputStream()
-    columns = {"prompt": pa.array(prompts, kind), "chosen": ["a"] * rows, "rejected": ["b"] * rows}
-    pq.write_table(pa.table(columns), sink, row_group_size=1)
+    data = {"prompt": pa.array(prompts, kind), "chosen": ["a"] * rows, "rejected": ["b"] * rows}
+    pq.write_table(pa.table(data), sink, row_group_size=1)
     return sink.getvalue().to_pybytes(), rows
 
 
@@ -320,12 +328,12 @@ def check_prompt_outcome(
     assert stats.rows_in == stats.rows_out + sum(stats.drops.values()), stats
     assert stats.rows_in == len(rows_in_file), (stats, rows_in_file)
     assert table.num_rows == stats.rows_out and set(stats.examples) <= set(stats.drops)
-    kept_rows = table.column(c.SOURCE_ROW).to_pylist()
+    kept_rows = table.column(columns.SOURCE_ROW).to_pylist()
     assert set(kept_rows) <= set(rows_in_file) and len(set(kept_rows)) == len(kept_rows)
-    ids = table.column(c.PROMPT_ID).to_pylist()
+    ids = table.column(columns.PROMPT_ID).to_pylist()
     assert len(set(ids)) == len(ids)
-    for conversation in table.column(c.MESSAGES).to_pylist():
-        assert conversation[-1][c.ROLE] == "user" and conversation[-1][c.CONTENT]
+    for conversation in table.column(columns.MESSAGES).to_pylist():
+        assert conversation[-1][columns.ROLE] == "user" and conversation[-1][columns.CONTENT]
     check_prompts(config)  # the CLI's check passes whatever the loader accepts
     # Streaming in small shards gives the same prompts and the same counts.
     shard_stats = StageStats("prompts")
@@ -538,19 +546,19 @@ def test_any_recipe_is_accepted_whole_or_rejected_naming_the_key(tmp_path: Path,
 
 PAIR_IDS = st.sampled_from(["a", "a@2", "a@3", "b", 0, ""]) | values()
 PAIR_RECORDS = st.fixed_dictionaries(
-    {c.PROMPT: text() | messages(), c.CHOSEN: text(), c.REJECTED: text()},
+    {columns.PROMPT: text() | messages(), columns.CHOSEN: text(), columns.REJECTED: text()},
     optional={"reference": REFERENCES, "id": PAIR_IDS},
 ) | st.fixed_dictionaries(
     {},
     optional={
-        c.PROMPT: text() | messages() | values(),
-        c.CHOSEN: text() | values(),
-        c.REJECTED: text() | values(),
+        columns.PROMPT: text() | messages() | values(),
+        columns.CHOSEN: text() | values(),
+        columns.REJECTED: text() | values(),
         "reference": REFERENCES,
         "id": PAIR_IDS,
     },
 )
-PAIR_FIELDS = [c.PROMPT, c.CHOSEN, c.REJECTED, "reference", "id"]
+PAIR_FIELDS = [columns.PROMPT, columns.CHOSEN, columns.REJECTED, "reference", "id"]
 
 
 def check_pairs_outcome(source: EvalPairs, rows_in_file: list[int], last_row: int) -> bool:
@@ -573,7 +581,7 @@ def check_pairs_outcome(source: EvalPairs, rows_in_file: list[int], last_row: in
     # What measure_recipe / main do next with the pairs: the pipeline's own tables.
     prompts, responses, sides = build_tables(pairs, source.label, seed=0)
     assert prompts.num_rows == len(pairs) and responses.num_rows == 2 * len(pairs) == 2 * len(sides)
-    assert len(set(responses.column(c.RESPONSE_ID).to_pylist())) == responses.num_rows
+    assert len(set(responses.column(columns.RESPONSE_ID).to_pylist())) == responses.num_rows
     return True
 
 
@@ -639,13 +647,13 @@ def test_what_the_properties_found_is_read_not_refused(tmp_path: Path) -> None:
     path.write_bytes(data)
     table, stats = load_prompts(prompt_config(str(path), "default"))
     assert table.num_rows == stats.rows_in == rows
-    assert table.column(c.MESSAGES).to_pylist()[2] == [{c.ROLE: "user", c.CONTENT: "q2"}]
+    assert table.column(columns.MESSAGES).to_pylist()[2] == [{columns.ROLE: "user", columns.CONTENT: "q2"}]
     assert len(read_pairs(EvalPairs(uri=str(path)))[0]) == rows
     # A byte-order mark starts a pairs file as it may start a prompts file.
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     [pair], _ = read_pairs(EvalPairs(uri=str(bom)))
-    assert pair.messages == [{c.ROLE: "user", c.CONTENT: "p"}]
+    assert pair.messages == [{columns.ROLE: "user", columns.CONTENT: "p"}]
     # A lone surrogate in a response is that pair's drop, named, not a failure when tables are built.
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text(

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import columns as c
+from schemas import columns
 from schemas.records import dropped_schema, pairs_schema
-from steps import plots
-from steps.base import read_table, write_table
-from steps.consistency import apply_rules, consistency_stage
-from steps.writer import score_summary, write_split
+from steps.pairing.consistency import apply_rules, consistency_stage
+from steps.publish import plots
+from steps.publish.writer import score_summary, write_split
+from steps.run.files import read_table, write_table
 from tests.test_consistency import random_pairs, split_into_shards
 
 
@@ -32,7 +32,9 @@ def cut(table: pa.Table, sizes: list[int], folder: Path, name: str, schema: pa.S
 def judged_pairs() -> tuple[pa.Table, object]:
     pairs, config = random_pairs(11, 30)
     judge = pa.array([None if i % 5 == 0 else (i % 7) / 7 for i in range(pairs.num_rows)], pa.float64())
-    pairs = pairs.set_column(pairs.schema.get_field_index(c.JUDGE_P_CHOSEN), c.JUDGE_P_CHOSEN, judge)
+    pairs = pairs.set_column(
+        pairs.schema.get_field_index(columns.JUDGE_P_CHOSEN), columns.JUDGE_P_CHOSEN, judge
+    )
     return pairs, config
 
 
@@ -53,9 +55,11 @@ def test_figures_from_slim_batched_reads_equal_figures_from_whole_tables(
     dropped_uris = cut(dropped, [dropped.num_rows], tmp_path, "dropped", dschema)
     slim_kept = plots.read_plot_table(kept_uris, schema, config.signals)  # type: ignore[attr-defined]
     slim_dropped = plots.read_plot_table(dropped_uris, dschema, config.signals)  # type: ignore[attr-defined]
-    assert c.CHOSEN not in slim_kept.column_names and c.PROMPT not in slim_kept.column_names  # no texts
-    assert slim_kept.column(plots.length_column(c.CHOSEN)).to_pylist() == [
-        float(len(conv[0][c.CONTENT])) for conv in kept.column(c.CHOSEN).to_pylist()
+    assert (
+        columns.CHOSEN not in slim_kept.column_names and columns.PROMPT not in slim_kept.column_names
+    )  # no texts
+    assert slim_kept.column(plots.length_column(columns.CHOSEN)).to_pylist() == [
+        float(len(conv[0][columns.CONTENT])) for conv in kept.column(columns.CHOSEN).to_pylist()
     ]
     images, figures = plots.render_all(slim_kept, slim_dropped, config.signals, steps, drops)  # type: ignore[attr-defined]
     assert (
@@ -78,13 +82,13 @@ def test_score_summary_reads_columns_and_equals_the_whole_table_numbers(
     # The numbers a whole single-chunk table gives (what one single-group kept file gave before).
     frame = pl.from_arrow(pairs.combine_chunks())
     assert isinstance(frame, pl.DataFrame)
-    columns = [c.SCORE_CHOSEN, c.SCORE_REJECTED, c.MARGIN] + [
-        c.signal_column(s, side)
+    expected = [columns.SCORE_CHOSEN, columns.SCORE_REJECTED, columns.MARGIN] + [
+        columns.signal_column(s, side)
         for s in config.signals
-        for side in (c.CHOSEN, c.REJECTED)  # type: ignore[attr-defined]
+        for side in (columns.CHOSEN, columns.REJECTED)  # type: ignore[attr-defined]
     ]
-    assert set(got) == set(columns)
-    for name in columns:
+    assert set(got) == set(expected)
+    for name in expected:
         col = frame.get_column(name).drop_nulls()
         assert got[name] == {
             "count": col.len(),

@@ -144,7 +144,7 @@ def test_cli_rejects_typo_in_recipe(tmp_path: Path) -> None:
 
 def test_decode_mode_defaults_to_batched_and_is_in_the_sampling_key() -> None:
     """The two modes give different texts for the same seeds, so finished samples of one never stand in."""
-    from steps.stages import sampling_settings
+    from steps.run.stages import sampling_settings
 
     batched = Recipe(name="t")
     single = Recipe(name="t", policy={"decode": "single"})
@@ -220,11 +220,11 @@ def test_labelers_claiming_more_than_a_gpu_fail_before_loading(tmp_path: Path) -
 @pytest.mark.parametrize("name", ["gpu-onpolicy", "ultrafeedback-like"])
 def test_a_gpu_recipe_without_a_model_pool_stops_because_the_policy_stays_loaded(name: str) -> None:
     """In one process, sampling's engine is still cached when labeling loads: 0.9 + the labelers' 0.9."""
-    from flows.placement import check_placement
+    from flows.placement import Placement, check_placement
 
     recipe = load_recipe(name)
     with pytest.raises(RecipeError, match=r"policy\.model: 0\.9.*--model-deployment"):
-        check_placement(None, 8, None, "/tmp/work", recipe=recipe)
+        check_placement(Placement(None, 8), "/tmp/work", recipe=recipe)
 
 
 def test_a_policy_whose_engine_a_labeler_shares_counts_once_in_one_process(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def test_reward_model_reads_every_exchange_once_and_the_policy_decodes_every_ans
 
 def test_judges_and_the_density_ratio_count_what_they_read_and_write(tmp_path: Path) -> None:
     """Each formula by hand: 10 prompts x n=4, 50-token prompts, 100-token answers."""
-    from steps.judges import PAIRWISE, RUBRIC
+    from steps.labelers.judging import PAIRWISE, RUBRIC
 
     vllm = {"engine": "vllm", "model": "org/judge-8B"}
     recipe = make_recipe(

@@ -14,10 +14,13 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from flows import build_prefs as bp
+from flows import cli
 from flows.checks import NothingSampledError
-from schemas import columns as c
-from steps import publish as publish_mod
-from steps import resume, sampling, writer
+from schemas import columns
+from steps import sampling
+from steps.publish import release as publish_mod
+from steps.publish import writer
+from steps.run import resume
 from tests.conftest import FakeEngine
 
 PROMPTS = [{"prompt": f"Question number {i}: name a colour.", "reference": ["red", "blue"]} for i in range(6)]
@@ -65,7 +68,7 @@ def rows(out: Path) -> list[dict[str, Any]]:
     manifest = writer.read_manifest(str(out))
     assert manifest is not None
     tables = [pq.read_table(out / f["path"]) for f in manifest["files"] if "/train-" in f["path"]]
-    return sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r[c.PROMPT_ID])
+    return sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r[columns.PROMPT_ID])
 
 
 def run(recipe: str, out: Path, **kwargs: Any) -> str:
@@ -230,7 +233,7 @@ def test_reader_sees_old_or_new_dataset_never_a_mix(
     assert (out / "README.md").read_text() == old_card
     assert writer.verify(str(out)) == old_manifest
     loaded = datasets.load_dataset(str(out), split="train", download_mode="force_redownload")
-    assert sorted(loaded.to_list(), key=lambda r: r[c.PROMPT_ID]) == old_rows
+    assert sorted(loaded.to_list(), key=lambda r: r[columns.PROMPT_ID]) == old_rows
 
     monkeypatch.undo()
     monkeypatch.setattr(sampling, "load_engine", lambda policy: engine)
@@ -276,17 +279,23 @@ def test_disk_full_during_publication_publishes_nothing_partial(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = "fulldisk://datasets/prefs"
-    assert bp.main(["--recipe", write_recipe(tmp_path), "--output", out]) == 0
+    assert cli.build_prefs_main(["--recipe", write_recipe(tmp_path), "--output", out]) == 0
     before = writer.verify(out)
     full_disk.full = True
-    assert bp.main(["--recipe", write_recipe(tmp_path, **{"sampling.seed": 9}), "--output", out]) == 1
+    assert (
+        cli.build_prefs_main(["--recipe", write_recipe(tmp_path, **{"sampling.seed": 9}), "--output", out])
+        == 1
+    )
     message = capsys.readouterr().err
     assert "no space left on device" in message and "rerun the same command" in message
     assert "Traceback" not in message
     assert writer.verify(out) == before, "the previous dataset must stay complete and unchanged"
     full_disk.full = False
     calls = engine.calls
-    assert bp.main(["--recipe", write_recipe(tmp_path, **{"sampling.seed": 9}), "--output", out]) == 0
+    assert (
+        cli.build_prefs_main(["--recipe", write_recipe(tmp_path, **{"sampling.seed": 9}), "--output", out])
+        == 0
+    )
     assert engine.calls == calls, "the rerun after freeing space reuses every finished shard"
     assert writer.verify(out)["run_id"] != before["run_id"]
 
@@ -300,10 +309,10 @@ def test_unwritable_output_fails_before_any_model_loads(
     monkeypatch.setattr(sampling, "load_engine", no_model)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    assert bp.main(["--recipe", write_recipe(tmp_path), "--output", str(blocker / "out")]) == 2
+    assert cli.build_prefs_main(["--recipe", write_recipe(tmp_path), "--output", str(blocker / "out")]) == 2
     err = capsys.readouterr().err
     assert "is not writable" in err and str(blocker / "out") in err
-    assert bp.main(["--recipe", write_recipe(tmp_path), "--work", str(blocker / "work")]) == 2
+    assert cli.build_prefs_main(["--recipe", write_recipe(tmp_path), "--work", str(blocker / "work")]) == 2
     assert "work location" in capsys.readouterr().err
 
 
@@ -315,7 +324,7 @@ def test_token_never_reaches_outputs_logs_or_prefect(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A planted token must not appear in the dataset, the work files, the logs or Prefect's database."""
-    from steps import hub
+    from steps.publish import hub
     from tests.test_hub import SignatureCheckedApi
 
     secret = "hf_PLANTEDfaketoken0123456789abcdefXYZ"
@@ -325,7 +334,10 @@ def test_token_never_reaches_outputs_logs_or_prefect(
     monkeypatch.setattr(hub, "HfHubClient", lambda: real_client(api))
     out = tmp_path / "out"
     assert (
-        bp.main(["--recipe", write_recipe(tmp_path), "--output", str(out), "--push-to-hub", "org/prefs"]) == 0
+        cli.build_prefs_main(
+            ["--recipe", write_recipe(tmp_path), "--output", str(out), "--push-to-hub", "org/prefs"]
+        )
+        == 0
     )
     assert "README.md" in api.files and "manifest.json" in api.files
     captured = capsys.readouterr()
@@ -351,7 +363,7 @@ def test_a_run_that_samples_nothing_fails_and_leaves_the_old_dataset(
     with pytest.raises(NothingSampledError, match=r"all 3 prompt\(s\) were dropped \(prompt_too_long x3\)"):
         run(empty, out)
     assert (out / "manifest.json").read_bytes() == manifest
-    assert bp.main(["--recipe", empty, "--output", str(out)]) == 1
+    assert cli.build_prefs_main(["--recipe", empty, "--output", str(out)]) == 1
     message = capsys.readouterr().err
     assert "sampling.too_long: truncate_left" in message and "nothing was published" in message
 
@@ -391,13 +403,13 @@ def test_eval_gate_publishes_nothing_and_costs_no_sampling(
     assert "## What it cost" in (out / "README.md").read_text()
     calls = engine.calls
     failing = write_recipe(tmp_path, eval={"pairs": eval_pairs(tmp_path, 2), "min_accuracy": 0.6})
-    assert bp.main(["--recipe", failing, "--output", str(out), "--fresh"]) == 1
+    assert cli.build_prefs_main(["--recipe", failing, "--output", str(out), "--fresh"]) == 1
     message = capsys.readouterr().err
     assert "aggregate 0.333" in message and "< 0.6" in message and "Nothing was published" in message
     assert (out / "manifest.json").read_bytes() == manifest, "the previous dataset must stay"
     assert engine.calls == calls, "the gate runs before sampling"
     missing = write_recipe(tmp_path, eval={"pairs": str(tmp_path / "nope.jsonl")})
-    assert bp.main(["--recipe", missing, "--output", str(out)]) == 2
+    assert cli.build_prefs_main(["--recipe", missing, "--output", str(out)]) == 2
 
 
 def test_run_wide_scale_and_length_control_pair_every_shard_alike_and_resume(

@@ -227,7 +227,7 @@ def test_not_a_classifier_fails_preflight_before_any_model_loads(
 def test_eval_labelers_cli_stops_before_running_on_a_causal_lm(
     causal_lm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.eval_labelers import main
+    from flows.cli import eval_labelers_main as main
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "hi", "chosen": "hello", "rejected": "go away"}) + "\n")
@@ -238,7 +238,7 @@ def test_eval_labelers_cli_stops_before_running_on_a_causal_lm(
 
 
 def test_eval_labelers_end_to_end_scores_every_pair(scalar_rm: Path, tmp_path: Path) -> None:
-    from flows.eval_labelers import main
+    from flows.cli import eval_labelers_main as main
 
     records = [
         {"id": f"p{i}", "prompt": CONV if i % 2 else LONG_CONV, "chosen": chosen, "rejected": rejected}

@@ -22,9 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows import build_prefs as bp
-from schemas import columns as c
-from steps import publish as publish_mod
-from steps import resume, sampling, writer
+from flows import cli
+from schemas import columns
+from steps import sampling
+from steps.publish import release as publish_mod
+from steps.publish import writer
+from steps.run import resume
 from tests.conftest import FakeEngine
 from tests.test_resume import write_recipe
 
@@ -99,7 +102,7 @@ def train_rows(out: str) -> list[dict[str, Any]]:
         if "/train-" in entry["path"]:
             with fs.open(f"{root}/{entry['path']}", "rb") as handle:
                 rows += pq.read_table(handle).to_pylist()
-    return sorted(rows, key=lambda r: r[c.PROMPT_ID])
+    return sorted(rows, key=lambda r: r[columns.PROMPT_ID])
 
 
 def local_leftovers(tmp_path: Path) -> list[Path]:
@@ -111,7 +114,7 @@ def test_pipeline_on_s3_publishes_a_loadable_dataset_and_resumes(
     tmp_path: Path, engine: FakeEngine, bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipe, out, work = write_recipe(tmp_path), f"s3://{bucket}/prefs", f"s3://{bucket}/work"
-    assert bp.main(["--recipe", recipe, "--output", out, "--work", work]) == 0
+    assert cli.build_prefs_main(["--recipe", recipe, "--output", out, "--work", work]) == 0
     manifest = writer.verify(out)
     assert manifest["splits"]["train"] > 0
     assert not local_leftovers(tmp_path), "everything must go to the bucket"
@@ -135,12 +138,12 @@ def test_pipeline_on_s3_publishes_a_loadable_dataset_and_resumes(
         storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}},
     )
     rows = train_rows(out)
-    assert sorted(loaded.to_list(), key=lambda r: r[c.PROMPT_ID]) == rows
+    assert sorted(loaded.to_list(), key=lambda r: r[columns.PROMPT_ID]) == rows
 
     # Rerun: every shard is found finished on S3; nothing is sampled, no marker rewritten, nothing republished.
     calls = engine.calls
     manifest_bytes = fs.cat_file(f"{bucket}/prefs/manifest.json")
-    assert bp.main(["--recipe", recipe, "--output", out, "--work", work]) == 0
+    assert cli.build_prefs_main(["--recipe", recipe, "--output", out, "--work", work]) == 0
     assert engine.calls == calls
     assert s3_markers(work) == first
     fs.invalidate_cache()
@@ -149,7 +152,7 @@ def test_pipeline_on_s3_publishes_a_loadable_dataset_and_resumes(
     # A corrupted shard object is detected by its checksum and recomputed: exactly that shard.
     shard = sorted(p for p in fs.find(f"{bucket}/work/sampling") if p.endswith(".data.parquet"))[1]
     fs.pipe_file(shard, fs.cat_file(shard)[:50])
-    assert bp.main(["--recipe", recipe, "--output", out, "--work", work]) == 0
+    assert cli.build_prefs_main(["--recipe", recipe, "--output", out, "--work", work]) == 0
     assert engine.calls == calls + 1, "exactly the damaged shard is sampled again"
     after = s3_markers(work)
     rewritten = {key for key in first if after[key] != first[key]}
@@ -200,7 +203,7 @@ def test_failure_between_data_and_card_leaves_the_previous_dataset_on_s3(
 
 def test_object_writes_are_all_or_nothing(bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A card/manifest replacement that fails mid-upload leaves the old object, never a partial one."""
-    from steps.base import write_bytes_atomic
+    from steps.run.files import write_bytes_atomic
 
     uri = f"s3://{bucket}/prefs/manifest.json"
     write_bytes_atomic(uri, b"old")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas import columns as c
+from schemas import columns
 from schemas.records import PROMPTS, RESPONSES
 from steps.engines import Failed, Generator, SamplingParams
-from steps.prompts import normalise_messages, prompt_id
+from steps.prompts.normalise import normalise_messages, prompt_id
 from steps.sampling import sample_table
 from tests.conftest import FakeEngine
 
@@ -18,11 +18,11 @@ def prompts_table(texts: list[str]) -> pa.Table:
         messages = normalise_messages(text)
         rows.append(
             {
-                c.PROMPT_ID: prompt_id(messages),
-                c.MESSAGES: messages,
-                c.REFERENCES: ["ref"],
-                c.SOURCE: "t",
-                c.SOURCE_ROW: i,
+                columns.PROMPT_ID: prompt_id(messages),
+                columns.MESSAGES: messages,
+                columns.REFERENCES: ["ref"],
+                columns.SOURCE: "t",
+                columns.SOURCE_ROW: i,
             }
         )
     return pa.Table.from_pylist(rows, schema=PROMPTS)
@@ -40,14 +40,18 @@ def test_responses_follow_contract_and_mark_empty_and_truncated(fake_engine: Fak
     assert table.schema == RESPONSES
     assert table.num_rows == 12 and stats.rows_out == 12
     rows = table.to_pylist()
-    assert {r[c.SAMPLE_INDEX] for r in rows} == {0, 1, 2, 3}
-    assert len({r[c.RESPONSE_ID] for r in rows}) == 12
+    assert {r[columns.SAMPLE_INDEX] for r in rows} == {0, 1, 2, 3}
+    assert len({r[columns.RESPONSE_ID] for r in rows}) == 12
     for r in rows:
-        assert r[c.IS_EMPTY] == (r[c.TEXT].strip() == "")
-        assert r[c.TRUNCATED] == (r[c.FINISH_REASON] == "length")
-        assert (r[c.POLICY_MODEL], r[c.ENGINE], r[c.MAX_TOKENS]) == ("fake/model", "fake", 3)
-    assert stats.counts["empty"] == sum(r[c.IS_EMPTY] for r in rows)
-    assert stats.counts["truncated"] == sum(r[c.TRUNCATED] for r in rows)
+        assert r[columns.IS_EMPTY] == (r[columns.TEXT].strip() == "")
+        assert r[columns.TRUNCATED] == (r[columns.FINISH_REASON] == "length")
+        assert (r[columns.POLICY_MODEL], r[columns.ENGINE], r[columns.MAX_TOKENS]) == (
+            "fake/model",
+            "fake",
+            3,
+        )
+    assert stats.counts["empty"] == sum(r[columns.IS_EMPTY] for r in rows)
+    assert stats.counts["truncated"] == sum(r[columns.TRUNCATED] for r in rows)
 
 
 def test_failed_prompt_is_dropped_with_reason_not_silently(fake_engine: FakeEngine) -> None:
@@ -60,12 +64,12 @@ def test_failed_prompt_is_dropped_with_reason_not_silently(fake_engine: FakeEngi
 def test_seeds_depend_on_prompt_not_position(fake_engine: FakeEngine) -> None:
     forward, _ = sample_table(prompts_table(["x", "y"]), fake_engine, PARAMS, seed=5)
     backward, _ = sample_table(prompts_table(["y", "x"]), fake_engine, PARAMS, seed=5)
-    key = [c.RESPONSE_ID, c.TEXT, c.SEED]
+    key = [columns.RESPONSE_ID, columns.TEXT, columns.SEED]
     assert sorted(forward.select(key).to_pylist(), key=str) == sorted(
         backward.select(key).to_pylist(), key=str
     )
     other, _ = sample_table(prompts_table(["x", "y"]), fake_engine, PARAMS, seed=6)
-    assert other.column(c.SEED).to_pylist() != forward.column(c.SEED).to_pylist()
+    assert other.column(columns.SEED).to_pylist() != forward.column(columns.SEED).to_pylist()
 
 
 def test_several_temperatures_split_n_and_record_each(fake_engine: FakeEngine) -> None:
@@ -73,11 +77,11 @@ def test_several_temperatures_split_n_and_record_each(fake_engine: FakeEngine) -
     prompts = prompts_table(["one", "two"])
     table, stats = sample_table(prompts, fake_engine, PARAMS, seed=3, temperatures=[0.6, 1.0])
     assert fake_engine.calls == 2 and table.num_rows == 8 and stats.rows_out == 8
-    for pid in prompts.column(c.PROMPT_ID).to_pylist():
-        rows = [r for r in table.to_pylist() if r[c.PROMPT_ID] == pid]
-        assert [r[c.SAMPLE_INDEX] for r in rows] == [0, 1, 2, 3]
-        assert [r[c.TEMPERATURE] for r in rows] == [0.6, 0.6, 1.0, 1.0]
-        assert len({r[c.SEED] for r in rows}) == 4  # the groups do not repeat each other's seeds
+    for pid in prompts.column(columns.PROMPT_ID).to_pylist():
+        rows = [r for r in table.to_pylist() if r[columns.PROMPT_ID] == pid]
+        assert [r[columns.SAMPLE_INDEX] for r in rows] == [0, 1, 2, 3]
+        assert [r[columns.TEMPERATURE] for r in rows] == [0.6, 0.6, 1.0, 1.0]
+        assert len({r[columns.SEED] for r in rows}) == 4  # the groups do not repeat each other's seeds
     # One temperature given as a list samples exactly what the plain setting samples.
     single, _ = sample_table(prompts, FakeEngine(), PARAMS, seed=3, temperatures=[0.8])
     plain, _ = sample_table(prompts, FakeEngine(), PARAMS, seed=3)

@@ -14,13 +14,13 @@ from huggingface_hub import DatasetCard
 from jinja2.exceptions import SecurityError
 from pydantic import ValidationError
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import ModelConfig, RecipeError, load_recipe
-from steps import card as card_module
-from steps.card import md, render_card
 from steps.engines import load_engine
-from steps.pairing import make_pairs
-from steps.writer import WrittenFile
+from steps.pairing.pairs import make_pairs
+from steps.publish import card as card_module
+from steps.publish.card import md, render_card
+from steps.publish.writer import WrittenFile
 from tests.conftest import ROOT, make_recipe
 from tests.test_labeling import responses
 from tests.test_pairing import labels_for
@@ -248,7 +248,7 @@ def hostile_card(**card: Any) -> tuple[str, Any]:
     sample, _ = make_pairs(prompts, resp, labels_for(resp, {"b_x": [2.0, 1.0]}), recipe)
     files = {"train": [WrittenFile("data/train-00000-of-00001.parquet", 1, "0" * 64, 10)]}
     # Recipes refuse such a labeler name (test below); the card escapes one anyway.
-    scores = {c.signal_column("b{{ 7*7 }}`x", c.CHOSEN): {"count": 1, "mean": 2.0, "std": 0.0, "min": 2.0,
+    scores = {columns.signal_column("b{{ 7*7 }}`x", columns.CHOSEN): {"count": 1, "mean": 2.0, "std": 0.0, "min": 2.0,
               "median": 2.0, "max": 2.0}}  # fmt: skip
     engine = {"model_id": "org/{{ 7*7 }}-model", "engine": "llama_cpp"}
     text = render_card(
@@ -277,8 +277,10 @@ def test_card_shows_user_strings_literally_never_evaluates_them() -> None:
     example = body.split("## Example row", 1)[1].split("## Files", 1)[0]
     fenced = example.strip().split("\n", 1)[1].rsplit("\n", 1)[0]
     row = json.loads(fenced)
-    assert row[c.PROMPT][0][c.CONTENT] == f"prompt {HOSTILE}"  # the prompt, character for character
-    assert row[c.CHOSEN][0][c.CONTENT] == "good {{ 7*7 }}"
+    assert (
+        row[columns.PROMPT][0][columns.CONTENT] == f"prompt {HOSTILE}"
+    )  # the prompt, character for character
+    assert row[columns.CHOSEN][0][columns.CONTENT] == "good {{ 7*7 }}"
     # A signal name with a backtick cannot break out of its code span in the scores table.
     assert "| ``score_b{{ 7*7 }}`x_chosen`` |" in body
 

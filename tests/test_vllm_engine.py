@@ -436,8 +436,8 @@ def test_model_stage_spreads_shards_over_one_worker_per_gpu(
     """The model-stage deployment on a 2-GPU host: each shard sampled once, by two spawned workers."""
     import flows.model_stage as ms
     from flows.model_stage import gpu_workers, model_stage, shard_ref
-    from steps import stages
-    from steps.resume import WorkArea
+    from steps.run import stages
+    from steps.run.resume import WorkArea
     from tests.conftest import make_recipe
 
     recipe = make_recipe(

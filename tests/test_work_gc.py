@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from flows import build_prefs as bp
-from schemas.recipe import LockSettings
-from steps import faults, lease, work_gc
+from flows import cli
+from schemas.locks import LockSettings
 from steps.base import StageStats
-from steps.resume import WorkArea
+from steps.run import faults, lease, work_gc
+from steps.run.resume import WorkArea
 from tests.conftest import ROOT, FakeEngine
 from tests.test_resume import markers, run, write_recipe
 
@@ -44,7 +45,7 @@ def two_settings(tmp_path: Path) -> tuple[Path, str]:
 
 
 def gc(work: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    code = bp.main(["--gc", "--work", str(work), "--keep-runs", "1", *args])
+    code = cli.build_prefs_main(["--gc", "--work", str(work), "--keep-runs", "1", *args])
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 

@@ -14,13 +14,14 @@ import pyarrow as pa
 import pytest
 from huggingface_hub import DatasetCard
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import Recipe
-from steps import base, writer
-from steps.base import write_bytes_atomic, write_table
-from steps.card import fence, md
-from steps.pairing import make_pairs
-from steps.publish import publish
+from steps.pairing.pairs import make_pairs
+from steps.publish import writer
+from steps.publish.card import fence, md
+from steps.publish.release import publish
+from steps.run import liveness
+from steps.run.files import write_bytes_atomic, write_table
 from tests.conftest import ROOT, make_recipe
 from tests.test_labeling import responses
 from tests.test_pairing import labels_for
@@ -155,7 +156,7 @@ def test_manifest_records_provenance(tmp_path: Path) -> None:
     assert manifest["package"]["name"] == "prefsmith" and manifest["package"]["version"]
     assert manifest["recipe"]["config"]["name"] == "test"
     assert set(manifest["files"][0]) == {"path", "rows", "sha256", "bytes"}
-    assert manifest["stats"]["scores"][c.SCORE_CHOSEN]["count"] == 1
+    assert manifest["stats"]["scores"][columns.SCORE_CHOSEN]["count"] == 1
 
 
 def test_card_escapes_user_strings_and_template_syntax(tmp_path: Path) -> None:
@@ -194,9 +195,9 @@ def test_rebuilt_dataset_in_the_same_folder_is_not_served_from_the_datasets_cach
 
 KILLED_BEFORE_RENAME = """
 import os, signal, sys
-from steps import base
+from steps.run import files
 os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # the kill lands between write and rename
-base.write_bytes_atomic(sys.argv[1], b"never published")
+files.write_bytes_atomic(sys.argv[1], b"never published")
 """
 
 
@@ -219,7 +220,7 @@ def test_a_writer_killed_before_its_rename_leaves_no_temporary_after_the_next_wr
     assert len(left) == 1 and left[0].startswith("manifest.json.tmp-"), left
     assert target.read_bytes() == b"old"
     # A live writer's temporary (this process's pid) is not touched.
-    live = tmp_path / f"manifest.json.tmp-{base._space_tag()}-{os.getpid()}-0000abcd"
+    live = tmp_path / f"manifest.json.tmp-{liveness.space_tag()}-{os.getpid()}-0000abcd"
     live.write_bytes(b"being written")
     # A dead pid from another pid space (a container sharing this host's name) is not ours to judge.
     elsewhere = tmp_path / f"manifest.json.tmp-{'f' * 12}-{killed_pid(tmp_path)}-0000abcd"

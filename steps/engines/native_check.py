@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.errors import RunError
 from schemas.recipe import ModelConfig
 from steps.engines import llama_build
 
@@ -49,7 +50,7 @@ print({_OK!r}, flush=True)
 """
 
 
-class EngineCrashError(RuntimeError):
+class EngineCrashError(RunError):
     """The installed llama.cpp cannot decode on this machine; raised before any model loads."""
 
 

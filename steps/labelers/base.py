@@ -16,8 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.records import LABELS
 from steps.base import StageStats
 from steps.engines.base import ReadRequest, ReadResult, read_requests
@@ -95,18 +94,18 @@ class Shard:
         by_prompt: dict[str, list[tuple[str, str]]] = {}
         turns_dropped: dict[str, int] = {}
         for pid, rid, text, dropped in zip(
-            responses.column(c.PROMPT_ID).to_pylist(),
-            responses.column(c.RESPONSE_ID).to_pylist(),
-            responses.column(c.TEXT).to_pylist(),
-            responses.column(c.PROMPT_TURNS_DROPPED).to_pylist(),
+            responses.column(columns.PROMPT_ID).to_pylist(),
+            responses.column(columns.RESPONSE_ID).to_pylist(),
+            responses.column(columns.TEXT).to_pylist(),
+            responses.column(columns.PROMPT_TURNS_DROPPED).to_pylist(),
             strict=True,
         ):
             by_prompt.setdefault(pid, []).append((rid, text))
             turns_dropped[pid] = dropped
         items = [
-            (as_seen(p, turns_dropped[p[c.PROMPT_ID]]), by_prompt[p[c.PROMPT_ID]])
+            (as_seen(p, turns_dropped[p[columns.PROMPT_ID]]), by_prompt[p[columns.PROMPT_ID]])
             for p in prompts.to_pylist()
-            if p[c.PROMPT_ID] in by_prompt
+            if p[columns.PROMPT_ID] in by_prompt
         ]
         return cls(items, responses.num_rows)
 
@@ -158,14 +157,16 @@ class Labeler(ABC):
                 if value is None:
                     reason = reason or reasons.UNSCORED
                     stats.drop(reason, example=f"response {rid}")
-                rows[c.PROMPT_ID].append(prompt[c.PROMPT_ID])
-                rows[c.RESPONSE_ID].append(rid)
-                rows[c.SIGNAL].append(self.signal)
-                rows[c.SCORE].append(value)
-                rows[c.REASON].append(reason if value is None else None)
-                rows[c.DETAILS].append(json.dumps(score.details, sort_keys=True) if score.details else None)
+                rows[columns.PROMPT_ID].append(prompt[columns.PROMPT_ID])
+                rows[columns.RESPONSE_ID].append(rid)
+                rows[columns.SIGNAL].append(self.signal)
+                rows[columns.SCORE].append(value)
+                rows[columns.REASON].append(reason if value is None else None)
+                rows[columns.DETAILS].append(
+                    json.dumps(score.details, sort_keys=True) if score.details else None
+                )
         table = pa.Table.from_pydict(rows, schema=LABELS)
-        stats.rows_out = table.num_rows - table.column(c.SCORE).null_count
+        stats.rows_out = table.num_rows - table.column(columns.SCORE).null_count
         stats.counts["scored"] = stats.rows_out
         return table, stats
 
@@ -174,4 +175,4 @@ def as_seen(prompt: dict[str, Any], turns_dropped: int) -> dict[str, Any]:
     """The prompt row with the conversation the policy answered (its oldest turns left out, if any)."""
     if not turns_dropped:
         return prompt
-    return {**prompt, c.MESSAGES: truncated(prompt[c.MESSAGES], turns_dropped)}
+    return {**prompt, columns.MESSAGES: truncated(prompt[columns.MESSAGES], turns_dropped)}

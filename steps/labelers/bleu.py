@@ -1,12 +1,11 @@
-"""BLEU against the prompt's reference answers as a labeler (the BLEU itself is ``steps.bleu``)."""
+"""BLEU against the prompt's reference answers as a labeler (the metric: ``steps.labelers.bleu_score``)."""
 
 from __future__ import annotations
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import BleuConfig
-from steps.bleu import BleuScorer
 from steps.labelers.base import Labeler, PromptGroup, Score
+from steps.labelers.bleu_score import BleuScorer
 
 
 class BleuLabeler(Labeler):
@@ -17,7 +16,7 @@ class BleuLabeler(Labeler):
         self.variant = config.variant
 
     def score_prompt(self, group: PromptGroup) -> list[Score]:
-        references = group.prompt[c.REFERENCES] or []
+        references = group.prompt[columns.REFERENCES] or []
         if not references:
             return [Score(None, reasons.NO_REFERENCES)] * len(group.responses)
         scorer = BleuScorer(references, variant=self.variant)

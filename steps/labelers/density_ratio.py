@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import ContrastSide, DensityRatioConfig
 from steps.engines import Failed, ScoreRequest, load_engine
 from steps.engines.base import Message, ReadResult
@@ -24,17 +23,17 @@ def side_context(side: ContrastSide, messages: list[Message]) -> list[Message]:
     """The prompt as one side sees it: criteria merged into (or added as) the system turn, exemplar next."""
     messages = [dict(m) for m in messages]
     head: list[Message] = []
-    if messages and messages[0][c.ROLE] == "system":
+    if messages and messages[0][columns.ROLE] == "system":
         head = [messages.pop(0)]
     if side.system_prompt:
         if head:
-            head[0][c.CONTENT] = f"{side.system_prompt}\n\n{head[0][c.CONTENT]}"
+            head[0][columns.CONTENT] = f"{side.system_prompt}\n\n{head[0][columns.CONTENT]}"
         else:
-            head = [{c.ROLE: "system", c.CONTENT: side.system_prompt}]
+            head = [{columns.ROLE: "system", columns.CONTENT: side.system_prompt}]
     if side.exemplar:
         head += [
-            {c.ROLE: "user", c.CONTENT: side.exemplar.prompt},
-            {c.ROLE: "assistant", c.CONTENT: side.exemplar.response},
+            {columns.ROLE: "user", columns.CONTENT: side.exemplar.prompt},
+            {columns.ROLE: "assistant", columns.CONTENT: side.exemplar.response},
         ]
     return head + messages
 
@@ -49,8 +48,8 @@ class DensityRatioLabeler(Labeler):
     def plan(self, groups: list[PromptGroup]) -> Plan:
         strong_requests, weak_requests = [], []
         for group in groups:
-            strong_ctx = side_context(self.config.strong, group.prompt[c.MESSAGES])
-            weak_ctx = side_context(self.config.weak, group.prompt[c.MESSAGES])
+            strong_ctx = side_context(self.config.strong, group.prompt[columns.MESSAGES])
+            weak_ctx = side_context(self.config.weak, group.prompt[columns.MESSAGES])
             strong_requests += [ScoreRequest(strong_ctx, text) for text in group.responses]
             weak_requests += [ScoreRequest(weak_ctx, text) for text in group.responses]
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import FollowUpConfig, RecipeError
 from steps.engines import Failed, ScoreRequest, load_engine
 from steps.engines.base import ReadResult
@@ -83,7 +82,10 @@ class FollowUpLabeler(Labeler):
                 if not text.strip():
                     owners.append(None)
                     continue
-                context = [*group.prompt[c.MESSAGES], {c.ROLE: "assistant", c.CONTENT: text}]
+                context = [
+                    *group.prompt[columns.MESSAGES],
+                    {columns.ROLE: "assistant", columns.CONTENT: text},
+                ]
                 requests += [ScoreRequest(context, f, "user") for _, _, f in self.followups]
                 owners.append(len(requests) - len(self.followups))
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import itertools
 from statistics import fmean
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import PairwiseJudgeConfig
 from steps.engines import Failed, load_engine
 from steps.engines.base import ReadResult
-from steps.judges import Verdict, bradley_terry, pair_requests, pair_verdicts
 from steps.labelers.base import Labeler, Plan, PromptGroup, Score
+from steps.labelers.judging import Verdict, bradley_terry, pair_requests, pair_verdicts
 
 
 class PairwiseJudgeLabeler(Labeler):
@@ -27,7 +26,7 @@ class PairwiseJudgeLabeler(Labeler):
         for k, group in enumerate(groups):
             live = [i for i, text in enumerate(group.responses) if text.strip()]
             for i, j in itertools.combinations(live, 2):
-                jobs.append((group.prompt[c.MESSAGES], group.responses[i], group.responses[j]))
+                jobs.append((group.prompt[columns.MESSAGES], group.responses[i], group.responses[j]))
                 index.append((k, i, j))
 
         def finish(results: list[list[ReadResult]]) -> list[list[Score]]:

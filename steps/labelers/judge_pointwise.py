@@ -6,13 +6,12 @@ from __future__ import annotations
 from statistics import fmean
 from typing import Any
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import PointwiseJudgeConfig
 from steps.engines import Failed, OptionRequest, SamplingParams, derive_seed, load_engine
 from steps.engines.base import Message, ReadResult
-from steps.judges import SCORE_OPTIONS, SCORE_PREFILL, normalised, parse_score, pointwise_prompt
 from steps.labelers.base import Labeler, Plan, PromptGroup, Score, regroup
+from steps.labelers.judging import SCORE_OPTIONS, SCORE_PREFILL, normalised, parse_score, pointwise_prompt
 
 
 class PointwiseJudgeLabeler(Labeler):
@@ -43,7 +42,7 @@ class PointwiseJudgeLabeler(Labeler):
         self, prompts: list[tuple[dict[str, Any], str]], conversations: list[list[Message]]
     ) -> list[Score]:
         params = SamplingParams(self.config.n, self.config.temperature, 1.0, self.config.max_tokens)
-        seeds = [derive_seed("judge", p[c.PROMPT_ID], text) for p, text in prompts]
+        seeds = [derive_seed("judge", p[columns.PROMPT_ID], text) for p, text in prompts]
         scores = []
         for (_, text), result in zip(
             prompts, self.engine.generate(conversations, params, seeds), strict=True
@@ -68,7 +67,11 @@ class PointwiseJudgeLabeler(Labeler):
 
 def _judge_prompts(groups: list[PromptGroup]) -> list[list[Message]]:
     """The rubric prompt of every response, in order."""
-    return [pointwise_prompt(g.prompt[c.MESSAGES], text, g.responses) for g in groups for text in g.responses]
+    return [
+        pointwise_prompt(g.prompt[columns.MESSAGES], text, g.responses)
+        for g in groups
+        for text in g.responses
+    ]
 
 
 def _expected(text: str, result: ReadResult) -> Score:

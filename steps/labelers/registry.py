@@ -19,7 +19,7 @@ from schemas.recipe import (
     RewardModelConfig,
 )
 from schemas.records import LABELS, PROMPTS, RESPONSES
-from steps.base import ShardResult, StageStats, read_table, write_table
+from steps.base import ShardResult, StageStats
 from steps.labelers.base import Labeler
 from steps.labelers.bleu import BleuLabeler
 from steps.labelers.density_ratio import DensityRatioLabeler
@@ -28,6 +28,7 @@ from steps.labelers.joint import label_jointly
 from steps.labelers.judge_pairwise import PairwiseJudgeLabeler
 from steps.labelers.judge_pointwise import PointwiseJudgeLabeler
 from steps.labelers.reward_model import RewardModelLabeler
+from steps.run.files import read_table, write_table
 
 KINDS: dict[type, Callable[[Any], Labeler]] = {
     BleuConfig: BleuLabeler,

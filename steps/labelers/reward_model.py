@@ -7,8 +7,7 @@ scale does not matter there (docs/design.md, Reward model).
 
 from __future__ import annotations
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import RewardModelConfig
 from steps.engines import Failed, RewardRequest, load_reward_model
 from steps.engines.reward import head_index
@@ -29,7 +28,7 @@ class RewardModelLabeler(Labeler):
                 # Nothing to judge, and every model labeler nulls it, so no signal alone decides blanks.
                 owners.append(len(requests) if text.strip() else None)
                 if text.strip():
-                    requests.append(RewardRequest(group.prompt[c.MESSAGES], text))
+                    requests.append(RewardRequest(group.prompt[columns.MESSAGES], text))
         results = self.scorer.reward(requests)
         flat = [Score(None, reasons.EMPTY_RESPONSE) if k is None else self._score(results[k]) for k in owners]
         return regroup(groups, flat)

@@ -44,8 +44,10 @@ from typing import Any, Protocol
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.recipe import LockSettings
-from steps.base import alive, join_uri, pid_space, write_bytes_atomic
+from schemas.errors import RunError
+from schemas.locks import LockSettings
+from steps.run.files import join_uri, write_bytes_atomic
+from steps.run.liveness import alive, pid_space
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,11 @@ SETTLE_S = 2.0  # best-effort stores: how long a write must survive before it co
 REPEAT_WAIT_MESSAGE_S = 60.0
 
 
-class LeaseBusyError(RuntimeError):
+class LeaseBusyError(RunError):
     """Another live run holds the lease, and the settings say not to wait (or waiting ran out)."""
 
 
-class LeaseLostError(RuntimeError):
+class LeaseLostError(RunError):
     """This run's lease expired or was taken over: it must not publish or delete anything now."""
 
 

@@ -9,12 +9,11 @@ from typing import Any
 from schemas import reasons
 from schemas.recipe import Recipe
 from schemas.records import dropped_schema, pairs_schema
-from steps import faults, plots
-from steps.card import render_card
 from steps.engines import resolve_model
 from steps.labelers.settings import labeler_settings
-from steps.resume import CODE_VERSIONS, sha256_of
-from steps.writer import (
+from steps.publish import plots
+from steps.publish.card import render_card
+from steps.publish.writer import (
     FORMAT_VERSION,
     RUNS_DIR,
     read_manifest,
@@ -26,6 +25,8 @@ from steps.writer import (
     write_manifest,
     write_split,
 )
+from steps.run import faults
+from steps.run.resume import CODE_VERSIONS, sha256_of
 
 IMAGES_DIR = "images"
 STATS_FILE = "stats.json"

@@ -19,11 +19,11 @@ import yaml
 from jinja2 import FileSystemLoader, StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import Recipe
-from steps.writer import WrittenFile, package_version
+from steps.publish.writer import WrittenFile, package_version
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "data_cards"
+TEMPLATES = Path(__file__).resolve().parents[2] / "data_cards"
 # Characters that change meaning inline (emphasis, code, links, HTML, entities, table
 # cells). Line-start markers (#, -, +, 1.) cannot occur: values are placed mid-line.
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
@@ -96,8 +96,8 @@ def _example(sample: pa.Table) -> str | None:
     def clip(text: str, limit: int = 600) -> str:
         return text if len(text) <= limit else text[:limit] + " …[truncated]"
 
-    for key in (c.PROMPT, c.CHOSEN, c.REJECTED):
-        row[key] = [{**m, c.CONTENT: clip(m[c.CONTENT])} for m in row[key]]
+    for key in (columns.PROMPT, columns.CHOSEN, columns.REJECTED):
+        row[key] = [{**m, columns.CONTENT: clip(m[columns.CONTENT])} for m in row[key]]
     return json.dumps(row, indent=2, ensure_ascii=False)
 
 

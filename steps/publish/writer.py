@@ -31,10 +31,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import Recipe
 from schemas.records import conform, pairs_schema
-from steps.base import join_uri, parquet_rows, write_bytes_atomic
+from steps.run.files import join_uri, parquet_rows, write_bytes_atomic
 
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -129,9 +129,11 @@ def write_split(
     stamp = recipe.fingerprint()
 
     def write_one(name: str, chunk: pa.Table) -> WrittenFile:
-        column = chunk.schema.get_field_index(c.RECIPE_HASH)
+        column = chunk.schema.get_field_index(columns.RECIPE_HASH)
         if column >= 0:
-            chunk = chunk.set_column(column, c.RECIPE_HASH, pa.array([stamp] * chunk.num_rows, pa.string()))
+            chunk = chunk.set_column(
+                column, columns.RECIPE_HASH, pa.array([stamp] * chunk.num_rows, pa.string())
+            )
         blob = _encode(conform(chunk, schema, name), fmt)
         with fs.open(f"{root}/{name}", "wb") as handle:
             handle.write(blob)
@@ -246,14 +248,17 @@ def score_summary(pair_uris: list[str], recipe: Recipe) -> dict[str, dict[str, f
     """Distribution of the pair scores (aggregate, margin and each signal) for the card."""
     import polars as pl
 
-    columns = [c.SCORE_CHOSEN, c.SCORE_REJECTED, c.MARGIN]
+    wanted = [columns.SCORE_CHOSEN, columns.SCORE_REJECTED, columns.MARGIN]
     for signal in recipe.signals:
-        columns += [c.signal_column(signal, c.CHOSEN), c.signal_column(signal, c.REJECTED)]
+        wanted += [
+            columns.signal_column(signal, columns.CHOSEN),
+            columns.signal_column(signal, columns.REJECTED),
+        ]
 
     def numbers(uri: str) -> pa.Table:  # only these columns, never the texts
         fs, path = fsspec.core.url_to_fs(uri)
         with fs.open(path, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
+            return pq.read_table(handle, columns=wanted)
 
     tables = [numbers(uri) for uri in pair_uris]
     if not tables or not sum(t.num_rows for t in tables):
@@ -262,7 +267,7 @@ def score_summary(pair_uris: list[str], recipe: Recipe) -> dict[str, dict[str, f
     frame = pl.from_arrow(pa.concat_tables(tables).combine_chunks())
     assert isinstance(frame, pl.DataFrame)
     summary: dict[str, dict[str, float | int]] = {}
-    for name in columns:
+    for name in wanted:
         col = frame.get_column(name).drop_nulls()
         if col.len() == 0:
             continue

@@ -27,7 +27,8 @@ from typing import Any, Protocol, TypeVar
 
 import fsspec
 
-from steps.writer import CARD, MANIFEST, RUNS_DIR, verify
+from schemas.errors import RunError
+from steps.publish.writer import CARD, MANIFEST, RUNS_DIR, verify
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,7 +41,7 @@ OWNED_PREFIXES = (f"{RUNS_DIR}/", "data/", "images/")
 OWNED_FILES = frozenset({"stats.json", CARD, MANIFEST})
 
 
-class HubError(RuntimeError):
+class HubError(RunError):
     """A push that did not happen; the message says why and what to do."""
 
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import ModelConfig
 from steps.engines import Failed, OptionRequest, load_engine
 from steps.engines.base import Message
@@ -81,7 +80,7 @@ def quote(label: str, text: str, nonce: str) -> str:
 
 
 def transcript(messages: Sequence[Message]) -> str:
-    return "\n\n".join(f"{m[c.ROLE].capitalize()}: {m[c.CONTENT]}" for m in messages)
+    return "\n\n".join(f"{m[columns.ROLE].capitalize()}: {m[columns.CONTENT]}" for m in messages)
 
 
 def pointwise_prompt(messages: Sequence[Message], reply: str, siblings: Sequence[str] = ()) -> list[Message]:
@@ -97,7 +96,7 @@ def pointwise_prompt(messages: Sequence[Message], reply: str, siblings: Sequence
     body = RUBRIC.format(
         conversation=quote("CONVERSATION", conversation, nonce), reply=quote("REPLY", reply, nonce)
     )
-    return [{c.ROLE: "user", c.CONTENT: body}]
+    return [{columns.ROLE: "user", columns.CONTENT: body}]
 
 
 def pairwise_prompt(messages: Sequence[Message], first: str, second: str) -> list[Message]:
@@ -108,7 +107,7 @@ def pairwise_prompt(messages: Sequence[Message], first: str, second: str) -> lis
         first=quote("REPLY A", first, nonce),
         second=quote("REPLY B", second, nonce),
     )
-    return [{c.ROLE: "user", c.CONTENT: body}]
+    return [{columns.ROLE: "user", columns.CONTENT: body}]
 
 
 def parse_score(judgement: str) -> int | None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas import columns as c
+from schemas import columns
 from schemas.records import conform
 
 CHOSEN_COLOUR, REJECTED_COLOUR, DROPPED_COLOUR = "#2a9d8f", "#e76f51", "#8d99ae"
@@ -46,14 +46,17 @@ def length_column(side: str) -> str:
 
 def plot_columns(signals: list[str]) -> list[str]:
     """The numeric pair columns the figures draw."""
-    names = [c.SCORE_CHOSEN, c.SCORE_REJECTED, c.MARGIN, c.JUDGE_P_CHOSEN]
+    names = [columns.SCORE_CHOSEN, columns.SCORE_REJECTED, columns.MARGIN, columns.JUDGE_P_CHOSEN]
     for signal in signals:
-        names += [c.signal_column(signal, c.CHOSEN), c.signal_column(signal, c.REJECTED)]
+        names += [
+            columns.signal_column(signal, columns.CHOSEN),
+            columns.signal_column(signal, columns.REJECTED),
+        ]
     return names
 
 
 def _first_lengths(conversations: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    first = pc.struct_field(pc.list_element(conversations, 0), c.CONTENT)
+    first = pc.struct_field(pc.list_element(conversations, 0), columns.CONTENT)
     return pc.utf8_length(first).cast(pa.float64())
 
 
@@ -64,7 +67,7 @@ def read_plot_table(uris: list[str], schema: pa.Schema, signals: list[str]) -> p
     so the memory for the figures grows with numbers per pair, not with the texts.
     """
     numeric = plot_columns(signals)
-    sides = (c.CHOSEN, c.REJECTED)
+    sides = (columns.CHOSEN, columns.REJECTED)
     target = pa.schema(
         [schema.field(name) for name in numeric] + [pa.field(length_column(s), pa.float64()) for s in sides]
     )
@@ -84,7 +87,7 @@ def read_plot_table(uris: list[str], schema: pa.Schema, signals: list[str]) -> p
 def _lengths(table: pa.Table, side: str) -> np.ndarray:
     if length_column(side) in table.column_names:
         return table.column(length_column(side)).to_numpy().astype(float)
-    return np.array([len(conv[0][c.CONTENT]) for conv in table.column(side).to_pylist()], dtype=float)
+    return np.array([len(conv[0][columns.CONTENT]) for conv in table.column(side).to_pylist()], dtype=float)
 
 
 def funnel(steps: list[tuple[str, int]], drops: dict[str, int]) -> bytes:
@@ -109,8 +112,10 @@ def funnel(steps: list[tuple[str, int]], drops: dict[str, int]) -> bytes:
 def signal_distributions(pairs: pa.Table, signals: list[str]) -> bytes:
     fig, axes = plt.subplots(1, len(signals), figsize=(3.2 * len(signals), 3.0), squeeze=False)
     for ax, signal in zip(axes[0], signals, strict=True):
-        for side, colour in ((c.CHOSEN, CHOSEN_COLOUR), (c.REJECTED, REJECTED_COLOUR)):
-            values = [v for v in pairs.column(c.signal_column(signal, side)).to_pylist() if v is not None]
+        for side, colour in ((columns.CHOSEN, CHOSEN_COLOUR), (columns.REJECTED, REJECTED_COLOUR)):
+            values = [
+                v for v in pairs.column(columns.signal_column(signal, side)).to_pylist() if v is not None
+            ]
             if values:
                 ax.hist(values, bins=15, alpha=0.6, color=colour, label=side)
         ax.set_title(signal)
@@ -123,13 +128,22 @@ def agreement_matrix(pairs: pa.Table, signals: list[str]) -> tuple[bytes, dict[s
     """Share of pairs on which two signals agree about which side is better."""
     directions = {}
     for signal in signals:
-        chosen = pairs.column(c.signal_column(signal, c.CHOSEN)).to_numpy(zero_copy_only=False).astype(float)
+        chosen = (
+            pairs.column(columns.signal_column(signal, columns.CHOSEN))
+            .to_numpy(zero_copy_only=False)
+            .astype(float)
+        )
         rejected = (
-            pairs.column(c.signal_column(signal, c.REJECTED)).to_numpy(zero_copy_only=False).astype(float)
+            pairs.column(columns.signal_column(signal, columns.REJECTED))
+            .to_numpy(zero_copy_only=False)
+            .astype(float)
         )
         directions[signal] = np.sign(chosen - rejected)
-    if c.JUDGE_P_CHOSEN in pairs.column_names and pairs.column(c.JUDGE_P_CHOSEN).null_count < pairs.num_rows:
-        p = pairs.column(c.JUDGE_P_CHOSEN).to_numpy(zero_copy_only=False).astype(float)
+    if (
+        columns.JUDGE_P_CHOSEN in pairs.column_names
+        and pairs.column(columns.JUDGE_P_CHOSEN).null_count < pairs.num_rows
+    ):
+        p = pairs.column(columns.JUDGE_P_CHOSEN).to_numpy(zero_copy_only=False).astype(float)
         directions["pair_judge"] = np.sign(p - 0.5)
     names = list(directions)
     matrix = np.full((len(names), len(names)), np.nan)
@@ -165,7 +179,9 @@ def agreement_matrix(pairs: pa.Table, signals: list[str]) -> tuple[bytes, dict[s
 def margins(kept: pa.Table, dropped: pa.Table) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for table, colour, label in ((kept, CHOSEN_COLOUR, "kept"), (dropped, DROPPED_COLOUR, "dropped")):
-        values = [v for v in table.column(c.MARGIN).to_pylist() if v is not None] if table.num_rows else []
+        values = (
+            [v for v in table.column(columns.MARGIN).to_pylist() if v is not None] if table.num_rows else []
+        )
         if values:
             ax.hist(values, bins=20, alpha=0.7, color=colour, label=label)
     ax.set_xlabel("margin (aggregate score chosen - rejected)")
@@ -178,8 +194,8 @@ def margins(kept: pa.Table, dropped: pa.Table) -> bytes:
 def length_vs_score(pairs: pa.Table) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for side, colour, score in (
-        (c.CHOSEN, CHOSEN_COLOUR, c.SCORE_CHOSEN),
-        (c.REJECTED, REJECTED_COLOUR, c.SCORE_REJECTED),
+        (columns.CHOSEN, CHOSEN_COLOUR, columns.SCORE_CHOSEN),
+        (columns.REJECTED, REJECTED_COLOUR, columns.SCORE_REJECTED),
     ):
         ax.scatter(
             _lengths(pairs, side), pairs.column(score).to_pylist(), s=14, alpha=0.7, color=colour, label=side

@@ -15,15 +15,23 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import ModelConfig, Recipe
 from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_schema
-from steps.aggregate import AGG, LOG_CHARS, Aggregation, RunStats, aggregate_scores, run_stats, wide_scores
-from steps.base import ShardResult, StageStats, read_table, write_table
-from steps.consistency import evidence
+from steps.base import ShardResult, StageStats
 from steps.engines import derive_seed
 from steps.engines.context import truncated
+from steps.pairing.aggregate import (
+    AGG,
+    LOG_CHARS,
+    Aggregation,
+    RunStats,
+    aggregate_scores,
+    run_stats,
+    wide_scores,
+)
+from steps.pairing.consistency import evidence
+from steps.run.files import read_table, write_table
 
 NORM = "_norm_text"
 _CHARS = "_chars"
@@ -32,7 +40,7 @@ _RANK = "_rank"
 
 def zero_variance_counts(scores: pl.DataFrame, signals: list[str]) -> dict[str, int]:
     """Per signal, how many prompts it could not rank (all its scores equal): it contributed 0 there."""
-    per_prompt = scores.group_by(c.PROMPT_ID).agg(
+    per_prompt = scores.group_by(columns.PROMPT_ID).agg(
         [(pl.col(s).drop_nulls().n_unique() == 1).alias(s) for s in signals]
     )
     return {s: int(per_prompt.get_column(s).sum()) for s in signals}
@@ -41,13 +49,17 @@ def zero_variance_counts(scores: pl.DataFrame, signals: list[str]) -> dict[str, 
 def judge_candidates(table: pa.Table, model: ModelConfig, stats: StageStats) -> pa.Table:
     """Fill the judge columns of each pair: both orders, P(chosen wins), agreement of the orders."""
     from steps.engines import Failed
-    from steps.judges import PairJudge, Verdict
+    from steps.labelers.judging import PairJudge, Verdict
 
     if table.num_rows == 0:
         return table
     jobs = [
-        (row[c.PROMPT], row[c.CHOSEN][0][c.CONTENT], row[c.REJECTED][0][c.CONTENT])
-        for row in table.select([c.PROMPT, c.CHOSEN, c.REJECTED]).to_pylist()
+        (
+            row[columns.PROMPT],
+            row[columns.CHOSEN][0][columns.CONTENT],
+            row[columns.REJECTED][0][columns.CONTENT],
+        )
+        for row in table.select([columns.PROMPT, columns.CHOSEN, columns.REJECTED]).to_pylist()
     ]
     verdicts = [
         v
@@ -63,10 +75,14 @@ def judge_candidates(table: pa.Table, model: ModelConfig, stats: StageStats) -> 
     stats.counts["pair_judge_swap_disagree"] = sum(1 for a in agree if a is False)
     stats.counts["pair_judge_prefers_rejected"] = sum(1 for p in p_chosen if p is not None and p < 0.5)
     table = table.set_column(
-        table.schema.get_field_index(c.JUDGE_P_CHOSEN), c.JUDGE_P_CHOSEN, pa.array(p_chosen, pa.float64())
+        table.schema.get_field_index(columns.JUDGE_P_CHOSEN),
+        columns.JUDGE_P_CHOSEN,
+        pa.array(p_chosen, pa.float64()),
     )
     return table.set_column(
-        table.schema.get_field_index(c.JUDGE_SWAP_AGREE), c.JUDGE_SWAP_AGREE, pa.array(agree, pa.bool_())
+        table.schema.get_field_index(columns.JUDGE_SWAP_AGREE),
+        columns.JUDGE_SWAP_AGREE,
+        pa.array(agree, pa.bool_()),
     )
 
 
@@ -74,7 +90,7 @@ def _conversation(texts: pa.Array) -> pa.Array:
     """Each text → a one-message assistant conversation, built column-wise."""
     n = len(texts)
     roles = pa.array(["assistant"] * n, pa.string())
-    messages = pa.StructArray.from_arrays([roles, texts.cast(pa.string())], [c.ROLE, c.CONTENT])
+    messages = pa.StructArray.from_arrays([roles, texts.cast(pa.string())], [columns.ROLE, columns.CONTENT])
     offsets = pa.array(range(n + 1), pa.int32())
     return pa.ListArray.from_arrays(offsets, messages).cast(CONVERSATION)
 
@@ -93,32 +109,32 @@ def _no_pair_reasons(
     ``ratio_blocked`` lists the prompts that had a candidate pair before
     ``length_control.max_ratio`` ruled every one out.
     """
-    texts = responses.group_by(c.PROMPT_ID).agg(
+    texts = responses.group_by(columns.PROMPT_ID).agg(
         pl.col(NORM).n_unique().alias("distinct_texts"),
-        (pl.col(AGG).is_not_null() & pl.col(c.TRUNCATED)).sum().alias("cut"),
+        (pl.col(AGG).is_not_null() & pl.col(columns.TRUNCATED)).sum().alias("cut"),
     )
-    unpaired = texts.join(paired.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
-    per_prompt = scored.group_by(c.PROMPT_ID).agg(
+    unpaired = texts.join(paired.select(columns.PROMPT_ID), on=columns.PROMPT_ID, how="anti")
+    per_prompt = scored.group_by(columns.PROMPT_ID).agg(
         pl.len().alias("n"),
         (pl.col(AGG).max() - pl.col(AGG).min()).alias("spread"),
         pl.col(AGG).max().alias("top"),
         ((pl.col(AGG).max() - pl.col(AGG)) > margin).sum().alias("beyond_margin"),
     )
     label_reason = (
-        labels.filter(pl.col(c.REASON).is_not_null())
-        .group_by(c.PROMPT_ID)
-        .agg(pl.col(c.REASON).sort().first().alias("label_reason"))
+        labels.filter(pl.col(columns.REASON).is_not_null())
+        .group_by(columns.PROMPT_ID)
+        .agg(pl.col(columns.REASON).sort().first().alias("label_reason"))
     )
-    frame = unpaired.join(per_prompt, on=c.PROMPT_ID, how="left").join(
-        label_reason, on=c.PROMPT_ID, how="left"
+    frame = unpaired.join(per_prompt, on=columns.PROMPT_ID, how="left").join(
+        label_reason, on=columns.PROMPT_ID, how="left"
     )
     blocked = (
         ratio_blocked
         if ratio_blocked is not None
-        else pl.DataFrame({c.PROMPT_ID: []}, {c.PROMPT_ID: pl.String})
+        else pl.DataFrame({columns.PROMPT_ID: []}, {columns.PROMPT_ID: pl.String})
     )
     frame = frame.with_columns(
-        pl.col(c.PROMPT_ID).is_in(blocked.get_column(c.PROMPT_ID).implode()).alias("_ratio")
+        pl.col(columns.PROMPT_ID).is_in(blocked.get_column(columns.PROMPT_ID).implode()).alias("_ratio")
     )
     reason = (
         pl.when(pl.col("distinct_texts") == 1)
@@ -137,7 +153,11 @@ def _no_pair_reasons(
         .then(pl.lit(reasons.LENGTH_RATIO))
         .otherwise(pl.lit(reasons.IDENTICAL_TEXT))
     )
-    return frame.with_columns(reason.alias(c.REASON)).select(c.PROMPT_ID, c.REASON).sort(c.PROMPT_ID)
+    return (
+        frame.with_columns(reason.alias(columns.REASON))
+        .select(columns.PROMPT_ID, columns.REASON)
+        .sort(columns.PROMPT_ID)
+    )
 
 
 def make_pairs(
@@ -150,7 +170,7 @@ def make_pairs(
     """One chosen/rejected pair per prompt, or one reason why not.
 
     ``stats_of_run`` are the run-wide numbers a spread scale or length control needs
-    (``steps.aggregate.run_stats`` over every shard); without them this shard stands for the run.
+    (``steps.pairing.aggregate.run_stats`` over every shard); without them this shard stands for the run.
     """
     aggregation = Aggregation.of(recipe)
     rule, margin = recipe.pairing.rule, recipe.pairing.min_margin
@@ -160,34 +180,36 @@ def make_pairs(
     resp = pl.from_arrow(responses)
     labels_df = pl.from_arrow(labels)
     assert isinstance(resp, pl.DataFrame) and isinstance(labels_df, pl.DataFrame)
-    lengths = resp.select(c.RESPONSE_ID, c.TEXT)
+    lengths = resp.select(columns.RESPONSE_ID, columns.TEXT)
     if aggregation.needs_run_stats and stats_of_run is None:
         stats_of_run = run_stats(wide_scores(labels, aggregation.signals, lengths), aggregation)
     scores = aggregate_scores(labels, aggregation, stats_of_run, lengths)
-    joined = resp.join(scores.drop(LOG_CHARS, strict=False), on=[c.PROMPT_ID, c.RESPONSE_ID], how="left")
+    joined = resp.join(
+        scores.drop(LOG_CHARS, strict=False), on=[columns.PROMPT_ID, columns.RESPONSE_ID], how="left"
+    )
     joined = joined.with_columns(
-        pl.col(c.TEXT)
+        pl.col(columns.TEXT)
         .str.to_lowercase()
         .str.split(" ")
         .list.join(" ")
         .str.replace_all(r"\s+", " ")
         .str.strip_chars()
         .alias(NORM),
-        pl.col(c.TEXT).str.len_chars().cast(pl.Int64).alias(_CHARS),
+        pl.col(columns.TEXT).str.len_chars().cast(pl.Int64).alias(_CHARS),
     )
     scored = joined.filter(pl.col(AGG).is_not_null())
     if recipe.pairing.finished_only:
         # Left out after aggregation: the z-scores still see every answer the policy gave.
-        stats.counts[reasons.CUT_ANSWERS_NOT_PAIRED] = int(scored.get_column(c.TRUNCATED).sum())
-        scored = scored.filter(~pl.col(c.TRUNCATED))
+        stats.counts[reasons.CUT_ANSWERS_NOT_PAIRED] = int(scored.get_column(columns.TRUNCATED).sum())
+        scored = scored.filter(~pl.col(columns.TRUNCATED))
 
     # Chosen is the best response; with a length ratio, the best one that has a partner within it.
-    ranked = scored.sort([c.PROMPT_ID, AGG, c.SAMPLE_INDEX], descending=[False, True, False]).with_columns(
-        (pl.int_range(pl.len()).over(c.PROMPT_ID) + 1).alias(_RANK)
-    )
+    ranked = scored.sort(
+        [columns.PROMPT_ID, AGG, columns.SAMPLE_INDEX], descending=[False, True, False]
+    ).with_columns((pl.int_range(pl.len()).over(columns.PROMPT_ID) + 1).alias(_RANK))
     chosen = ranked if max_ratio is not None else ranked.filter(pl.col(_RANK) == 1)
-    candidates = scored.join(chosen, on=c.PROMPT_ID, suffix="_c").filter(
-        (pl.col(c.RESPONSE_ID) != pl.col(f"{c.RESPONSE_ID}_c"))
+    candidates = scored.join(chosen, on=columns.PROMPT_ID, suffix="_c").filter(
+        (pl.col(columns.RESPONSE_ID) != pl.col(f"{columns.RESPONSE_ID}_c"))
         & (pl.col(NORM) != pl.col(f"{NORM}_c"))
         & ((pl.col(f"{AGG}_c") - pl.col(AGG)) > margin)
     )
@@ -197,34 +219,40 @@ def make_pairs(
         shorter = pl.max_horizontal(pl.min_horizontal(_CHARS, f"{_CHARS}_c"), pl.lit(1)).cast(pl.Float64)
         within = candidates.filter(longer / shorter <= max_ratio)
         blocked = (
-            candidates.select(c.PROMPT_ID)
+            candidates.select(columns.PROMPT_ID)
             .unique()
-            .join(within.select(c.PROMPT_ID), on=c.PROMPT_ID, how="anti")
+            .join(within.select(columns.PROMPT_ID), on=columns.PROMPT_ID, how="anti")
         )
-        candidates = within.filter(pl.col(_RANK) == pl.col(_RANK).min().over(c.PROMPT_ID))
+        candidates = within.filter(pl.col(_RANK) == pl.col(_RANK).min().over(columns.PROMPT_ID))
         stats.counts[reasons.LENGTH_RATIO_NEXT_BEST] = (
-            candidates.filter(pl.col(_RANK) > 1).get_column(c.PROMPT_ID).n_unique()
+            candidates.filter(pl.col(_RANK) > 1).get_column(columns.PROMPT_ID).n_unique()
         )
     if rule == "best_vs_random":
         seed = recipe.sampling.seed
-        keys = [derive_seed("pair", seed, rid) for rid in candidates.get_column(c.RESPONSE_ID).to_list()]
+        keys = [
+            derive_seed("pair", seed, rid) for rid in candidates.get_column(columns.RESPONSE_ID).to_list()
+        ]
         candidates = candidates.with_columns(pl.Series("_key", keys, dtype=pl.UInt64))
-        order, descending = [c.PROMPT_ID, "_key"], [False, False]
+        order, descending = [columns.PROMPT_ID, "_key"], [False, False]
     else:
-        order, descending = [c.PROMPT_ID, AGG, c.SAMPLE_INDEX], [False, False, False]
-    picked = candidates.sort(order, descending=descending).group_by(c.PROMPT_ID, maintain_order=True).first()
+        order, descending = [columns.PROMPT_ID, AGG, columns.SAMPLE_INDEX], [False, False, False]
+    picked = (
+        candidates.sort(order, descending=descending).group_by(columns.PROMPT_ID, maintain_order=True).first()
+    )
 
     picked = picked.join(
-        evidence(scores, picked, aggregation, recipe.consistency.rank_signals), on=c.PROMPT_ID, how="left"
+        evidence(scores, picked, aggregation, recipe.consistency.rank_signals),
+        on=columns.PROMPT_ID,
+        how="left",
     )
     no_pair = _no_pair_reasons(
         joined, scored, labels_df, picked, margin, recipe.pairing.finished_only, blocked
     )
-    for reason, count in no_pair.group_by(c.REASON).len().iter_rows():
+    for reason, count in no_pair.group_by(columns.REASON).len().iter_rows():
         stats.drop(reason, count)
     for pid, reason in no_pair.head(50).iter_rows():
         stats.examples.setdefault(reason, f"prompt {pid}")
-    stats.counts["prompts_with_responses"] = resp.get_column(c.PROMPT_ID).n_unique()
+    stats.counts["prompts_with_responses"] = resp.get_column(columns.PROMPT_ID).n_unique()
     if len(aggregation.signals) > 1:
         for signal, count in zero_variance_counts(scores, aggregation.signals).items():
             stats.counts[f"zero_variance:{signal}"] = count
@@ -236,7 +264,7 @@ def make_pairs(
 
 def _prompts_as_seen(messages: pa.ChunkedArray, ordered: pl.DataFrame) -> pa.Array:
     """The pair's prompt is the conversation the policy answered: truncated ones lose their oldest turns."""
-    dropped = ordered.get_column(c.PROMPT_TURNS_DROPPED).to_list()
+    dropped = ordered.get_column(columns.PROMPT_TURNS_DROPPED).to_list()
     if not any(dropped):
         return messages.combine_chunks()
     seen = [truncated(m, k) for m, k in zip(messages.to_pylist(), dropped, strict=True)]
@@ -245,40 +273,55 @@ def _prompts_as_seen(messages: pa.ChunkedArray, ordered: pl.DataFrame) -> pa.Arr
 
 def _pairs_table(prompts: pa.Table, picked: pl.DataFrame, recipe: Recipe) -> pa.Table:
     signals = recipe.signals
-    prompt_frame = pl.from_arrow(prompts.select([c.PROMPT_ID]))
+    prompt_frame = pl.from_arrow(prompts.select([columns.PROMPT_ID]))
     assert isinstance(prompt_frame, pl.DataFrame)
     # Keep the prompts' source order so outputs read in the order the user gave.
-    ordered = prompt_frame.with_row_index("_order").join(picked, on=c.PROMPT_ID, how="inner").sort("_order")
-    index = {pid: i for i, pid in enumerate(prompts.column(c.PROMPT_ID).to_pylist())}
-    take = pa.array([index[pid] for pid in ordered.get_column(c.PROMPT_ID).to_list()], pa.int64())
+    ordered = (
+        prompt_frame.with_row_index("_order").join(picked, on=columns.PROMPT_ID, how="inner").sort("_order")
+    )
+    index = {pid: i for i, pid in enumerate(prompts.column(columns.PROMPT_ID).to_pylist())}
+    take = pa.array([index[pid] for pid in ordered.get_column(columns.PROMPT_ID).to_list()], pa.int64())
     out: dict[str, pa.Array] = {
-        c.PROMPT_ID: ordered.get_column(c.PROMPT_ID).to_arrow(),
-        c.PROMPT: _prompts_as_seen(prompts.column(c.MESSAGES).take(take), ordered),
-        c.CHOSEN: _conversation(ordered.get_column(f"{c.TEXT}_c").to_arrow()),
-        c.REJECTED: _conversation(ordered.get_column(c.TEXT).to_arrow()),
-        c.SCORE_CHOSEN: ordered.get_column(f"{AGG}_c").to_arrow(),
-        c.SCORE_REJECTED: ordered.get_column(AGG).to_arrow(),
-        c.MARGIN: (ordered.get_column(f"{AGG}_c") - ordered.get_column(AGG)).to_arrow(),
-        c.CHOSEN_ID: ordered.get_column(f"{c.RESPONSE_ID}_c").to_arrow(),
-        c.REJECTED_ID: ordered.get_column(c.RESPONSE_ID).to_arrow(),
+        columns.PROMPT_ID: ordered.get_column(columns.PROMPT_ID).to_arrow(),
+        columns.PROMPT: _prompts_as_seen(prompts.column(columns.MESSAGES).take(take), ordered),
+        columns.CHOSEN: _conversation(ordered.get_column(f"{columns.TEXT}_c").to_arrow()),
+        columns.REJECTED: _conversation(ordered.get_column(columns.TEXT).to_arrow()),
+        columns.SCORE_CHOSEN: ordered.get_column(f"{AGG}_c").to_arrow(),
+        columns.SCORE_REJECTED: ordered.get_column(AGG).to_arrow(),
+        columns.MARGIN: (ordered.get_column(f"{AGG}_c") - ordered.get_column(AGG)).to_arrow(),
+        columns.CHOSEN_ID: ordered.get_column(f"{columns.RESPONSE_ID}_c").to_arrow(),
+        columns.REJECTED_ID: ordered.get_column(columns.RESPONSE_ID).to_arrow(),
     }
     for signal in signals:
-        out[c.signal_column(signal, c.CHOSEN)] = ordered.get_column(f"{signal}_c").to_arrow()
-        out[c.signal_column(signal, c.REJECTED)] = ordered.get_column(signal).to_arrow()
-    for name in (c.FINISH_REASON, c.NUM_TOKENS, c.SEED):
-        out[c.side_column(name, c.CHOSEN)] = ordered.get_column(f"{name}_c").to_arrow()
-        out[c.side_column(name, c.REJECTED)] = ordered.get_column(name).to_arrow()
-    for name in (c.POLICY_MODEL, c.ENGINE, c.TEMPERATURE, c.TOP_P, c.MAX_TOKENS, c.PROMPT_TURNS_DROPPED):
+        out[columns.signal_column(signal, columns.CHOSEN)] = ordered.get_column(f"{signal}_c").to_arrow()
+        out[columns.signal_column(signal, columns.REJECTED)] = ordered.get_column(signal).to_arrow()
+    for name in (columns.FINISH_REASON, columns.NUM_TOKENS, columns.SEED):
+        out[columns.side_column(name, columns.CHOSEN)] = ordered.get_column(f"{name}_c").to_arrow()
+        out[columns.side_column(name, columns.REJECTED)] = ordered.get_column(name).to_arrow()
+    for name in (
+        columns.POLICY_MODEL,
+        columns.ENGINE,
+        columns.TEMPERATURE,
+        columns.TOP_P,
+        columns.MAX_TOKENS,
+        columns.PROMPT_TURNS_DROPPED,
+    ):
         out[name] = ordered.get_column(name).to_arrow()
     n = ordered.height
-    for name in (c.AGREEMENT, c.STRENGTH_MEAN, c.STRENGTH_STD, c.CONSISTENCY, c.P_CHOSEN):
+    for name in (
+        columns.AGREEMENT,
+        columns.STRENGTH_MEAN,
+        columns.STRENGTH_STD,
+        columns.CONSISTENCY,
+        columns.P_CHOSEN,
+    ):
         out[name] = ordered.get_column(name).to_arrow()
-    out[c.JUDGE_P_CHOSEN] = pa.nulls(n, pa.float64())
-    out[c.JUDGE_SWAP_AGREE] = pa.nulls(n, pa.bool_())
-    out[c.PAIR_RULE] = pa.array([recipe.pairing.rule] * n, pa.string())
-    # Stamped at publication (steps.writer): a shard's pairs must not depend on, say, the filter settings,
-    # or changing the filter would redo the pairing (and its judge) on resume.
-    out[c.RECIPE_HASH] = pa.array([""] * n, pa.string())
+    out[columns.JUDGE_P_CHOSEN] = pa.nulls(n, pa.float64())
+    out[columns.JUDGE_SWAP_AGREE] = pa.nulls(n, pa.bool_())
+    out[columns.PAIR_RULE] = pa.array([recipe.pairing.rule] * n, pa.string())
+    # Stamped at publication (steps.publish.writer): a shard's pairs must not depend on, say, the filter
+    # settings, or changing the filter would redo the pairing (and its judge) on resume.
+    out[columns.RECIPE_HASH] = pa.array([""] * n, pa.string())
     schema = pairs_schema(signals)
     return pa.Table.from_pydict({name: out[name] for name in schema.names}).cast(schema)
 

@@ -23,25 +23,25 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import ConsistencyConfig, Recipe
 from schemas.records import conform, dropped_schema, pairs_schema
-from steps.aggregate import Aggregation, feature, features
-from steps.base import StageStats, read_table
+from steps.base import StageStats
+from steps.pairing.aggregate import Aggregation, feature, features
+from steps.run.files import read_table
 
 
 def kendall_consistency(scores: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
     """C = (τ_b + 1) / 2 per prompt between signals ``a`` and ``b``; null where τ is undefined."""
     both = scores.filter(pl.col(a).is_not_null() & pl.col(b).is_not_null()).select(
-        c.PROMPT_ID, c.RESPONSE_ID, pl.col(a).alias("_a"), pl.col(b).alias("_b")
+        columns.PROMPT_ID, columns.RESPONSE_ID, pl.col(a).alias("_a"), pl.col(b).alias("_b")
     )
-    pairs = both.join(both, on=c.PROMPT_ID, suffix="_2").filter(
-        pl.col(c.RESPONSE_ID) < pl.col(f"{c.RESPONSE_ID}_2")
+    pairs = both.join(both, on=columns.PROMPT_ID, suffix="_2").filter(
+        pl.col(columns.RESPONSE_ID) < pl.col(f"{columns.RESPONSE_ID}_2")
     )
     dx = (pl.col("_a") - pl.col("_a_2")).sign()
     dy = (pl.col("_b") - pl.col("_b_2")).sign()
-    per_prompt = pairs.group_by(c.PROMPT_ID).agg(
+    per_prompt = pairs.group_by(columns.PROMPT_ID).agg(
         pl.len().alias("n0"),
         (dx == 0).sum().alias("n1"),
         (dy == 0).sum().alias("n2"),
@@ -49,7 +49,7 @@ def kendall_consistency(scores: pl.DataFrame, a: str, b: str) -> pl.DataFrame:
     )
     denominator = ((pl.col("n0") - pl.col("n1")) * (pl.col("n0") - pl.col("n2"))).cast(pl.Float64).sqrt()
     tau = pl.when(denominator > 0).then(pl.col("s") / denominator).otherwise(None)
-    return per_prompt.select(c.PROMPT_ID, ((tau + 1) / 2).alias(c.CONSISTENCY))
+    return per_prompt.select(columns.PROMPT_ID, ((tau + 1) / 2).alias(columns.CONSISTENCY))
 
 
 def evidence(
@@ -61,7 +61,7 @@ def evidence(
     """Per picked pair (one per prompt): agreement, strength mean/std, consistency, soft label.
 
     Each signal's evidence is its signed feature difference chosen − rejected (the weight's
-    sign times ``f:<signal>``, ``steps.aggregate``), so a negatively weighted signal agrees
+    sign times ``f:<signal>``, ``steps.pairing.aggregate``), so a negatively weighted signal agrees
     when it prefers rejected. ``strength_mean`` is the |weight|-weighted mean of those
     differences, which is the aggregate margin when every signal scored both sides;
     ``agreement`` counts signals, so ``min_agree`` stays a number of signals. A plain list of
@@ -73,15 +73,17 @@ def evidence(
         scores = features(scores, aggregation)
     signals = aggregation.voting
     signed = [(pl.col(feature(s)) * aggregation.sign(s)).alias(s) for s in signals]
-    z = scores.select(c.RESPONSE_ID, *signed)
+    z = scores.select(columns.RESPONSE_ID, *signed)
     chosen = z.rename({name: f"{name}|c" for name in z.columns})
     rejected = z.rename({name: f"{name}|r" for name in z.columns})
     frame = (
         picked.select(
-            c.PROMPT_ID, pl.col(f"{c.RESPONSE_ID}_c").alias("cid"), pl.col(c.RESPONSE_ID).alias("rid")
+            columns.PROMPT_ID,
+            pl.col(f"{columns.RESPONSE_ID}_c").alias("cid"),
+            pl.col(columns.RESPONSE_ID).alias("rid"),
         )
-        .join(chosen, left_on="cid", right_on=f"{c.RESPONSE_ID}|c")
-        .join(rejected, left_on="rid", right_on=f"{c.RESPONSE_ID}|r")
+        .join(chosen, left_on="cid", right_on=f"{columns.RESPONSE_ID}|c")
+        .join(rejected, left_on="rid", right_on=f"{columns.RESPONSE_ID}|r")
     )
     diffs = {s: pl.col(f"{s}|c") - pl.col(f"{s}|r") for s in signals}
     weight = {s: abs(aggregation.weights[s]) for s in signals}
@@ -89,39 +91,47 @@ def evidence(
     total = pl.sum_horizontal([p * weight[s] for p, s in zip(present, signals, strict=True)])
     mean = pl.sum_horizontal([d.fill_null(0.0) * weight[s] for s, d in diffs.items()]) / total
     frame = frame.with_columns(
-        pl.when(total > 0).then(mean).otherwise(None).alias(c.STRENGTH_MEAN),
+        pl.when(total > 0).then(mean).otherwise(None).alias(columns.STRENGTH_MEAN),
         pl.when(pl.sum_horizontal(present) > 0)
         .then(
             pl.sum_horizontal([(d > 0).fill_null(False).cast(pl.Float64) for d in diffs.values()])
             / pl.sum_horizontal(present)
         )
         .otherwise(None)
-        .alias(c.AGREEMENT),
+        .alias(columns.AGREEMENT),
     )
     spread = pl.sum_horizontal(
-        [((d - pl.col(c.STRENGTH_MEAN)) ** 2).fill_null(0.0) * weight[s] for s, d in diffs.items()]
+        [((d - pl.col(columns.STRENGTH_MEAN)) ** 2).fill_null(0.0) * weight[s] for s, d in diffs.items()]
     )
     frame = frame.with_columns(
-        pl.when(total > 0).then((spread / total).sqrt()).otherwise(None).alias(c.STRENGTH_STD),
-        (1 / (1 + (-pl.col(c.STRENGTH_MEAN)).exp())).alias(c.P_CHOSEN),
+        pl.when(total > 0).then((spread / total).sqrt()).otherwise(None).alias(columns.STRENGTH_STD),
+        (1 / (1 + (-pl.col(columns.STRENGTH_MEAN)).exp())).alias(columns.P_CHOSEN),
     )
     if rank_signals is not None:
         a, b = rank_signals
         ranked = scores.select(
-            c.PROMPT_ID,
-            c.RESPONSE_ID,
+            columns.PROMPT_ID,
+            columns.RESPONSE_ID,
             (pl.col(feature(a)) * aggregation.sign(a)).alias("_rank_a"),
             (pl.col(feature(b)) * aggregation.sign(b)).alias("_rank_b"),
         )
-        frame = frame.join(kendall_consistency(ranked, "_rank_a", "_rank_b"), on=c.PROMPT_ID, how="left")
+        frame = frame.join(
+            kendall_consistency(ranked, "_rank_a", "_rank_b"), on=columns.PROMPT_ID, how="left"
+        )
     else:
-        frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(c.CONSISTENCY))
-    columns = [c.AGREEMENT, c.STRENGTH_MEAN, c.STRENGTH_STD, c.CONSISTENCY, c.P_CHOSEN]
-    return frame.select(c.PROMPT_ID, *[pl.col(name).cast(pl.Float64) for name in columns])
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(columns.CONSISTENCY))
+    numbers = [
+        columns.AGREEMENT,
+        columns.STRENGTH_MEAN,
+        columns.STRENGTH_STD,
+        columns.CONSISTENCY,
+        columns.P_CHOSEN,
+    ]
+    return frame.select(columns.PROMPT_ID, *[pl.col(name).cast(pl.Float64) for name in numbers])
 
 
 def _normalised(column: str) -> pl.Expr:
-    text = pl.col(column).list.first().struct.field(c.CONTENT)
+    text = pl.col(column).list.first().struct.field(columns.CONTENT)
     return text.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
 
 
@@ -137,7 +147,7 @@ def ambiguous_threshold(config: ConsistencyConfig, strengths: pl.Series) -> floa
 
 def rule_reasons(frame: pl.DataFrame, config: ConsistencyConfig, signals: list[str]) -> pl.Expr:
     """The first failed rule's code for each pair, null when the pair is kept (quantile over ``frame``)."""
-    return rules_expr(config, signals, ambiguous_threshold(config, frame.get_column(c.STRENGTH_MEAN)))
+    return rules_expr(config, signals, ambiguous_threshold(config, frame.get_column(columns.STRENGTH_MEAN)))
 
 
 def rules_expr(config: ConsistencyConfig, signals: list[str], threshold: float | None) -> pl.Expr:
@@ -147,25 +157,32 @@ def rules_expr(config: ConsistencyConfig, signals: list[str], threshold: float |
     """
     m = len(signals)
     checks: list[tuple[pl.Expr, str]] = [
-        (_normalised(c.CHOSEN) == _normalised(c.REJECTED), reasons.IDENTICAL_PAIR)
+        (_normalised(columns.CHOSEN) == _normalised(columns.REJECTED), reasons.IDENTICAL_PAIR)
     ]
     if config.min_agree is not None:
-        agreeing = (pl.col(c.AGREEMENT) * m).round(0)
+        agreeing = (pl.col(columns.AGREEMENT) * m).round(0)
         checks.append((agreeing.is_null() | (agreeing < config.min_agree), reasons.SIGN_DISAGREEMENT))
     if config.require_swap_agreement:
-        checks.append((pl.col(c.JUDGE_SWAP_AGREE).fill_null(False).not_(), reasons.JUDGE_SWAP_DISAGREEMENT))
+        checks.append(
+            (pl.col(columns.JUDGE_SWAP_AGREE).fill_null(False).not_(), reasons.JUDGE_SWAP_DISAGREEMENT)
+        )
     if config.drop_mislabeled:
-        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) <= 0, reasons.LIKELY_MISLABELED))
+        checks.append((pl.col(columns.STRENGTH_MEAN).fill_null(0.0) <= 0, reasons.LIKELY_MISLABELED))
     if threshold is not None and math.isfinite(threshold):
-        checks.append((pl.col(c.STRENGTH_MEAN).fill_null(0.0) < threshold, reasons.AMBIGUOUS))
+        checks.append((pl.col(columns.STRENGTH_MEAN).fill_null(0.0) < threshold, reasons.AMBIGUOUS))
     if config.min_rank_consistency is not None:
-        low = pl.col(c.CONSISTENCY).is_null() | (pl.col(c.CONSISTENCY) < config.min_rank_consistency)
+        low = pl.col(columns.CONSISTENCY).is_null() | (
+            pl.col(columns.CONSISTENCY) < config.min_rank_consistency
+        )
         checks.append((low, reasons.RANK_INCONSISTENT))
     if config.length_guard is not None:
         guard = config.length_guard
-        ratio = _length(c.CHOSEN) / pl.max_horizontal(_length(c.REJECTED), pl.lit(1))
+        ratio = _length(columns.CHOSEN) / pl.max_horizontal(_length(columns.REJECTED), pl.lit(1))
         checks.append(
-            ((ratio >= guard.max_ratio) & (pl.col(c.AGREEMENT) < guard.unless_agreement), reasons.LENGTH_ONLY)
+            (
+                (ratio >= guard.max_ratio) & (pl.col(columns.AGREEMENT) < guard.unless_agreement),
+                reasons.LENGTH_ONLY,
+            )
         )
     reason = pl.lit(None, dtype=pl.String)
     for condition, code in reversed(checks):
@@ -175,7 +192,7 @@ def rules_expr(config: ConsistencyConfig, signals: list[str], threshold: float |
 
 def _length(column: str) -> pl.Expr:
     # Signed: len_chars is unsigned, and chosen − rejected would wrap around instead of going negative.
-    return pl.col(column).list.first().struct.field(c.CONTENT).str.len_chars().cast(pl.Int64)
+    return pl.col(column).list.first().struct.field(columns.CONTENT).str.len_chars().cast(pl.Int64)
 
 
 LENGTH_DIFF = "_length_diff"  # chosen minus rejected characters: a working column, never written
@@ -183,8 +200,8 @@ LENGTH_DIFF = "_length_diff"  # chosen minus rejected characters: a working colu
 
 def length_columns(frame: pl.DataFrame) -> pl.DataFrame:
     """The two numbers per pair that the length report needs, so the texts need not be kept."""
-    diff = (_length(c.CHOSEN) - _length(c.REJECTED)).cast(pl.Float64)
-    return frame.select(diff.alias(LENGTH_DIFF), pl.col(c.MARGIN))
+    diff = (_length(columns.CHOSEN) - _length(columns.REJECTED)).cast(pl.Float64)
+    return frame.select(diff.alias(LENGTH_DIFF), pl.col(columns.MARGIN))
 
 
 def length_summary(lengths: pl.DataFrame) -> dict[str, Any]:
@@ -193,7 +210,8 @@ def length_summary(lengths: pl.DataFrame) -> dict[str, Any]:
         return {"pairs": lengths.height, "chosen_longer_share": None, "corr_length_diff_margin": None}
     diff = pl.col(LENGTH_DIFF)
     out = lengths.select(
-        (diff > 0).mean().alias("share"), pl.corr(diff, pl.col(c.MARGIN), method="spearman").alias("corr")
+        (diff > 0).mean().alias("share"),
+        pl.corr(diff, pl.col(columns.MARGIN), method="spearman").alias("corr"),
     ).row(0)
     corr = out[1]
     return {
@@ -215,10 +233,10 @@ def apply_rules(
     stats = StageStats("consistency", rows_in=pairs.num_rows)
     frame = pl.from_arrow(pairs)
     assert isinstance(frame, pl.DataFrame)
-    frame = frame.with_columns(rule_reasons(frame, config, signals).alias(c.DROP_REASON))
-    kept = frame.filter(pl.col(c.DROP_REASON).is_null()).drop(c.DROP_REASON)
-    dropped = frame.filter(pl.col(c.DROP_REASON).is_not_null())
-    for reason, count in dropped.group_by(c.DROP_REASON).len().sort(c.DROP_REASON).iter_rows():
+    frame = frame.with_columns(rule_reasons(frame, config, signals).alias(columns.DROP_REASON))
+    kept = frame.filter(pl.col(columns.DROP_REASON).is_null()).drop(columns.DROP_REASON)
+    dropped = frame.filter(pl.col(columns.DROP_REASON).is_not_null())
+    for reason, count in dropped.group_by(columns.DROP_REASON).len().sort(columns.DROP_REASON).iter_rows():
         stats.drop(reason, count)
     stats.rows_out = kept.height
     report = {"before": length_report(frame), "kept": length_report(kept)}
@@ -257,10 +275,12 @@ def consistency_stage(
     start = time.perf_counter()
     config, signals = recipe.consistency, recipe.signals
     schema, dropped_schema_ = pairs_schema(signals), dropped_schema(signals)
-    strengths = pl.Series(c.STRENGTH_MEAN, [], dtype=pl.Float64)
+    strengths = pl.Series(columns.STRENGTH_MEAN, [], dtype=pl.Float64)
     if config.ambiguous_quantile is not None:
-        parts = [read_columns(uri, [c.STRENGTH_MEAN], schema).column(0) for uri in pair_uris]
-        strengths = pl.Series(c.STRENGTH_MEAN, pa.chunked_array(parts, schema.field(c.STRENGTH_MEAN).type))
+        parts = [read_columns(uri, [columns.STRENGTH_MEAN], schema).column(0) for uri in pair_uris]
+        strengths = pl.Series(
+            columns.STRENGTH_MEAN, pa.chunked_array(parts, schema.field(columns.STRENGTH_MEAN).type)
+        )
     drop_rule = rules_expr(config, recipe.voting_signals, ambiguous_threshold(config, strengths))
     stats = StageStats("consistency")
     drops: Counter[str] = Counter()
@@ -272,10 +292,10 @@ def consistency_stage(
         for uri in pair_uris:
             frame = pl.from_arrow(read_table(uri, schema))
             assert isinstance(frame, pl.DataFrame)
-            frame = frame.with_columns(drop_rule.alias(c.DROP_REASON))
-            kept = frame.filter(pl.col(c.DROP_REASON).is_null()).drop(c.DROP_REASON)
-            dropped = frame.filter(pl.col(c.DROP_REASON).is_not_null())
-            drops.update(dict(dropped.group_by(c.DROP_REASON).len().iter_rows()))
+            frame = frame.with_columns(drop_rule.alias(columns.DROP_REASON))
+            kept = frame.filter(pl.col(columns.DROP_REASON).is_null()).drop(columns.DROP_REASON)
+            dropped = frame.filter(pl.col(columns.DROP_REASON).is_not_null())
+            drops.update(dict(dropped.group_by(columns.DROP_REASON).len().iter_rows()))
             stats.rows_in += frame.height
             stats.rows_out += kept.height
             before.append(length_columns(frame))
@@ -291,5 +311,5 @@ def consistency_stage(
 
 def _stack(frames: list[pl.DataFrame]) -> pl.DataFrame:
     if not frames:
-        return pl.DataFrame(schema={LENGTH_DIFF: pl.Float64, c.MARGIN: pl.Float64})
+        return pl.DataFrame(schema={LENGTH_DIFF: pl.Float64, columns.MARGIN: pl.Float64})
     return pl.concat(frames, rechunk=True)

@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import NearDuplicatesConfig
 from steps.base import StageStats
-from steps.decontaminate import clip, match_text
+from steps.prompts.decontaminate import clip, match_text
 
 TIMING = "near_duplicates"  # the prompt stage's timings key: seconds this filter added
 # LSH only proposes candidates (each is confirmed on the full signature): above this it would need a
@@ -94,8 +93,8 @@ class NearDuplicates:
     def apply(self, shard: pa.Table, stats: StageStats) -> pa.Table:
         """The shard without prompts that nearly duplicate an earlier kept one (reason ``near_duplicate``)."""
         start = time.perf_counter()
-        texts = [match_text(m) for m in shard.column(c.MESSAGES).to_pylist()]
-        rows = shard.column(c.SOURCE_ROW).to_pylist()
+        texts = [match_text(m) for m in shard.column(columns.MESSAGES).to_pylist()]
+        rows = shard.column(columns.SOURCE_ROW).to_pylist()
         keep = np.ones(shard.num_rows, dtype=bool)
         for i, (text, row) in enumerate(zip(texts, rows, strict=True)):
             self.checked += 1

@@ -12,7 +12,7 @@ features are combined with the labelers' weights. Three choices shape the featur
   since length is the best-known confounder of preference labels.
 * A weight's sign says which way a signal points: a negative weight turns an inverted
   signal into evidence. ``strength_mean``, ``agreement`` and rank consistency read the
-  signed features (``steps.consistency``), so a negatively weighted signal agrees when it
+  signed features (``steps.pairing.consistency``), so a negatively weighted signal agrees when it
   prefers rejected.
 
 Both run-wide numbers (spread and slope) come from ``run_stats`` over every label of the
@@ -29,7 +29,7 @@ from typing import Any, Literal
 import polars as pl
 import pyarrow as pa
 
-from schemas import columns as c
+from schemas import columns
 from schemas.recipe import Recipe
 
 AGG = "_aggregate"
@@ -104,22 +104,26 @@ def wide_scores(labels: pa.Table, signals: list[str], lengths: pl.DataFrame | No
 
     ``lengths`` has ``response_id`` and ``text``; responses without a label row are left out.
     """
-    frame = pl.from_arrow(labels.select([c.PROMPT_ID, c.RESPONSE_ID, c.SIGNAL, c.SCORE]))
+    frame = pl.from_arrow(
+        labels.select([columns.PROMPT_ID, columns.RESPONSE_ID, columns.SIGNAL, columns.SCORE])
+    )
     assert isinstance(frame, pl.DataFrame)
-    wide = frame.pivot(on=c.SIGNAL, index=[c.PROMPT_ID, c.RESPONSE_ID], values=c.SCORE)
+    wide = frame.pivot(
+        on=columns.SIGNAL, index=[columns.PROMPT_ID, columns.RESPONSE_ID], values=columns.SCORE
+    )
     for signal in signals:
         if signal not in wide.columns:
             wide = wide.with_columns(pl.lit(None, dtype=pl.Float64).alias(signal))
-    wide = wide.select(c.PROMPT_ID, c.RESPONSE_ID, *[pl.col(s).cast(pl.Float64) for s in signals])
+    wide = wide.select(columns.PROMPT_ID, columns.RESPONSE_ID, *[pl.col(s).cast(pl.Float64) for s in signals])
     if lengths is not None:
-        chars = (pl.col(c.TEXT).str.len_chars().cast(pl.Float64) + 1.0).log().alias(LOG_CHARS)
-        wide = wide.join(lengths.select(c.RESPONSE_ID, chars), on=c.RESPONSE_ID, how="left")
+        chars = (pl.col(columns.TEXT).str.len_chars().cast(pl.Float64) + 1.0).log().alias(LOG_CHARS)
+        wide = wide.join(lengths.select(columns.RESPONSE_ID, chars), on=columns.RESPONSE_ID, how="left")
     return wide
 
 
 def _centred(column: pl.Expr | str) -> pl.Expr:
     col = pl.col(column) if isinstance(column, str) else column
-    return col - col.mean().over(c.PROMPT_ID)
+    return col - col.mean().over(columns.PROMPT_ID)
 
 
 def _slope(wide: pl.DataFrame, signal: str) -> float:
@@ -140,7 +144,7 @@ def _fit(wide: pl.DataFrame, aggregation: Aggregation) -> RunStats:
         value = pl.col(signal) - slope[signal] * pl.col(LOG_CHARS) if aggregation.residual else pl.col(signal)
         rms = (
             wide.filter(pl.col(signal).is_not_null())
-            .filter(pl.len().over(c.PROMPT_ID) > 1)
+            .filter(pl.len().over(columns.PROMPT_ID) > 1)
             .select((_centred(value) ** 2).mean().sqrt())
             .item()
         )
@@ -184,7 +188,7 @@ def features(wide: pl.DataFrame, aggregation: Aggregation, stats: RunStats | Non
             col = col - stats.slope[signal] * pl.col(LOG_CHARS)
         centred = _centred(col)
         if aggregation.scale == "zscore":
-            std = col.std(ddof=0).over(c.PROMPT_ID)
+            std = col.std(ddof=0).over(columns.PROMPT_ID)
             value = pl.when(std > 0).then(centred / std).otherwise(0.0)
         else:
             assert stats is not None
@@ -227,10 +231,10 @@ def aggregate(
 def length_correlation(scored: pl.DataFrame) -> float | None:
     """Spearman correlation of (log) length difference with aggregate difference over within-prompt pairs."""
     both = scored.filter(pl.col(AGG).is_not_null() & pl.col(LOG_CHARS).is_not_null()).select(
-        c.PROMPT_ID, c.RESPONSE_ID, AGG, LOG_CHARS
+        columns.PROMPT_ID, columns.RESPONSE_ID, AGG, LOG_CHARS
     )
-    pairs = both.join(both, on=c.PROMPT_ID, suffix="_2").filter(
-        pl.col(c.RESPONSE_ID) < pl.col(f"{c.RESPONSE_ID}_2")
+    pairs = both.join(both, on=columns.PROMPT_ID, suffix="_2").filter(
+        pl.col(columns.RESPONSE_ID) < pl.col(f"{columns.RESPONSE_ID}_2")
     )
     if pairs.height < 3:
         return None

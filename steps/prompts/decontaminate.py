@@ -24,21 +24,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import DecontaminationConfig, EvalPromptSet, FilePrompts, HFPrompts
-from steps.base import StageStats, read_table, write_table
-from steps.prompts import (
-    InvalidRow,
-    PromptSourceError,
-    SourceKeys,
-    check_prompts,
-    load_hf_split,
-    naming,
-    normalise_messages,
-    raw_rows,
-)
-from steps.resume import WorkArea, sha256_of
+from steps.base import StageStats
+from steps.prompts.normalise import InvalidRow, check_prompts, normalise_messages
+from steps.prompts.sources import PromptSourceError, SourceKeys, load_hf_split, naming, raw_rows
+from steps.run.files import read_table, write_table
+from steps.run.resume import WorkArea, sha256_of
 
 STAGE = "decontamination"
 TIMING = "decontaminate"  # the prompt stage's timings key: seconds this filter added
@@ -57,7 +49,7 @@ ITEMS = pa.schema(
 
 def match_text(messages: list[dict[str, str]]) -> str:
     """The text checked for overlap: the user turns (a system prompt or earlier answer is not a test item)."""
-    return "\n".join(m[c.CONTENT] for m in messages if m[c.ROLE] == "user")
+    return "\n".join(m[columns.CONTENT] for m in messages if m[columns.ROLE] == "user")
 
 
 def clip(text: str, limit: int = EXAMPLE_CHARS) -> str:
@@ -295,8 +287,8 @@ class Decontaminator:
     def apply(self, shard: pa.Table, stats: StageStats) -> pa.Table:
         """The shard without its contaminated prompts; each drop counted under ``contaminated:<set>``."""
         start = time.perf_counter()
-        texts = [match_text(m) for m in shard.column(c.MESSAGES).to_pylist()]
-        rows = shard.column(c.SOURCE_ROW).to_pylist()
+        texts = [match_text(m) for m in shard.column(columns.MESSAGES).to_pylist()]
+        rows = shard.column(columns.SOURCE_ROW).to_pylist()
         keep = np.ones(shard.num_rows, dtype=bool)
         q = word_grams(texts, self.config.ngram)
         for index in self.indexes:

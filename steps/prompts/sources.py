@@ -1,17 +1,14 @@
-"""Prompt sources → the prompts table: normalised conversations with stable ids.
+"""Prompt sources: rows out of the built-in set, a JSONL/Parquet file (fsspec) or a Hugging Face split.
 
-Every source (the built-in set, JSONL/Parquet through fsspec, a Hugging Face
-dataset) yields raw rows; one normaliser turns them into the PROMPTS contract.
-A row that cannot become a prompt is dropped with a reason and counted; a
-source that cannot be read at all (missing file, missing column, undecodable
-bytes) is an error that names the row or column and what to do.
+A source yields raw rows (the prompt value, its references and where it came from); turning them
+into conversations is ``steps.prompts.normalise``'s job, so every source is checked by one rule.
+Column names in error messages are the user's recipe keys (``SourceKeys``), whoever reads the
+source: decontamination reads eval sets through the same code under its own keys.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,15 +20,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns
+from schemas.errors import UsageError
 from schemas.recipe import BuiltinPrompts, FilePrompts, HFPrompts, PromptsConfig
-from schemas.records import PROMPTS
-from steps.base import StageStats
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "pipelines" / "prompts"
-ROLES = ("system", "user", "assistant")
-LOAD_CHUNK_ROWS = 65_536  # load_prompts gathers the stream in pieces of this size
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "pipelines" / "prompts"
+
+
 PARQUET_BATCH_ROWS = 4096  # source rows held as Python objects at once while reading a columnar source
 
 
@@ -49,6 +44,11 @@ class SourceKeys:
 _KEYS: ContextVar[SourceKeys] = ContextVar("prompt_source_keys", default=SourceKeys())  # noqa: B039 (frozen)
 
 
+def source_keys() -> SourceKeys:
+    """The recipe keys that name the source being read now, for error messages."""
+    return _KEYS.get()
+
+
 @contextmanager
 def naming(keys: SourceKeys) -> Iterator[None]:
     """Source errors raised in this block name ``keys`` (generators: wrap where they are iterated)."""
@@ -59,7 +59,7 @@ def naming(keys: SourceKeys) -> Iterator[None]:
         _KEYS.reset(token)
 
 
-class PromptSourceError(ValueError):
+class PromptSourceError(UsageError):
     """The prompt source cannot be read; the message says which row/column and what to do."""
 
 
@@ -69,80 +69,6 @@ class RawRow:
     prompt: Any
     references: Any
     has_references: bool = True  # the row had the references field at all (JSONL rows may lack it)
-
-
-class InvalidRow(ValueError):
-    """One row cannot be a prompt; ``reason`` is its drop code."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def _text(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRow(reasons.NON_STRING_CONTENT, f"{where} must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a JSON escape such as "\ud800" decodes to a lone surrogate
-        raise InvalidRow(
-            reasons.INVALID_UNICODE,
-            f"{where} is not valid Unicode (unpaired surrogate at character {exc.start}); fix the text",
-        ) from None
-    return unicodedata.normalize("NFC", value).strip()
-
-
-def normalise_messages(prompt: Any) -> list[dict[str, str]]:
-    """A string or a list of {role, content} → a checked conversation ending in a user turn."""
-    if isinstance(prompt, str):
-        prompt = [{c.ROLE: "user", c.CONTENT: prompt}]
-    if not isinstance(prompt, list | tuple):
-        raise InvalidRow(
-            reasons.INVALID_PROMPT,
-            f"prompt must be a string or a list of messages, got {type(prompt).__name__}",
-        )
-    if not prompt:
-        raise InvalidRow(reasons.EMPTY_PROMPT, "prompt has no messages")
-    messages = []
-    for i, message in enumerate(prompt):
-        if not isinstance(message, dict) or c.ROLE not in message or c.CONTENT not in message:
-            raise InvalidRow(
-                reasons.INVALID_PROMPT, f"message {i} must be a mapping with 'role' and 'content'"
-            )
-        role = message[c.ROLE]
-        if role not in ROLES:
-            raise InvalidRow(reasons.UNKNOWN_ROLE, f"message {i} has role {role!r}; expected one of {ROLES}")
-        if role == "system" and i != 0:
-            raise InvalidRow(reasons.INVALID_PROMPT, f"message {i}: a system message may only come first")
-        messages.append({c.ROLE: role, c.CONTENT: _text(message[c.CONTENT], f"message {i} content")})
-    if messages[-1][c.ROLE] != "user":
-        raise InvalidRow(reasons.INVALID_PROMPT, "the last message must be a user turn (the one to answer)")
-    if not messages[-1][c.CONTENT]:
-        raise InvalidRow(reasons.EMPTY_PROMPT, "the last user message is empty or whitespace")
-    return messages
-
-
-def normalise_references(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list | tuple):
-        raise InvalidRow(
-            reasons.INVALID_REFERENCES,
-            f"references must be a string or a list of strings, got {type(value).__name__}",
-        )
-    refs = [_text(ref, f"reference {i}") for i, ref in enumerate(value)]
-    return [ref for ref in refs if ref]
-
-
-def prompt_id(messages: list[dict[str, str]]) -> str:
-    """Stable id: hash of the normalised conversation, independent of source and order."""
-    canonical = json.dumps([[m[c.ROLE], m[c.CONTENT]] for m in messages], ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------- sources
 
 
 def json_value(line: str) -> Any:
@@ -202,7 +128,7 @@ def _is_message(kind: pa.DataType) -> bool:
     if not pa.types.is_struct(kind):
         return False
     fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
-    return all(name in fields and _is_text(fields[name]) for name in (c.ROLE, c.CONTENT))
+    return all(name in fields and _is_text(fields[name]) for name in (columns.ROLE, columns.CONTENT))
 
 
 def _check_column_types(schema: pa.Schema, label: str, prompt_col: str, refs_col: str | None) -> None:
@@ -286,7 +212,7 @@ def open_parquet(handle: Any, unreadable: Callable[[Exception], Exception]) -> p
 
 def parquet_batches(
     parquet: pq.ParquetFile,
-    columns: list[str] | None,
+    names: list[str] | None,
     batch_rows: int,
     unreadable: Callable[[Exception], Exception],
 ) -> Iterator[pa.RecordBatch]:
@@ -297,7 +223,7 @@ def parquet_batches(
     implemented for chunked array outputs"), e.g. messages whose ``role`` is a pandas categorical.
     """
     for group in range(parquet.num_row_groups):
-        reader = parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns)
+        reader = parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=names)
         while True:
             try:
                 batch = next(reader)  # the generator starts reading (and can fail) here
@@ -395,112 +321,3 @@ def source_label(config: PromptsConfig) -> str:
     if isinstance(config, FilePrompts):
         return config.uri
     return f"hf:{config.path}:{config.split}"
-
-
-# ---------------------------------------------------------------- the step
-
-
-def stream_prompts(
-    config: PromptsConfig, stats: StageStats, shard_rows: int, limit: int | None = None
-) -> Iterator[pa.Table]:
-    """Read, normalise and de-duplicate prompts, yielding tables of ``shard_rows`` unique prompts.
-
-    Only the set of prompt ids seen so far is held across shards, so memory does not
-    grow with the source. ``stats`` fills in as rows are read and is complete once the
-    stream is exhausted; ``limit`` counts unique prompts. Raises PromptSourceError if the
-    source is unreadable or no prompt survives (an empty run is never what the user
-    meant); checks that need the whole source raise after its last shard.
-    """
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be at least 1, got {shard_rows}")
-    label = source_label(config)
-    seen: dict[str, int] = {}  # prompt id -> the source row that first had it
-    any_references = False
-    rows = _empty_rows()
-    for raw in raw_rows(config):
-        if limit is not None and len(seen) >= limit:
-            break
-        stats.rows_in += 1
-        any_references = any_references or raw.has_references
-        try:
-            messages = normalise_messages(raw.prompt)
-            references = normalise_references(raw.references)
-        except InvalidRow as exc:
-            stats.drop(exc.reason, example=f"row {raw.index}: {exc}")
-            continue
-        pid = prompt_id(messages)
-        if pid in seen:
-            stats.drop(
-                reasons.DUPLICATE_PROMPT, example=f"row {raw.index}: same conversation as row {seen[pid]}"
-            )
-            continue
-        seen[pid] = raw.index
-        rows[c.PROMPT_ID].append(pid)
-        rows[c.MESSAGES].append(messages)
-        rows[c.REFERENCES].append(references)
-        rows[c.SOURCE].append(label)
-        rows[c.SOURCE_ROW].append(raw.index)
-        stats.rows_out += 1
-        stats.counts["with_references"] += bool(references)
-        if len(rows[c.PROMPT_ID]) == shard_rows:
-            yield pa.Table.from_pydict(rows, schema=PROMPTS)
-            rows = _empty_rows()
-    if isinstance(config, FilePrompts) and references_named(config) and stats.rows_in and not any_references:
-        raise PromptSourceError(
-            f"{label}: no row has the field {config.references_column!r} named by "
-            f"{_KEYS.get().references_column}; fix the name, or remove the key if there are no references"
-        )
-    if not seen:
-        raise _nothing_usable(label, stats)
-    if rows[c.PROMPT_ID]:
-        yield pa.Table.from_pydict(rows, schema=PROMPTS)
-
-
-def _empty_rows() -> dict[str, list[Any]]:
-    return {name: [] for name in PROMPTS.names}
-
-
-def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Table, StageStats]:
-    """All unique prompts as one table, for callers that want them at once (eval harness, tests).
-
-    The pipeline streams them instead (``stream_prompts``); this is the same stream gathered.
-    """
-    stats = StageStats("prompts")
-    tables = list(stream_prompts(config, stats, LOAD_CHUNK_ROWS, limit))
-    return pa.concat_tables(tables).combine_chunks(), stats
-
-
-def _nothing_usable(label: str, stats: StageStats) -> PromptSourceError:
-    detail = "; ".join(f"{k}: {v}" for k, v in sorted(stats.examples.items()))
-    return PromptSourceError(
-        f"no usable prompts in {label} ({stats.rows_in} rows read, drops {dict(stats.drops)})"
-        + (f"; first problems: {detail}" if detail else "")
-        + "; fix the rows or point prompts at another source"
-    )
-
-
-def check_prompts(config: PromptsConfig) -> None:
-    """Raise PromptSourceError now if the source is unreadable or has no usable prompt at all.
-
-    For the CLI's checks before anything heavy starts: it reads only up to the
-    first row that makes a prompt, so a good source costs one row, and a source
-    whose every row is dropped fails with the same message as ``load_prompts``
-    instead of after Prefect has started.
-    """
-    stats = StageStats("prompts")
-    rows = raw_rows(config)
-    try:
-        for raw in rows:
-            stats.rows_in += 1
-            try:
-                normalise_messages(raw.prompt)
-                normalise_references(raw.references)
-            except InvalidRow as exc:
-                stats.drop(exc.reason, example=f"row {raw.index}: {exc}")
-                continue
-            return
-    finally:
-        close = getattr(rows, "close", None)
-        if close is not None:
-            close()
-    raise _nothing_usable(source_label(config), stats)

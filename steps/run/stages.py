@@ -1,9 +1,9 @@
 """Each stage of the data path as a resumable shard job: what its key is made of, and how it runs.
 
-The steps themselves (``steps.sampling``, ``steps.labelers``, ``steps.pairing``,
-``steps.consistency``) know nothing about resuming; this module says, per stage,
+The steps themselves (``steps.sampling``, ``steps.labelers``, ``steps.pairing.pairs``,
+``steps.pairing.consistency``) know nothing about resuming; this module says, per stage,
 which settings shape its output (they go into the shard key, see
-``steps.resume``) and hands the step the URIs to write. Labels are kept per
+``steps.run.resume``) and hands the step the URIs to write. Labels are kept per
 labeler, so adding or changing one signal recomputes that signal only.
 """
 
@@ -20,30 +20,23 @@ import fsspec
 import polars as pl
 import pyarrow as pa
 
-from schemas import columns as c
-from schemas import reasons
+from schemas import columns, reasons
 from schemas.recipe import BleuConfig, PromptsConfig, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
-from steps.aggregate import Aggregation, run_stats, wide_scores
-from steps.base import (
-    ShardResult,
-    StageStats,
-    join_uri,
-    parquet_rows,
-    read_table,
-    write_bytes_atomic,
-    write_table,
-)
-from steps.consistency import consistency_stage, read_columns
-from steps.cost import JOINTLY, PASS_TOKENS, SCORED
-from steps.decontaminate import Decontaminator
+from steps.base import ShardResult, StageStats
 from steps.engines import resolve_model, tokens_through_models
 from steps.labelers.joint import Labelled, label_jointly
 from steps.labelers.registry import build_labeler
-from steps.near_duplicates import NearDuplicates
-from steps.pairing import pair_shard
-from steps.prompts import PromptSourceError, source_label, stream_prompts
-from steps.resume import Done, WorkArea, shaping_settings
+from steps.pairing.aggregate import Aggregation, run_stats, wide_scores
+from steps.pairing.consistency import consistency_stage, read_columns
+from steps.pairing.pairs import pair_shard
+from steps.prompts.decontaminate import Decontaminator
+from steps.prompts.near_duplicates import NearDuplicates
+from steps.prompts.normalise import stream_prompts
+from steps.prompts.sources import PromptSourceError, source_label
+from steps.publish.cost import JOINTLY, PASS_TOKENS, SCORED
+from steps.run.files import join_uri, parquet_rows, read_table, write_bytes_atomic, write_table
+from steps.run.resume import Done, WorkArea, shaping_settings
 from steps.sampling import Earlier, sample_shard
 
 
@@ -273,7 +266,7 @@ def _label_now(
     A labeler's seconds include loading its models (once per process: the first labeler reading a
     model pays) and an equal share of any pass it shared; its ``tokens_scored`` the same share of
     the pass's tokens, with ``scored_jointly`` counting the shards where that was so and
-    ``joint_pass_tokens`` the whole passes (``steps.cost`` reports both).
+    ``joint_pass_tokens`` the whole passes (``steps.publish.cost`` reports both).
     """
     labelers, loading = [], []
     for config in configs:
@@ -363,7 +356,7 @@ def pairing_settings(recipe: Recipe) -> dict[str, Any]:
 def aggregation_stats(
     recipe: Recipe, responses: list[ShardResult], labels: list[ShardResult]
 ) -> dict[str, Any] | None:
-    """The run-wide numbers pairing needs (``steps.aggregate.run_stats``), or None when it needs none.
+    """The run-wide numbers pairing needs (``steps.pairing.aggregate.run_stats``), or None when it needs none.
 
     Reads only the score columns of every label shard and, for length control, the text of
     every response, so it costs seconds even for large runs; it is recomputed each run
@@ -373,11 +366,14 @@ def aggregation_stats(
     if not aggregation.needs_run_stats:
         return None
     label_parts = [
-        read_columns(s.uri, [c.PROMPT_ID, c.RESPONSE_ID, c.SIGNAL, c.SCORE], LABELS) for s in labels
+        read_columns(s.uri, [columns.PROMPT_ID, columns.RESPONSE_ID, columns.SIGNAL, columns.SCORE], LABELS)
+        for s in labels
     ]
     # Texts only for length control: a spread scale alone needs the scores and nothing else.
     text_parts = [
-        read_columns(s.uri, [c.RESPONSE_ID, c.TEXT], RESPONSES) for s in responses if aggregation.residual
+        read_columns(s.uri, [columns.RESPONSE_ID, columns.TEXT], RESPONSES)
+        for s in responses
+        if aggregation.residual
     ]
     lengths = pl.from_arrow(pa.concat_tables(text_parts)) if text_parts else None
     assert lengths is None or isinstance(lengths, pl.DataFrame)

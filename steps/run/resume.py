@@ -30,7 +30,8 @@ from typing import Any
 import fsspec
 
 from schemas.recipe import NOT_SHAPING
-from steps.base import ShardResult, StageStats, join_uri
+from steps.base import ShardResult, StageStats
+from steps.run.files import join_uri
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 # (and all later stages') are then recomputed on the next run, earlier stages are reused.
 CODE_VERSIONS: dict[str, int] = {
     "prompts": 1,
-    "decontamination": 1,  # an eval set's n-gram index (steps.decontaminate)
+    "decontamination": 1,  # an eval set's n-gram index (steps.prompts.decontaminate)
     "sampling": 1,
     "label:bleu": 1,
     "label:density_ratio": 1,
@@ -201,7 +202,7 @@ class WorkArea:
             "extra": extra,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        from steps import faults
+        from steps.run import faults
 
         faults.checkpoint(f"{stage}:before-marker")
         fs, path = fsspec.core.url_to_fs(self.marker_uri(stage, key))

@@ -3,11 +3,11 @@
 Every finished shard stays under the work location for every setting it was ever computed with,
 so a nightly deployment grows it without bound. Each run therefore leaves a record,
 ``_runs/<recipe>/<start>-<id>.json``, listing the entries (``<stage dir>/<key>``, see
-``steps.resume``) it used; the record is rewritten (atomically) after every stage, so a killed run's
+``steps.run.resume``) it used; the record is rewritten (atomically) after every stage, so a killed run's
 record lists what it finished up to its last complete stage. GC keeps every entry that the last N
 runs of each recipe used and removes the others.
 
-It runs only under the work location's lease (``steps.lease``), so no live run's entries are ever
+It runs only under the work location's lease (``steps.run.lease``), so no live run's entries are ever
 touched, and it is safe to kill anywhere: an entry's marker is removed before its data, so a killed
 GC leaves data without a marker, which a resume never trusts (``WorkArea.lookup`` needs the marker
 and its checksums) and the next GC removes; the records of dropped runs go last, so a rerun of GC
@@ -29,10 +29,11 @@ from typing import Any
 
 import fsspec
 
+from schemas.errors import RunError
 from schemas.recipe import RecipeError
-from steps import faults
-from steps.base import join_uri, write_bytes_atomic
-from steps.resume import MARKER_SUFFIX
+from steps.run import faults
+from steps.run.files import join_uri, write_bytes_atomic
+from steps.run.resume import MARKER_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ RECORD_EVERY_S = 30.0  # within a stage, a run's record is rewritten at most thi
 _ENTRY_FILE = re.compile(r"^(?P<entry>(?:[A-Za-z0-9_]+/)+[0-9a-f]{32})\.[^/]+$")
 
 
-class GcError(RuntimeError):
+class GcError(RunError):
     """GC cannot tell what is in use (an unreadable run record); nothing was removed."""
 
 
@@ -174,7 +175,7 @@ def collect(
 ) -> GcReport:
     """Remove the work entries that none of the last ``keep_runs`` runs of any recipe used.
 
-    The caller holds the work location's lease (``steps.lease``) for the duration; ``check`` (its
+    The caller holds the work location's lease (``steps.run.lease``) for the duration; ``check`` (its
     ``Lease.check``) is called before each entry is removed, so a GC that lost the lease stops.
     """
     check_keep_runs(keep_runs)

@@ -1,6 +1,6 @@
 """Learn how much each signal should count from human pairs: regularised logistic regression.
 
-A pair's features are its signals' feature differences chosen − rejected (``steps.aggregate``),
+A pair's features are its signals' feature differences chosen − rejected (``steps.pairing.aggregate``),
 so the fitted weights plug straight into the pipeline's aggregate: ranking by Σ wᵢ fᵢ is what
 the model fitted. The order of each pair was shuffled by a coin flip before scoring, so the
 model has no intercept and each pair enters in both orientations (label 1 and its mirror,
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from schemas.errors import UsageError
 from steps.engines import derive_seed
 
 # L2 strengths tried (on features whose typical size is 1); the inner folds pick one.
@@ -102,7 +103,7 @@ def fit_weights(
     """
     n = len(groups)
     if n < 2 * folds:
-        raise ValueError(
+        raise UsageError(
             f"{n} pairs are too few for {folds}-fold cross-validation; give at least {2 * folds}"
         )
     outer = folds_by_group(groups, folds, seed)
