@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -262,6 +263,20 @@ def build_prefs(
         )
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every part of one run's data path needs: its recipe, where its work lives, where it runs."""
+
+    config: Recipe
+    work_uri: str
+    area: WorkArea
+    # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.
+    model_area: WorkArea
+    placement: Placement
+    record: RunRecord  # every stage's work entries, for GC
+    fresh: bool
+
+
 def _build(
     config: Recipe,
     out: str,
@@ -276,67 +291,20 @@ def _build(
 ) -> str:
     """The data path, under the run's leases; every stage's entries go into the run's record for GC."""
     area = WorkArea(work_uri, fresh=fresh)
-    record = RunRecord(work_uri, config.name, out)
-    # What a model pool just computed (recomputed, with ``fresh``) is found here, never redone locally.
-    model_deployment, dask = placement.model_deployment, placement.dask
-    model_area = WorkArea(work_uri) if model_deployment else area
+    model_area = WorkArea(work_uri) if placement.model_deployment else area
+    run = _Run(config, work_uri, area, model_area, placement, RunRecord(work_uri, config.name, out), fresh)
     # Eval scores depend on the labelers and the pairs only, not on this run: one cache for every run.
     quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
     filter_entries: set[str] = set()
     prompts, prompt_stats, prompt_filters = prompts_task(config, area, filter_entries)
     slots = stages.slot_entries(config, area, prompts)
-    record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *slots])
-    if model_deployment:
-        run_model_batches(placement, config, work_uri, "sampling", prompts, fresh)
-    # A killed run's record keeps what it finished (to within RECORD_EVERY_S), so GC spares it.
-    responses = _run_stage(
-        "sampling",
-        [(config, model_area, p) for p in prompts],
-        sample_task,
-        lambda _, r: record.add([area.entry_of(r.uri)], at_most_every_s=RECORD_EVERY_S),
-    )
-    record.add(area.entry_of(r.uri) for r in responses)
+    run.record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *slots])
+    responses = _sample(run, prompts)
     sampled = merge_stats("sampling", [r.stats for r in responses])
     require_responses(sampled)
-    model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
-    if model_deployment and model_labelers:
-        run_model_batches(placement, config, work_uri, "labeling", prompts, fresh)
-    labels_on_dask = dask is not None and (model_deployment is not None or not model_labelers)
-    pairs_on_dask = dask is not None and config.pairing.judge is None
-    labels: list[ShardResult] | None = None
-    if not labels_on_dask:
-        labels = _run_stage(
-            "labeling",
-            [(config, area, p, r, model_area) for p, r in zip(prompts, responses, strict=True)],
-            label_task,
-            lambda i, r: record.add(
-                _label_entries(config, area, prompts[i : i + 1], responses[i : i + 1], [r]),
-                at_most_every_s=RECORD_EVERY_S,
-            ),
-        )
-        record.add(_label_entries(config, area, prompts, responses, labels))
-    if pairs_on_dask:
-        assert dask is not None
-        labels, pairs = cpu_stages.with_options(task_runner=dask_runner(dask))(
-            config, area, model_area, prompts, responses, labels
-        )
-        stats_of_run = stages.aggregation_stats(config, responses, labels)  # seconds; for stats.json
-    else:
-        assert labels is not None  # labels go to Dask only together with pairing
-        stats_of_run = stages.aggregation_stats(config, responses, labels)
-        pairs = _run_stage(
-            "pairing",
-            [
-                (config, area, p, r, lab, stats_of_run)
-                for p, r, lab in zip(prompts, responses, labels, strict=True)
-            ],
-            pair_task,
-        )
-    # Labels made on Dask are recorded here; those made in this process were recorded as they ended.
-    made_on_dask = _label_entries(config, area, prompts, responses, labels) if labels_on_dask else []
-    record.add(made_on_dask + [area.entry_of(s.uri) for s in pairs])
+    labels, pairs, stats_of_run = _label_and_pair(run, prompts, responses)
     kept, dropped, length = consistency_task(config, area, pairs)
-    record.add([area.entry_of(kept.uri)])
+    run.record.add([area.entry_of(kept.uri)])
     stages_ = {
         "prompts": prompt_stats,
         "sampling": sampled,
@@ -354,7 +322,7 @@ def _build(
     }
     lease.check_all(leases)  # a run that lost its output's lease must not publish over its new holder
     manifest = publish_task(config, out, kept, dropped, stats)
-    record.finish()
+    run.record.finish()
     create_markdown_artifact(
         key="build-prefs-summary", markdown=summary_markdown(out, manifest), description="Run summary"
     )
@@ -363,6 +331,68 @@ def _build(
     if gc_keep_runs is not None:  # last: housekeeping never holds up the push
         gc_task(work_uri, gc_keep_runs, leases[1])
     return out
+
+
+def _sample(run: _Run, prompts: list[ShardResult]) -> list[ShardResult]:
+    """Sampling, on the model pool first when there is one (this process then finds its shards)."""
+    area, record = run.area, run.record
+    if run.placement.model_deployment:
+        run_model_batches(run.placement, run.config, run.work_uri, "sampling", prompts, run.fresh)
+    # A killed run's record keeps what it finished (to within RECORD_EVERY_S), so GC spares it.
+    responses = _run_stage(
+        "sampling",
+        [(run.config, run.model_area, p) for p in prompts],
+        sample_task,
+        lambda _, r: record.add([area.entry_of(r.uri)], at_most_every_s=RECORD_EVERY_S),
+    )
+    record.add(area.entry_of(r.uri) for r in responses)
+    return responses
+
+
+def _label_and_pair(
+    run: _Run, prompts: list[ShardResult], responses: list[ShardResult]
+) -> tuple[list[ShardResult], list[ShardResult], dict[str, Any] | None]:
+    """Labels, then pairs: the model labelers on the pool or here, the CPU work here or on Dask."""
+    config, area, record, placement = run.config, run.area, run.record, run.placement
+    model_deployment, dask = placement.model_deployment, placement.dask
+    model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
+    if model_deployment and model_labelers:
+        run_model_batches(placement, config, run.work_uri, "labeling", prompts, run.fresh)
+    labels_on_dask = dask is not None and (model_deployment is not None or not model_labelers)
+    pairs_on_dask = dask is not None and config.pairing.judge is None
+    labels: list[ShardResult] | None = None
+    if not labels_on_dask:
+        labels = _run_stage(
+            "labeling",
+            [(config, area, p, r, run.model_area) for p, r in zip(prompts, responses, strict=True)],
+            label_task,
+            lambda i, r: record.add(
+                _label_entries(config, area, prompts[i : i + 1], responses[i : i + 1], [r]),
+                at_most_every_s=RECORD_EVERY_S,
+            ),
+        )
+        record.add(_label_entries(config, area, prompts, responses, labels))
+    if pairs_on_dask:
+        assert dask is not None
+        labels, pairs = cpu_stages.with_options(task_runner=dask_runner(dask))(
+            config, area, run.model_area, prompts, responses, labels
+        )
+        stats_of_run = stages.aggregation_stats(config, responses, labels)  # seconds; for stats.json
+    else:
+        assert labels is not None  # labels go to Dask only together with pairing
+        stats_of_run = stages.aggregation_stats(config, responses, labels)
+        pairs = _run_stage(
+            "pairing",
+            [
+                (config, area, p, r, lab, stats_of_run)
+                for p, r, lab in zip(prompts, responses, labels, strict=True)
+            ],
+            pair_task,
+        )
+    # Labels made on Dask are recorded here; those made in this process were recorded as they ended.
+    made_on_dask = _label_entries(config, area, prompts, responses, labels) if labels_on_dask else []
+    record.add(made_on_dask + [area.entry_of(s.uri) for s in pairs])
+    return labels, pairs, stats_of_run
 
 
 if __name__ == "__main__":  # the command line lives in flows.cli; this keeps `python -m flows.build_prefs`

@@ -44,6 +44,11 @@ OWNED_FILES = frozenset({"stats.json", CARD, MANIFEST})
 class HubError(RunError):
     """A push that did not happen; the message says why and what to do."""
 
+    hint = (
+        "The dataset itself is complete; rerun the same command to push again "
+        "(finished work is reused, nothing is recomputed)."
+    )
+
 
 class HubAuthError(HubError):
     """Credentials missing, wrong or without write access: never retried."""
