@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.errors import RunError
+from schemas.errors import UsageError
 from schemas.recipe import ModelConfig
 from steps.engines import llama_build
 
@@ -50,8 +50,11 @@ print({_OK!r}, flush=True)
 """
 
 
-class EngineCrashError(RunError):
-    """The installed llama.cpp cannot decode on this machine; raised before any model loads."""
+class EngineCrashError(UsageError):
+    """The installed llama.cpp cannot decode on this machine; raised before any model loads.
+
+    A usage error (exit 2): nothing ran, and the fix is the install (the message gives the command).
+    """
 
 
 @dataclass(frozen=True)

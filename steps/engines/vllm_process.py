@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from schemas.errors import RunError
 from steps.engines.base import (
     Completion,
     Conversation,
@@ -51,7 +52,6 @@ from steps.engines.models import (
     VllmMissingError,
     check_vllm_installed,
 )
-from steps.engines.native_check import EngineCrashError
 from steps.engines.reward import RewardRequest
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ _LOG_TAIL = 40
 _COUNTER = itertools.count()
 
 
-class VllmWorkerError(EngineCrashError):
+class VllmWorkerError(RunError):
     """The vLLM worker could not load its model, or died while answering; the message carries its log."""
 
 
