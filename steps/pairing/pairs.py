@@ -173,7 +173,7 @@ def make_pairs(
     (``steps.pairing.aggregate.run_stats`` over every shard); without them this shard stands for the run.
     """
     aggregation = Aggregation.of(recipe)
-    rule, margin = recipe.pairing.rule, recipe.pairing.min_margin
+    margin = recipe.pairing.min_margin
     control = recipe.pairing.length_control
     max_ratio = control.max_ratio if control is not None else None
     stats = StageStats("pairing", rows_in=prompts.num_rows)
@@ -203,7 +203,39 @@ def make_pairs(
         stats.counts[reasons.CUT_ANSWERS_NOT_PAIRED] = int(scored.get_column(columns.TRUNCATED).sum())
         scored = scored.filter(~pl.col(columns.TRUNCATED))
 
-    # Chosen is the best response; with a length ratio, the best one that has a partner within it.
+    picked, blocked = _pick(scored, recipe, max_ratio, margin, stats)
+
+    picked = picked.join(
+        evidence(scores, picked, aggregation, recipe.consistency.rank_signals),
+        on=columns.PROMPT_ID,
+        how="left",
+    )
+    no_pair = _no_pair_reasons(
+        joined, scored, labels_df, picked, margin, recipe.pairing.finished_only, blocked
+    )
+    for reason, count in no_pair.group_by(columns.REASON).len().iter_rows():
+        stats.drop(reason, count)
+    for pid, reason in no_pair.head(50).iter_rows():
+        stats.examples.setdefault(reason, f"prompt {pid}")
+    stats.counts["prompts_with_responses"] = resp.get_column(columns.PROMPT_ID).n_unique()
+    if len(aggregation.signals) > 1:
+        for signal, count in zero_variance_counts(scores, aggregation.signals).items():
+            stats.counts[f"zero_variance:{signal}"] = count
+
+    table = _pairs_table(prompts, picked, recipe)
+    stats.rows_out = table.num_rows
+    return table, stats
+
+
+def _pick(
+    scored: pl.DataFrame, recipe: Recipe, max_ratio: float | None, margin: float, stats: StageStats
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Each prompt's chosen and rejected response, and the prompts the length ratio left without one.
+
+    Chosen is the best response (with a length ratio, the best one that has a partner within it);
+    rejected is the worst, or a seeded random one, that is far enough below it and not the same text.
+    """
+    rule = recipe.pairing.rule
     ranked = scored.sort(
         [columns.PROMPT_ID, AGG, columns.SAMPLE_INDEX], descending=[False, True, False]
     ).with_columns((pl.int_range(pl.len()).over(columns.PROMPT_ID) + 1).alias(_RANK))
@@ -239,27 +271,7 @@ def make_pairs(
     picked = (
         candidates.sort(order, descending=descending).group_by(columns.PROMPT_ID, maintain_order=True).first()
     )
-
-    picked = picked.join(
-        evidence(scores, picked, aggregation, recipe.consistency.rank_signals),
-        on=columns.PROMPT_ID,
-        how="left",
-    )
-    no_pair = _no_pair_reasons(
-        joined, scored, labels_df, picked, margin, recipe.pairing.finished_only, blocked
-    )
-    for reason, count in no_pair.group_by(columns.REASON).len().iter_rows():
-        stats.drop(reason, count)
-    for pid, reason in no_pair.head(50).iter_rows():
-        stats.examples.setdefault(reason, f"prompt {pid}")
-    stats.counts["prompts_with_responses"] = resp.get_column(columns.PROMPT_ID).n_unique()
-    if len(aggregation.signals) > 1:
-        for signal, count in zero_variance_counts(scores, aggregation.signals).items():
-            stats.counts[f"zero_variance:{signal}"] = count
-
-    table = _pairs_table(prompts, picked, recipe)
-    stats.rows_out = table.num_rows
-    return table, stats
+    return picked, blocked
 
 
 def _prompts_as_seen(messages: pa.ChunkedArray, ordered: pl.DataFrame) -> pa.Array:
