@@ -28,18 +28,16 @@ from typing import Any
 
 from bench import gpu
 from bench.common import DEFAULT_OUT, Row, format_table, write_json
-from bench.gpu import (
+from bench.gpu import environment, one_thread_if, record_failure
+from bench.gpu_kit import (
     Clock,
     Shape,
-    _environment,
-    _failed,
-    _free,
-    _sync,
     batched_forward,
     build_model,
     build_tokenizer,
     filler,
-    one_thread_if,
+    free_memory,
+    sync,
 )
 
 NAME = "gpu_rates"
@@ -114,7 +112,7 @@ def _measure(
         except RuntimeError as exc:
             if not _is_oom(exc) or size == 1:
                 raise
-            _free(plan.device)
+            free_memory(plan.device)
             clock.log(f"{label}: out of memory at {size}; halving")
             size //= 2
     seconds = [run(size)]
@@ -135,7 +133,7 @@ def decode_rate(plan: Plan, key: str, model: Any, tokenizer: Any, clock: Clock) 
     def run(batch: int) -> float:
         rows = [[rng.choice(words) for _ in range(plan.prompt_tokens)] for _ in range(batch)]
         ids = torch.tensor([tokenizer.convert_tokens_to_ids(row) for row in rows], device=device)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
             model.generate(
@@ -149,7 +147,7 @@ def decode_rate(plan: Plan, key: str, model: Any, tokenizer: Any, clock: Clock) 
                 min_new_tokens=plan.decode_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
     label = f"{key} decode"
@@ -173,10 +171,10 @@ def prefill_rate(plan: Plan, key: str, model: Any, tokenizer: Any, clock: Clock)
     tokens = plan.prefill_sequences * plan.prefill_tokens
 
     def run(batch_tokens: int) -> float:
-        _sync(plan.device)
+        sync(plan.device)
         start = time.perf_counter()
         batched_forward(model, seqs, batch_tokens, tokenizer.pad_token_id)
-        _sync(plan.device)
+        sync(plan.device)
         return time.perf_counter() - start
 
     label = f"{key} prefill"
@@ -216,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out_dir = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else DEFAULT_OUT)
     clock = Clock(args.budget)
-    env = _environment(plan.device)
+    env = environment(plan.device)
     payload: dict[str, Any] = {
         "name": NAME,
         "cpu_smoke": args.cpu_smoke,
@@ -241,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             torch.manual_seed(0)
             built = time.perf_counter()
             model = build_model(shape, tokenizer, plan.device, torch.bfloat16)
-            _sync(plan.device)
+            sync(plan.device)
             detail["parameters"] = sum(p.numel() for p in model.parameters())
             detail["init_seconds"] = round(time.perf_counter() - built, 1)
             clock.log(f"{shape.name}: {detail['parameters'] / 1e9:.2f} B parameters")
@@ -270,9 +268,9 @@ def run(args: argparse.Namespace) -> int:
             if plan.device.startswith("cuda"):
                 detail["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 1)
         except Exception as exc:  # one shape failing (memory) must not lose the other's numbers
-            _failed(payload, shape.name, exc, clock)
+            record_failure(payload, shape.name, exc, clock)
         del model
-        _free(plan.device)
+        free_memory(plan.device)
         if plan.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         write_json(out_dir, NAME, payload | {"rows": [r.to_dict() for r in rows]})

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench import gpu
+from bench import gpu, gpu_correctness
 from bench.common import format_table
 
 
@@ -46,7 +46,7 @@ def test_cpu_smoke_runs_every_part(tmp_path: Path) -> None:
         for engine in detail["scoring"]["engines"].values():
             # shared prompts and criteria run once; the raw forward runs every full sequence
             assert 0 < engine["tokens_through_network"] < detail["scoring"]["tokens"]
-            assert engine["max_abs_diff_logp"] < gpu.TOL_BF16
+            assert engine["max_abs_diff_logp"] < gpu_correctness.TOL_BF16
         tokens = detail["generation"]["tokens"]
         assert tokens["engine"][0] > 0 and tokens["batched"][0] > 0
     checks = payload["correctness"]
@@ -61,13 +61,13 @@ def test_correctness_fails_on_a_wrong_engine(monkeypatch: pytest.MonkeyPatch, on
 
     (A constant shift would not do: rotary attention sees only distances between positions.)
     """
-    forward = gpu.TransformersEngine._forward
+    forward = gpu_correctness.TransformersEngine._forward
 
     def from_zero(self: Any, ids: Any, positions: Any, *rest: Any) -> Any:
         return forward(self, ids, positions - positions[:, :1], *rest)
 
-    monkeypatch.setattr(gpu.TransformersEngine, "_forward", from_zero)
-    checks, _ = gpu.correctness(gpu.SMOKE, "cpu", gpu.Clock(60))
+    monkeypatch.setattr(gpu_correctness.TransformersEngine, "_forward", from_zero)
+    checks, _ = gpu_correctness.correctness(gpu.SMOKE, "cpu", gpu.Clock(60))
     failed = {check.name for check in checks if not check.passed}
     assert "reference, CPU fp32: engine.score vs plain forward" in failed
     assert "cpu fp32: engine.score vs plain forward" in failed
