@@ -50,11 +50,14 @@ vllm-env: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(VPY) -m flows.build_prefs
 
-# Lint and format are part of the suite: CI runs exactly this target.
+# Lint and format are part of the suite: CI runs exactly this target. pytest runs on TEST_WORKERS
+# processes (pytest-xdist), a whole test file per worker at a time so each module's fixtures (a
+# loaded model, a finished run) are built once; tests/conftest.py hands out the long files first.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The inner loop: in-process tests only (no model file, no server, no subprocess).
 test-fast: $(STAMP)

@@ -30,6 +30,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # a private cache (set before `datasets` is imported anywhere).
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="prefsmith-hf-datasets-")
 
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist, each worker (and every process it starts) gets its own share of the CPUs.
+
+    Without it two workers each run torch, llama.cpp and OpenMP with a thread per CPU, and on two
+    cores their spinning threads slowed a model run 2.5x. torch and OpenMP size their thread pools
+    from the affinity mask, and so does the llama.cpp engine (``usable_cpus``). Set before either
+    is imported; children inherit it.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if int(count) > len(cpus):
+        return  # more workers than CPUs: sharing is all there is
+    os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) :: int(count)])
+
+
+_pin_xdist_worker()
+
 from schemas.recipe import Recipe  # noqa: E402
 from steps.engines.base import Completion, Conversation, Failed, SamplingParams, sample_seed  # noqa: E402
 
@@ -153,3 +173,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         elif not item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.unit)
+    _longest_files_first(items)
+
+
+# make test runs the suite on two workers, a whole file per worker at a time (pytest-xdist,
+# --dist loadfile, so a module's fixtures are built once). Files are handed out in collection order:
+# the long lanes go first, so they run beside the short files instead of after them all.
+_HEAVY = ("vllm", "slow", "model", "integration")
+
+
+def _file_rank(items: list[pytest.Item]) -> int:
+    marks = {mark.name for item in items for mark in item.iter_markers()}
+    return next((rank for rank, name in enumerate(_HEAVY) if name in marks), len(_HEAVY))
+
+
+def _longest_files_first(items: list[pytest.Item]) -> None:
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(str(item.path), []).append(item)
+    ordered = sorted(by_file.values(), key=_file_rank)  # stable: same-rank files keep their order
+    items[:] = [item for group in ordered for item in group]

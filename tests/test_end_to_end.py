@@ -73,7 +73,7 @@ def build(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     # Seed 2: three of the first four prompts get two or more finished answers with this build
     # (batched decode). Seed 1 gives each prompt exactly one, so no pair, and nothing to test here.
     cmd = [sys.executable, "-m", "flows.build_prefs", "--limit", "4", "--output", str(out), "--seed", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

@@ -46,7 +46,7 @@ class LlamaCppEngine:
         self.model_id = model.model_id
         self._resolved = model
         self._n_ctx = n_ctx
-        self._n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self._n_threads = n_threads or usable_cpus()
         if model.kind == "hub":
             repo, _, filename = model.location.partition(":")
             self._llm = Llama.from_pretrained(repo, filename, n_ctx=n_ctx, verbose=False)
@@ -253,3 +253,11 @@ def _log_softmax(logits: Any) -> Any:
 
     top = logits.max(axis=1, keepdims=True)
     return logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a container's
+    cpuset, ``taskset``), not every CPU of the machine, whose extra threads would only contend."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
