@@ -30,6 +30,7 @@ from flows.placement import (
     run_model_batches,
 )
 from flows.summary import summary_markdown
+from schemas import stage_names
 from schemas.locks import LockSettings
 from schemas.recipe import Recipe
 from steps.base import ShardResult, StageStats, merge_stats
@@ -205,11 +206,11 @@ def cpu_stages(
     done_labels = labels if labels is not None else [_resolved(f) for f in label_futures]
     if labels is None:
         for i, result in enumerate(done_labels, start=1):
-            _log_progress("labeling", i, len(done_labels), result, started)
+            _log_progress(stage_names.LABELING, i, len(done_labels), result, started)
     done_pairs = []
     for i, future in enumerate(pair_futures, start=1):
         done_pairs.append(future.result())
-        _log_progress("pairing", i, len(pair_futures), done_pairs[-1], started)
+        _log_progress(stage_names.PAIRING, i, len(pair_futures), done_pairs[-1], started)
     return done_labels, done_pairs
 
 
@@ -300,20 +301,20 @@ def _build(
     slots = stages.slot_entries(config, area, prompts)
     run.record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *slots])
     responses = _sample(run, prompts)
-    sampled = merge_stats("sampling", [r.stats for r in responses])
+    sampled = merge_stats(stage_names.SAMPLING, [r.stats for r in responses])
     require_responses(sampled)
     labels, pairs, stats_of_run = _label_and_pair(run, prompts, responses)
     kept, dropped, length = consistency_task(config, area, pairs)
     run.record.add([area.entry_of(kept.uri)])
     stages_ = {
-        "prompts": prompt_stats,
-        "sampling": sampled,
-        "labeling": merge_stats("labeling", [r.stats for r in labels]),
-        "pairing": merge_stats("pairing", [r.stats for r in pairs]),
-        "consistency": kept.stats,
+        stage_names.PROMPTS: prompt_stats,
+        stage_names.SAMPLING: sampled,
+        stage_names.LABELING: merge_stats(stage_names.LABELING, [r.stats for r in labels]),
+        stage_names.PAIRING: merge_stats(stage_names.PAIRING, [r.stats for r in pairs]),
+        stage_names.CONSISTENCY: kept.stats,
     }
     stats = {
-        "prompts": {"source": source_label(config.prompts), **prompt_filters},
+        stage_names.PROMPTS: {"source": source_label(config.prompts), **prompt_filters},
         "stages": {name: s.to_dict() for name, s in stages_.items()},
         "length": length,
         "aggregation": stats_of_run,
@@ -337,10 +338,10 @@ def _sample(run: _Run, prompts: list[ShardResult]) -> list[ShardResult]:
     """Sampling, on the model pool first when there is one (this process then finds its shards)."""
     area, record = run.area, run.record
     if run.placement.model_deployment:
-        run_model_batches(run.placement, run.config, run.work_uri, "sampling", prompts, run.fresh)
+        run_model_batches(run.placement, run.config, run.work_uri, stage_names.SAMPLING, prompts, run.fresh)
     # A killed run's record keeps what it finished (to within RECORD_EVERY_S), so GC spares it.
     responses = _run_stage(
-        "sampling",
+        stage_names.SAMPLING,
         [(run.config, run.model_area, p) for p in prompts],
         sample_task,
         lambda _, r: record.add([area.entry_of(r.uri)], at_most_every_s=RECORD_EVERY_S),
@@ -357,13 +358,13 @@ def _label_and_pair(
     model_deployment, dask = placement.model_deployment, placement.dask
     model_labelers = any(stages.reads_a_model(labeler) for labeler in config.labelers)
     if model_deployment and model_labelers:
-        run_model_batches(placement, config, run.work_uri, "labeling", prompts, run.fresh)
+        run_model_batches(placement, config, run.work_uri, stage_names.LABELING, prompts, run.fresh)
     labels_on_dask = dask is not None and (model_deployment is not None or not model_labelers)
     pairs_on_dask = dask is not None and config.pairing.judge is None
     labels: list[ShardResult] | None = None
     if not labels_on_dask:
         labels = _run_stage(
-            "labeling",
+            stage_names.LABELING,
             [(config, area, p, r, run.model_area) for p, r in zip(prompts, responses, strict=True)],
             label_task,
             lambda i, r: record.add(
@@ -382,7 +383,7 @@ def _label_and_pair(
         assert labels is not None  # labels go to Dask only together with pairing
         stats_of_run = stages.aggregation_stats(config, responses, labels)
         pairs = _run_stage(
-            "pairing",
+            stage_names.PAIRING,
             [
                 (config, area, p, r, lab, stats_of_run)
                 for p, r, lab in zip(prompts, responses, labels, strict=True)

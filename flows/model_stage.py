@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from schemas import stage_names
 from schemas.errors import RunError
 from schemas.recipe import ModelConfig, Recipe
 from steps.base import ShardResult, StageStats
@@ -28,7 +29,7 @@ from steps.labelers.checks import recipe_models
 from steps.run import stages
 from steps.run.resume import WorkArea, sha256_of
 
-MODEL_STAGES = ("sampling", "labeling")
+MODEL_STAGES = stage_names.MODEL_BOUND
 
 
 class MissingShardError(RunError):
@@ -44,7 +45,9 @@ def prompt_shard(shard: dict[str, Any]) -> ShardResult:
             "shared fsspec URI (s3://…, a shared mount) for --work."
         )
     slot = str(shard.get("slot", ""))  # absent in batches from before prompt filters: no slot reuse
-    return ShardResult(shard["uri"], int(shard["rows"]), StageStats("prompts"), shard["sha256"], slot=slot)
+    return ShardResult(
+        shard["uri"], int(shard["rows"]), StageStats(stage_names.PROMPTS), shard["sha256"], slot=slot
+    )
 
 
 def shard_ref(shard: ShardResult) -> dict[str, Any]:
@@ -54,7 +57,7 @@ def shard_ref(shard: ShardResult) -> dict[str, Any]:
 
 def stage_models(config: Recipe, stage: str) -> list[ModelConfig]:
     """The models a stage loads: the policy for sampling, the model-reading labelers' for labeling."""
-    if stage == "sampling":
+    if stage == stage_names.SAMPLING:
         return [config.policy]
     return [model for key, model in recipe_models(config) if key.startswith("labelers.")]
 
@@ -86,10 +89,10 @@ def stage_shard(job: tuple[dict[str, Any], str, str, dict[str, Any], bool]) -> b
     config = Recipe.model_validate(recipe)
     area = WorkArea(work, fresh=fresh)
     # Labeling reads the responses sampling just wrote; with ``fresh`` they must be found, not redone.
-    responses_area = WorkArea(work) if stage == "labeling" else area
+    responses_area = WorkArea(work) if stage == stage_names.LABELING else area
     prompts = prompt_shard(shard)
     responses = stages.sample(config, responses_area, prompts)
-    if stage == "sampling":
+    if stage == stage_names.SAMPLING:
         return not responses.resumed
     return stages.label_models(config, area, prompts, responses) > 0
 

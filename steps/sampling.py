@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas import columns, reasons
+from schemas import columns, reasons, stage_names
 from schemas.recipe import Recipe
 from schemas.records import PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats
@@ -70,7 +70,7 @@ def sample_rows(
     seeds (prompt id and group), and a prompt any group fails on is dropped whole: a prompt with
     answers from only some temperatures would skew its pair toward them.
     """
-    stats = StageStats("sampling", rows_in=prompts.num_rows)
+    stats = StageStats(stage_names.SAMPLING, rows_in=prompts.num_rows)
     ids = prompts.column(columns.PROMPT_ID).to_pylist()
     conversations = prompts.column(columns.MESSAGES).to_pylist()
     temps = list(temperatures) if temperatures else [params.temperature]
@@ -168,7 +168,7 @@ def sample_shard(recipe: Recipe, prompts_uri: str, out_uri: str, earlier: Iterab
             reason, message = shard.failed[pid]  # a JSON list in the marker
             failed[pid] = (str(reason), str(message))
             wanted.discard(pid)
-    stats = StageStats("sampling", rows_in=prompts.num_rows)
+    stats = StageStats(stage_names.SAMPLING, rows_in=prompts.num_rows)
     for reason, message in failed.values():  # an earlier shard's drops, reported again
         stats.drop(reason, example=message)
     tables = list(reused)

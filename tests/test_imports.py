@@ -133,6 +133,28 @@ def test_reason_codes_are_spelled_once() -> None:
     assert found == []
 
 
+def test_stage_names_are_spelled_once() -> None:
+    """A stage is named by ``schemas.stage_names``, never retyped: its name is in every shard key."""
+    from schemas import stage_names
+
+    calls = {"StageStats", "merge_stats", "key", "run", "lookup", "_log_progress", "_run_stage"}
+    calls |= {"run_model_batches"}
+    found = []
+    for package in ("steps", "flows"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                literals: list[ast.expr] = []
+                if isinstance(node, ast.Call):
+                    name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                    literals = list(node.args) if name in calls else []
+                elif isinstance(node, ast.Compare):
+                    literals = [node.left, *node.comparators]
+                for arg in literals:
+                    if isinstance(arg, ast.Constant) and arg.value in stage_names.ORDER:
+                        found.append(f"{path.relative_to(ROOT)}:{arg.lineno}: {arg.value!r}")
+    assert found == []
+
+
 def test_architecture_page_names_every_module() -> None:
     """docs/architecture.md is how a reader finds a stage by file name: every module is on it."""
     layout = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")

@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from schemas import stage_names
 from schemas.recipe import (
     BleuConfig,
     DensityRatioConfig,
@@ -53,7 +54,7 @@ def label_shard(recipe: Recipe, prompts_uri: str, responses_uri: str, out_uri: s
     start = time.perf_counter()
     prompts = read_table(prompts_uri, PROMPTS)
     responses = read_table(responses_uri, RESPONSES)
-    tables, total = [], StageStats("labeling", rows_in=responses.num_rows)
+    tables, total = [], StageStats(stage_names.LABELING, rows_in=responses.num_rows)
     labelers = [build_labeler(config) for config in recipe.labelers]
     for config, done in zip(recipe.labelers, label_jointly(labelers, prompts, responses), strict=True):
         table, stats = done.table, done.stats

@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import columns, reasons
+from schemas import columns, reasons, stage_names
 from schemas.recipe import ConsistencyConfig, Recipe
 from schemas.records import conform, dropped_schema, pairs_schema
 from steps.base import StageStats
@@ -230,7 +230,7 @@ def apply_rules(
     pairs: pa.Table, config: ConsistencyConfig, signals: list[str]
 ) -> tuple[pa.Table, pa.Table, StageStats, dict[str, Any]]:
     """Split all candidate pairs into kept and dropped (with ``drop_reason``), all in memory at once."""
-    stats = StageStats("consistency", rows_in=pairs.num_rows)
+    stats = StageStats(stage_names.CONSISTENCY, rows_in=pairs.num_rows)
     frame = pl.from_arrow(pairs)
     assert isinstance(frame, pl.DataFrame)
     frame = frame.with_columns(rule_reasons(frame, config, signals).alias(columns.DROP_REASON))
@@ -282,7 +282,7 @@ def consistency_stage(
             columns.STRENGTH_MEAN, pa.chunked_array(parts, schema.field(columns.STRENGTH_MEAN).type)
         )
     drop_rule = rules_expr(config, recipe.voting_signals, ambiguous_threshold(config, strengths))
-    stats = StageStats("consistency")
+    stats = StageStats(stage_names.CONSISTENCY)
     drops: Counter[str] = Counter()
     before: list[pl.DataFrame] = []
     after: list[pl.DataFrame] = []

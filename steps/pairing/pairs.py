@@ -15,7 +15,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from schemas import columns, reasons
+from schemas import columns, reasons, stage_names
 from schemas.recipe import ModelConfig, Recipe
 from schemas.records import CONVERSATION, LABELS, PROMPTS, RESPONSES, pairs_schema
 from steps.base import ShardResult, StageStats
@@ -176,7 +176,7 @@ def make_pairs(
     margin = recipe.pairing.min_margin
     control = recipe.pairing.length_control
     max_ratio = control.max_ratio if control is not None else None
-    stats = StageStats("pairing", rows_in=prompts.num_rows)
+    stats = StageStats(stage_names.PAIRING, rows_in=prompts.num_rows)
     resp = pl.from_arrow(responses)
     labels_df = pl.from_arrow(labels)
     assert isinstance(resp, pl.DataFrame) and isinstance(labels_df, pl.DataFrame)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas import columns, reasons
+from schemas import columns, reasons, stage_names
 from schemas.recipe import FilePrompts, PromptsConfig
 from schemas.records import PROMPTS
 from steps.base import StageStats
@@ -165,7 +165,7 @@ def load_prompts(config: PromptsConfig, limit: int | None = None) -> tuple[pa.Ta
 
     The pipeline streams them instead (``stream_prompts``); this is the same stream gathered.
     """
-    stats = StageStats("prompts")
+    stats = StageStats(stage_names.PROMPTS)
     tables = list(stream_prompts(config, stats, LOAD_CHUNK_ROWS, limit))
     return pa.concat_tables(tables).combine_chunks(), stats
 
@@ -187,7 +187,7 @@ def check_prompts(config: PromptsConfig) -> None:
     whose every row is dropped fails with the same message as ``load_prompts``
     instead of after Prefect has started.
     """
-    stats = StageStats("prompts")
+    stats = StageStats(stage_names.PROMPTS)
     rows = raw_rows(config)
     try:
         for raw in rows:

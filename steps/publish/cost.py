@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas import stage_names
 from steps.base import StageStats
 
 SCORED = "tokens_scored"
@@ -18,15 +19,16 @@ PASS_TOKENS = "joint_pass_tokens"  # the tokens of those whole passes
 
 def cost_summary(stages: dict[str, StageStats], kept: int, eval_seconds: float | None) -> dict[str, Any]:
     """Seconds and tokens per stage and labeler, their totals, and the same per kept pair (None if none)."""
-    labeling = stages.get("labeling", StageStats("labeling"))
+    labeling = stages.get(stage_names.LABELING, StageStats(stage_names.LABELING))
     labelers = {name: _labeler(labeling, name, seconds) for name, seconds in sorted(labeling.timings.items())}
     seconds = {name: round(s.seconds, 3) for name, s in stages.items()}
     if eval_seconds is not None:
         seconds["label_quality"] = round(eval_seconds, 3)
-    judge = int(stages.get("pairing", StageStats("pairing")).counts.get(SCORED, 0))
+    judge = int(stages.get(stage_names.PAIRING, StageStats(stage_names.PAIRING)).counts.get(SCORED, 0))
+    sampled = stages.get(stage_names.SAMPLING, StageStats(stage_names.SAMPLING))
     totals = {
         "seconds": round(sum(seconds.values()), 3),
-        "tokens_generated": int(stages.get("sampling", StageStats("sampling")).counts.get("tokens", 0)),
+        "tokens_generated": int(sampled.counts.get("tokens", 0)),
         SCORED: sum(v[SCORED] for v in labelers.values()) + judge,
     }
     return {

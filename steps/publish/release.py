@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from schemas import reasons
+from schemas import reasons, stage_names
 from schemas.recipe import Recipe
 from schemas.records import dropped_schema, pairs_schema
 from steps.engines import resolve_model
@@ -35,19 +35,19 @@ STATS_FILE = "stats.json"
 def funnel_steps(stats: dict[str, Any], kept: int) -> list[tuple[str, int]]:
     """Rows left after each step; a prompt filter has its own bar when it ran (``stats["prompts"]``)."""
     stages = stats["stages"]
-    prompts = stages["prompts"]
+    prompts = stages[stage_names.PROMPTS]
     contaminated = sum(n for k, n in prompts["drops"].items() if k.startswith(reasons.CONTAMINATED_PREFIX))
     unique = prompts["rows_out"] + contaminated + prompts["drops"].get(reasons.NEAR_DUPLICATE, 0)
     steps = [("prompts read", prompts["rows_in"]), ("unique prompts", unique)]
-    filters = stats.get("prompts", {})
+    filters = stats.get(stage_names.PROMPTS, {})
     if "decontamination" in filters:
         steps.append(("not contaminated", unique - contaminated))
     if "near_duplicates" in filters:
         steps.append(("not near-duplicates", prompts["rows_out"]))
-    if "sampling" in stages:
-        steps.append(("responses", stages["sampling"]["rows_out"]))
-    if "pairing" in stages:
-        steps.append(("candidate pairs", stages["pairing"]["rows_out"]))
+    if stage_names.SAMPLING in stages:
+        steps.append(("responses", stages[stage_names.SAMPLING]["rows_out"]))
+    if stage_names.PAIRING in stages:
+        steps.append(("candidate pairs", stages[stage_names.PAIRING]["rows_out"]))
     steps.append(("kept pairs", kept))
     return steps
 

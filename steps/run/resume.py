@@ -29,6 +29,7 @@ from typing import Any
 
 import fsspec
 
+from schemas import stage_names
 from schemas.recipe import NOT_SHAPING
 from steps.base import ShardResult, StageStats
 from steps.run.files import join_uri
@@ -38,9 +39,9 @@ log = logging.getLogger(__name__)
 # Bump a stage's number when a code change alters what it writes for the same input; its shards
 # (and all later stages') are then recomputed on the next run, earlier stages are reused.
 CODE_VERSIONS: dict[str, int] = {
-    "prompts": 1,
+    stage_names.PROMPTS: 1,
     "decontamination": 1,  # an eval set's n-gram index (steps.prompts.decontaminate)
-    "sampling": 1,
+    stage_names.SAMPLING: 1,
     "label:bleu": 1,
     "label:density_ratio": 1,
     "label:follow_up": 1,
@@ -48,8 +49,8 @@ CODE_VERSIONS: dict[str, int] = {
     "label:judge_pairwise": 2,  # 2: details.p_beats keyed by the opponent (was the reply's own index)
     "label:reward_model": 1,
     "labels": 1,
-    "pairing": 1,
-    "consistency": 2,  # 2: ambiguous_below 0.0 is a floor under the quantile cut
+    stage_names.PAIRING: 1,
+    stage_names.CONSISTENCY: 2,  # 2: ambiguous_below 0.0 is a floor under the quantile cut
     "publish": 1,
 }
 

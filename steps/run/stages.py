@@ -20,7 +20,7 @@ import fsspec
 import polars as pl
 import pyarrow as pa
 
-from schemas import columns, reasons
+from schemas import columns, reasons, stage_names
 from schemas.recipe import BleuConfig, PromptsConfig, Recipe
 from schemas.records import LABELS, PROMPTS, RESPONSES
 from steps.base import ShardResult, StageStats
@@ -108,7 +108,7 @@ def prompt_shards(
     filters' own facts (eval set sizes and checksums, near-duplicate settings); ``entries`` the
     work entries the filters read, for the run's record.
     """
-    stats = StageStats("prompts")
+    stats = StageStats(stage_names.PROMPTS)
     filters = PromptFilters.of(recipe.prompts, area)
     shards = []
     for slot_table in stream_prompts(recipe.prompts, stats, recipe.output.prompts_per_shard, recipe.limit):
@@ -118,14 +118,14 @@ def prompt_shards(
             continue
         # Unfiltered, the shard is its slot: the key the prompts stage always had.
         content = slot if shard.num_rows == slot_table.num_rows else _content_sha(shard)
-        key = area.key("prompts", {}, [content])
+        key = area.key(stage_names.PROMPTS, {}, [content])
 
         def compute(files: dict[str, str], shard: pa.Table = shard) -> Any:
             write_table(shard, files["data"], PROMPTS, what="prompts")
-            part = StageStats("prompts", rows_in=shard.num_rows, rows_out=shard.num_rows)
+            part = StageStats(stage_names.PROMPTS, rows_in=shard.num_rows, rows_out=shard.num_rows)
             return part, {"data": shard.num_rows}, {}
 
-        shards.append(replace(area.run("prompts", key, compute).result(), slot=slot))
+        shards.append(replace(area.run(stage_names.PROMPTS, key, compute).result(), slot=slot))
     if report is not None:
         report.update(filters.report(stats))
     if entries is not None:
@@ -151,7 +151,8 @@ SLOT_MEMORY = 4  # earlier sampling shards remembered per slot (the latest first
 
 def _slot_uri(area: WorkArea, settings: dict[str, Any], slot: str) -> str:
     """Where a slot's finished sampling shards are listed: one small file per (settings, slot)."""
-    return join_uri(area.root, "sampling", "slots", f"{area.key('sampling', settings, ['slot', slot])}.json")
+    key = area.key(stage_names.SAMPLING, settings, ["slot", slot])
+    return join_uri(area.root, stage_names.SAMPLING, "slots", f"{key}.json")
 
 
 def slot_entries(recipe: Recipe, area: WorkArea, prompts: list[ShardResult]) -> list[str]:
@@ -177,7 +178,7 @@ def _earlier(area: WorkArea, uri: str, key: str) -> Iterator[Earlier]:
     in the first.
     """
     for earlier_key in _slot_keys(uri):
-        done = area.lookup("sampling", earlier_key) if earlier_key != key else None
+        done = area.lookup(stage_names.SAMPLING, earlier_key) if earlier_key != key else None
         if done is not None:
             failed = done.extra.get("failed", {})
             yield Earlier(done.files["data"], failed if isinstance(failed, dict) else {})
@@ -191,7 +192,7 @@ def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
     prompt takes each prompt sampled before from the slot's earlier shard and samples only the rest.
     """
     settings = sampling_settings(recipe)
-    key = area.key("sampling", settings, [prompts.sha256])
+    key = area.key(stage_names.SAMPLING, settings, [prompts.sha256])
     slot_uri = _slot_uri(area, settings, prompts.slot) if prompts.slot else None
 
     def compute(files: dict[str, str]) -> Any:
@@ -200,7 +201,7 @@ def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
         failed = {pid: list(value) for pid, value in sorted(done.failed.items())}
         return done.result.stats, {"data": done.result.rows}, {"failed": failed}
 
-    done = area.run("sampling", key, compute)
+    done = area.run(stage_names.SAMPLING, key, compute)
     if slot_uri is not None:
         keys = _slot_keys(slot_uri)
         if not keys or keys[0] != key:
@@ -324,7 +325,7 @@ def label(
         done.update(zip([config.name for config in configs], found, strict=True))
     parts = [(config.name, done[config.name]) for config in recipe.labelers]
 
-    total = StageStats("labeling", rows_in=responses.rows)
+    total = StageStats(stage_names.LABELING, rows_in=responses.rows)
     for name, part in parts:
         total.drops.update({f"{name}:{k}": v for k, v in part.stats.drops.items()})
         total.examples.update({f"{name}:{k}": v for k, v in part.stats.examples.items()})
@@ -393,7 +394,7 @@ def pair(
     settings = pairing_settings(recipe)
     if stats_of_run is not None:  # absent, not null, so runs without run stats keep their keys
         settings["run_stats"] = stats_of_run
-    key = area.key("pairing", settings, [prompts.sha256, responses.sha256, labels.sha256])
+    key = area.key(stage_names.PAIRING, settings, [prompts.sha256, responses.sha256, labels.sha256])
 
     def compute(files: dict[str, str]) -> Any:
         tokens = tokens_through_models()
@@ -402,7 +403,7 @@ def pair(
             result.stats.counts[SCORED] = tokens_through_models() - tokens
         return result.stats, {"data": result.rows}, {}
 
-    return area.run("pairing", key, compute).result()
+    return area.run(stage_names.PAIRING, key, compute).result()
 
 
 def filter_pairs(
@@ -410,12 +411,12 @@ def filter_pairs(
 ) -> tuple[ShardResult, ShardResult, dict[str, Any]]:
     """The consistency rules over all candidate pairs: kept and dropped shards plus the length report."""
     settings = {"consistency": _dump(recipe.consistency), "signals": recipe.signals}
-    key = area.key("consistency", settings, [p.sha256 for p in pairs])
+    key = area.key(stage_names.CONSISTENCY, settings, [p.sha256 for p in pairs])
 
     def compute(files: dict[str, str]) -> Any:
         stats, report = consistency_stage(recipe, [p.uri for p in pairs], files["kept"], files["dropped"])
         rows = {role: parquet_rows(uri) for role, uri in files.items()}
         return stats, rows, {"length": report}
 
-    done = area.run("consistency", key, compute, roles=("kept", "dropped"))
+    done = area.run(stage_names.CONSISTENCY, key, compute, roles=("kept", "dropped"))
     return done.result("kept"), done.result("dropped"), done.extra["length"]
