@@ -44,9 +44,9 @@ from steps.prompts.normalise import check_prompts, load_prompts
 from steps.prompts.sources import PromptSourceError
 from steps.sampling import sample_table, sampling_params
 from tests.conftest import ROOT, FakeEngine, make_recipe
-from tests.test_labeling import responses, with_refs
-from tests.test_pairing import labels_for
-from tests.test_sampling import prompts_table
+from tests.steps.labelers.test_labeling import responses, with_refs
+from tests.steps.pairing.test_pairing import labels_for
+from tests.steps.test_sampling import prompts_table
 
 
 def jsonl(path: Path, rows: list[object]) -> FilePrompts:

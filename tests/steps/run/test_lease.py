@@ -26,8 +26,8 @@ from schemas.locks import LockSettings, lock_settings
 from schemas.recipe import RecipeError
 from steps.run import lease
 from tests.conftest import ROOT
-from tests.test_resume import write_recipe
-from tests.test_s3 import bucket, s3_endpoint  # noqa: F401  (fixtures, used by name)
+from tests.flows.test_s3 import bucket, s3_endpoint  # noqa: F401  (fixtures, used by name)
+from tests.steps.run.test_resume import write_recipe
 
 pytestmark = pytest.mark.integration  # real processes and moto's S3 server
 

@@ -16,7 +16,7 @@ from steps.pairing.consistency import apply_rules, consistency_stage
 from steps.publish import plots
 from steps.publish.writer import score_summary, write_split
 from steps.run.files import read_table, write_table
-from tests.test_consistency import random_pairs, split_into_shards
+from tests.steps.pairing.test_consistency import random_pairs, split_into_shards
 
 
 def cut(table: pa.Table, sizes: list[int], folder: Path, name: str, schema: pa.Schema) -> list[str]:

@@ -39,7 +39,7 @@ from steps.publish.release import funnel_steps
 from steps.run import stages
 from steps.run.resume import WorkArea
 from tests.conftest import FakeEngine
-from tests.test_prompts import jsonl
+from tests.steps.prompts.test_prompts import jsonl
 
 # A 16-word benchmark question: covering 8 of its words is exactly the default threshold (0.5).
 EVAL_QUESTION = "Natalia sold clips to 48 of her friends in April and half as many in May"

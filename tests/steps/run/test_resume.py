@@ -325,7 +325,7 @@ def test_token_never_reaches_outputs_logs_or_prefect(
 ) -> None:
     """A planted token must not appear in the dataset, the work files, the logs or Prefect's database."""
     from steps.publish import hub
-    from tests.test_hub import SignatureCheckedApi
+    from tests.steps.publish.test_hub import SignatureCheckedApi
 
     secret = "hf_PLANTEDfaketoken0123456789abcdefXYZ"
     monkeypatch.setenv("HF_TOKEN", secret)

@@ -29,7 +29,7 @@ from steps.publish import release as publish_mod
 from steps.publish import writer
 from steps.run import resume
 from tests.conftest import FakeEngine
-from tests.test_resume import write_recipe
+from tests.steps.run.test_resume import write_recipe
 
 # Moto accepts any credentials; these keep boto from looking for real ones (or a metadata service).
 FAKE_AWS = {

@@ -18,9 +18,9 @@ from steps.quality.evaluate import LabelQualityError, measure_recipe
 from steps.quality.pairs_file import PairsFileError, check_eval_sets, read_pairs
 from steps.run.resume import WorkArea
 from tests.conftest import make_recipe
-from tests.test_labeling import responses
-from tests.test_pairing import labels_for
-from tests.test_sampling import prompts_table
+from tests.steps.labelers.test_labeling import responses
+from tests.steps.pairing.test_pairing import labels_for
+from tests.steps.test_sampling import prompts_table
 
 REF = "the cat sat on the mat by the open door"
 

@@ -13,8 +13,8 @@ from schemas.records import LABELS, pairs_schema
 from steps.pairing.aggregate import AGG, aggregate_scores
 from steps.pairing.pairs import make_pairs
 from tests.conftest import make_recipe
-from tests.test_labeling import responses
-from tests.test_sampling import prompts_table
+from tests.steps.labelers.test_labeling import responses
+from tests.steps.test_sampling import prompts_table
 
 
 def labels_for(resp: pa.Table, scores: dict[str, list[float | None]]) -> pa.Table:

@@ -27,9 +27,9 @@ from steps.pairing.pairs import make_pairs
 from steps.publish.release import publish
 from steps.run.files import read_table, write_table
 from tests.conftest import make_recipe
-from tests.test_labeling import responses
-from tests.test_pairing import labels_for
-from tests.test_sampling import prompts_table
+from tests.steps.labelers.test_labeling import responses
+from tests.steps.pairing.test_pairing import labels_for
+from tests.steps.test_sampling import prompts_table
 
 SIGNALS3 = [{"kind": "bleu", "name": n} for n in ("s1", "s2", "s3")]
 

@@ -26,7 +26,7 @@ from steps.labelers.checks import preflight
 from steps.labelers.reward_model import RewardModelLabeler
 from steps.labelers.settings import labeler_settings
 from tests.conftest import ROOT, make_recipe, smollm2_tokenizer, tiny_llama
-from tests.test_vllm_engine import API, _check_fields, _check_params, _latest
+from tests.steps.engines.test_vllm_engine import API, _check_fields, _check_params, _latest
 
 FAKES = ROOT / "tests" / "fakes"
 CONV = [{"role": "user", "content": "Name a yellow fruit."}]
@@ -284,8 +284,8 @@ def _unload_vllm() -> None:
 
 @pytest.fixture
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """The fake as ``vllm`` here and in the workers (real vLLM's classify: tests/test_vllm_real.py)."""
-    from tests.test_vllm_engine import use_fake_vllm
+    """The fake as ``vllm`` here and in the workers (real vLLM's classify: tests/steps/engines/test_vllm_real.py)."""
+    from tests.steps.engines.test_vllm_engine import use_fake_vllm
 
     yield from use_fake_vllm(monkeypatch)
 

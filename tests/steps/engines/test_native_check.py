@@ -19,7 +19,7 @@ import pytest
 from steps.engines import llama_build, native_check
 from steps.engines.models import smollm2_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 _STAND_IN = """
 import os
@@ -159,7 +159,7 @@ def test_a_build_that_fails_without_a_signal_names_the_error(
 
 
 def test_no_llama_cpp_model_means_no_check(isolated_cache: Path) -> None:
-    from conftest import make_recipe
+    from tests.conftest import make_recipe
 
     recipe = make_recipe(
         policy={"model": "smollm2-135m-instruct", "engine": "transformers"}, labelers=[{"kind": "bleu"}]

@@ -22,9 +22,9 @@ from steps.publish import card as card_module
 from steps.publish.card import md, render_card
 from steps.publish.writer import WrittenFile
 from tests.conftest import ROOT, make_recipe
-from tests.test_labeling import responses
-from tests.test_pairing import labels_for
-from tests.test_sampling import prompts_table
+from tests.steps.labelers.test_labeling import responses
+from tests.steps.pairing.test_pairing import labels_for
+from tests.steps.test_sampling import prompts_table
 
 # ----------------------------------------------------------------- YAML
 

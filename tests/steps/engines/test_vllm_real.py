@@ -327,7 +327,7 @@ def e2e_run(
 def test_build_prefs_with_the_policy_and_labelers_on_vllm(e2e_run: tuple[Path, Path]) -> None:
     import datasets
 
-    from tests.test_faults import dataset
+    from tests.steps.run.test_faults import dataset
 
     _, out = e2e_run
     rows = dataset(out)
@@ -347,8 +347,8 @@ def test_build_prefs_with_the_policy_and_labelers_on_vllm(e2e_run: tuple[Path, P
 def test_sigkill_during_vllm_sampling_leaves_no_process_and_the_rerun_gives_the_same_dataset(
     e2e_run: tuple[Path, Path], vllm_env: Path, tmp_path: Path
 ) -> None:
-    from tests.test_faults import dataset
-    from tests.test_kill_loop import finish, launch, sigkill_cli, wait_for_line
+    from tests.steps.run.test_faults import dataset
+    from tests.steps.run.test_kill_loop import finish, launch, sigkill_cli, wait_for_line
 
     recipe, reference = e2e_run
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -422,7 +422,7 @@ def test_shipped_gpu_recipes_run_end_to_end_on_real_vllm(
     prefect_home: Path,
 ) -> None:
     import flows.build_prefs as bp
-    from tests.test_faults import dataset
+    from tests.steps.run.test_faults import dataset
 
     small = vllm_model(smollm2_dir)
     swap = {

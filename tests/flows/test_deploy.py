@@ -32,8 +32,8 @@ from schemas.locks import LockSettings
 from steps.publish import writer
 from steps.run import faults, resume, work_gc
 from tests.conftest import ROOT
-from tests.test_end_to_end import free_port
-from tests.test_faults import tiny_model  # noqa: F401  (a fixture, used by name)
+from tests.flows.test_end_to_end import free_port
+from tests.steps.run.test_faults import tiny_model  # noqa: F401  (a fixture, used by name)
 
 pytestmark = pytest.mark.model
 

@@ -30,7 +30,7 @@ from steps import sampling
 from steps.base import ShardResult, StageStats
 from steps.publish import writer
 from tests.conftest import FakeEngine
-from tests.test_resume import markers, rows, write_recipe
+from tests.steps.run.test_resume import markers, rows, write_recipe
 
 
 def test_cpu_stages_on_a_dask_local_cluster_give_the_same_dataset(tmp_path: Path, engine: FakeEngine) -> None:

@@ -1,7 +1,7 @@
 """SIGKILL the CLI process alone, at random moments: no process it started survives it, and reruns
 finish the uninterrupted run's dataset.
 
-``tests/test_faults.py`` kills whole process groups at named checkpoints; here only the CLI's own pid
+``tests/steps/run/test_faults.py`` kills whole process groups at named checkpoints; here only the CLI's own pid
 gets the signal, as the OOM killer or a segfault would do, so whatever it started must notice by
 itself. The kill loop draws its moments from a seeded RNG: a stage, and a random delay within that
 stage's duration as measured on an uninterrupted run, counted from when the attempt's log shows the
@@ -28,7 +28,7 @@ import pytest
 from steps.publish import writer
 from steps.run import lease, resume, work_gc
 from tests.conftest import ROOT
-from tests.test_faults import dataset, env, recipe, tiny_model  # noqa: F401  (fixtures, used by name)
+from tests.steps.run.test_faults import dataset, env, recipe, tiny_model  # noqa: F401  (fixtures, used by name)
 
 pytestmark = pytest.mark.model
 

@@ -12,7 +12,7 @@ from schemas.records import LABELS, RESPONSES
 from steps.labelers.base import Labeler, PromptGroup, Score
 from steps.labelers.bleu import BleuLabeler
 from steps.labelers.bleu_score import bleuberi_bleu, sacrebleu_bleu
-from tests.test_sampling import prompts_table
+from tests.steps.test_sampling import prompts_table
 
 
 def responses(prompts: pa.Table, texts: list[str]) -> pa.Table:

@@ -23,7 +23,7 @@ from steps.base import StageStats
 from steps.run import faults, lease, work_gc
 from steps.run.resume import WorkArea
 from tests.conftest import ROOT, FakeEngine
-from tests.test_resume import markers, run, write_recipe
+from tests.steps.run.test_resume import markers, run, write_recipe
 
 
 def files(work: Path) -> dict[str, int]:

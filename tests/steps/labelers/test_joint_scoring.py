@@ -35,8 +35,8 @@ from steps.run import stages
 from steps.run.files import read_table, write_table
 from steps.run.resume import WorkArea, sha256_of
 from tests.conftest import smollm2_tokenizer, tiny_llama
-from tests.test_labeling import responses as responses_table
-from tests.test_sampling import prompts_table
+from tests.steps.labelers.test_labeling import responses as responses_table
+from tests.steps.test_sampling import prompts_table
 
 TOLERANCE = 1e-4  # fp32: another packing of the same trie changes sums by rounding only
 

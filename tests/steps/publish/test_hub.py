@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from steps.publish.hub import HfHubClient, HubAuthError, HubError, RetryPolicy, UploadFile, push_dataset
 from steps.publish.release import publish
 from tests.conftest import make_recipe
-from tests.test_writer import STATS, pair_shards
+from tests.steps.publish.test_writer import STATS, pair_shards
 
 
 class RecordingClient:
