@@ -33,6 +33,7 @@ from flows.summary import summary_markdown
 from schemas import stage_names
 from schemas.locks import LockSettings
 from schemas.recipe import Recipe
+from schemas.statistics import RunStatistics
 from steps.base import ShardResult, StageStats, merge_stats
 from steps.engines.llama_build import cache_root
 from steps.pairing.aggregate import Aggregation
@@ -110,7 +111,7 @@ def publish_task(
     output: str,
     kept: ShardResult,
     dropped: ShardResult,
-    stats: dict[str, Any],
+    stats: RunStatistics,
 ) -> dict[str, Any]:
     manifest = publish(recipe, output, [kept.uri], stats, [dropped.uri])
     get_run_logger().info(f"published run {manifest['run_id']} to {output} (manifest written last)")
@@ -313,8 +314,8 @@ def _build(
         stage_names.PAIRING: merge_stats(stage_names.PAIRING, [r.stats for r in pairs]),
         stage_names.CONSISTENCY: kept.stats,
     }
-    stats = {
-        stage_names.PROMPTS: {"source": source_label(config.prompts), **prompt_filters},
+    stats: RunStatistics = {
+        "prompts": {"source": source_label(config.prompts), **prompt_filters},
         "stages": {name: s.to_dict() for name, s in stages_.items()},
         "length": length,
         "aggregation": stats_of_run,

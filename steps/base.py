@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.statistics import StageRecord
+
 
 @dataclass
 class StageStats:
@@ -50,7 +52,7 @@ class StageStats:
                 merged.timings[name] = merged.timings.get(name, 0.0) + seconds
         return merged
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> StageRecord:
         return {
             "stage": self.stage,
             "rows_in": self.rows_in,

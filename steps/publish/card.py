@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from schemas import columns
 from schemas.recipe import Recipe
+from schemas.statistics import RunStatistics
 from steps.publish.writer import WrittenFile, package_version
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "data_cards"
@@ -104,7 +105,7 @@ def _example(sample: pa.Table) -> str | None:
 def render_card(
     recipe: Recipe,
     files: dict[str, list[WrittenFile]],
-    stats: dict[str, Any],
+    stats: RunStatistics,
     scores: dict[str, dict[str, float | int]],
     sample: pa.Table,
     engine: dict[str, str],

@@ -9,6 +9,7 @@ from typing import Any
 from schemas import reasons, stage_names
 from schemas.recipe import Recipe
 from schemas.records import dropped_schema, pairs_schema
+from schemas.statistics import RunStatistics
 from steps.engines import resolve_model
 from steps.labelers.settings import labeler_settings
 from steps.publish import plots
@@ -32,7 +33,7 @@ IMAGES_DIR = "images"
 STATS_FILE = "stats.json"
 
 
-def funnel_steps(stats: dict[str, Any], kept: int) -> list[tuple[str, int]]:
+def funnel_steps(stats: RunStatistics, kept: int) -> list[tuple[str, int]]:
     """Rows left after each step; a prompt filter has its own bar when it ran (``stats["prompts"]``)."""
     stages = stats["stages"]
     prompts = stages[stage_names.PROMPTS]
@@ -52,7 +53,7 @@ def funnel_steps(stats: dict[str, Any], kept: int) -> list[tuple[str, int]]:
     return steps
 
 
-def all_drops(stats: dict[str, Any]) -> dict[str, int]:
+def all_drops(stats: RunStatistics) -> dict[str, int]:
     """Every drop of the run by reason, labelled with its stage (prompts, responses or pairs)."""
     out: dict[str, int] = {}
     for stage, data in stats["stages"].items():
@@ -73,7 +74,7 @@ def publish(
     recipe: Recipe,
     output: str,
     kept_uris: list[str],
-    stats: dict[str, Any],
+    stats: RunStatistics,
     dropped_uris: list[str] | None = None,
 ) -> dict[str, Any]:
     """Publish one dataset version under ``runs/<run id>/``: data, pictures, stats, then card, manifest.

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from schemas import columns
 from schemas.recipe import Recipe
 from schemas.records import conform, pairs_schema
+from schemas.statistics import RunStatistics
 from steps.run.files import join_uri, parquet_rows, write_bytes_atomic
 
 MANIFEST = "manifest.json"
@@ -174,7 +175,7 @@ def write_manifest(
     output: str,
     files: dict[str, list[WrittenFile]],
     recipe: Recipe,
-    stats: dict[str, Any],
+    stats: RunStatistics,
     extras: list[WrittenFile] | None = None,
     run_id: str = "",
 ) -> dict[str, Any]:
