@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,33 +139,18 @@ def push_task(output: str, repo_id: str, private: bool) -> str:
     return url
 
 
-def _run_stage(
-    name: str, shards: list[tuple[Any, ...]], fn: Any, note: Callable[[int, ShardResult], None] | None = None
-) -> list[ShardResult]:
-    """Each shard in turn; ``note`` hears of each finished one (its index and result)."""
+def _run_stage(name: str, shards: list[tuple[Any, ...]], fn: Any, record: RunRecord) -> list[ShardResult]:
+    """Each shard in turn, its work entries recorded as it ends (so GC spares what a killed run made)."""
     started = time.perf_counter()
     results = []
     for i, args in enumerate(shards, start=1):
         result = fn(*args)
         results.append(result)
-        if note is not None:
-            note(i - 1, result)
+        # At most one record write per RECORD_EVERY_S; the stage's last shard is written by ``record``.
+        record.add(result.entries, at_most_every_s=RECORD_EVERY_S)
         _log_progress(name, i, len(shards), result, started)
+    record.flush()
     return results
-
-
-def _label_entries(
-    config: Recipe,
-    area: WorkArea,
-    prompts: list[ShardResult],
-    responses: list[ShardResult],
-    labels: list[ShardResult],
-) -> list[str]:
-    """The merged label shards and the per-labeler parts they were made from, as run-record entries."""
-    parts = [
-        e for p, r in zip(prompts, responses, strict=True) for e in stages.label_entries(config, area, p, r)
-    ]
-    return parts + [area.entry_of(s.uri) for s in labels]
 
 
 def _resolved(item: Any) -> ShardResult:
@@ -299,14 +283,13 @@ def _build(
     quality = eval_task(config, WorkArea(str(cache_root() / "label-quality"), fresh=fresh))
     filter_entries: set[str] = set()
     prompts, prompt_stats, prompt_filters = prompts_task(config, area, filter_entries)
-    slots = stages.slot_entries(config, area, prompts)
-    run.record.add([*filter_entries, *(area.entry_of(p.uri) for p in prompts), *slots])
+    run.record.add([*filter_entries, *(entry for p in prompts for entry in p.entries)])
     responses = _sample(run, prompts)
     sampled = merge_stats(stage_names.SAMPLING, [r.stats for r in responses])
     require_responses(sampled)
     labels, pairs, stats_of_run = _label_and_pair(run, prompts, responses)
     kept, dropped, length = consistency_task(config, area, pairs)
-    run.record.add([area.entry_of(kept.uri)])
+    run.record.add(kept.entries)
     stages_ = {
         stage_names.PROMPTS: prompt_stats,
         stage_names.SAMPLING: sampled,
@@ -337,18 +320,10 @@ def _build(
 
 def _sample(run: _Run, prompts: list[ShardResult]) -> list[ShardResult]:
     """Sampling, on the model pool first when there is one (this process then finds its shards)."""
-    area, record = run.area, run.record
     if run.placement.model_deployment:
         run_model_batches(run.placement, run.config, run.work_uri, stage_names.SAMPLING, prompts, run.fresh)
-    # A killed run's record keeps what it finished (to within RECORD_EVERY_S), so GC spares it.
-    responses = _run_stage(
-        stage_names.SAMPLING,
-        [(run.config, run.model_area, p) for p in prompts],
-        sample_task,
-        lambda _, r: record.add([area.entry_of(r.uri)], at_most_every_s=RECORD_EVERY_S),
-    )
-    record.add(area.entry_of(r.uri) for r in responses)
-    return responses
+    shards = [(run.config, run.model_area, p) for p in prompts]
+    return _run_stage(stage_names.SAMPLING, shards, sample_task, run.record)
 
 
 def _label_and_pair(
@@ -364,16 +339,8 @@ def _label_and_pair(
     pairs_on_dask = dask is not None and config.pairing.judge is None
     labels: list[ShardResult] | None = None
     if not labels_on_dask:
-        labels = _run_stage(
-            stage_names.LABELING,
-            [(config, area, p, r, run.model_area) for p, r in zip(prompts, responses, strict=True)],
-            label_task,
-            lambda i, r: record.add(
-                _label_entries(config, area, prompts[i : i + 1], responses[i : i + 1], [r]),
-                at_most_every_s=RECORD_EVERY_S,
-            ),
-        )
-        record.add(_label_entries(config, area, prompts, responses, labels))
+        shards = [(config, area, p, r, run.model_area) for p, r in zip(prompts, responses, strict=True)]
+        labels = _run_stage(stage_names.LABELING, shards, label_task, record)
     if pairs_on_dask:
         assert dask is not None
         labels, pairs = cpu_stages.with_options(task_runner=dask_runner(dask))(
@@ -383,17 +350,13 @@ def _label_and_pair(
     else:
         assert labels is not None  # labels go to Dask only together with pairing
         stats_of_run = stages.aggregation_stats(config, responses, labels)
-        pairs = _run_stage(
-            stage_names.PAIRING,
-            [
-                (config, area, p, r, lab, stats_of_run)
-                for p, r, lab in zip(prompts, responses, labels, strict=True)
-            ],
-            pair_task,
-        )
-    # Labels made on Dask are recorded here; those made in this process were recorded as they ended.
-    made_on_dask = _label_entries(config, area, prompts, responses, labels) if labels_on_dask else []
-    record.add(made_on_dask + [area.entry_of(s.uri) for s in pairs])
+        shards = [
+            (config, area, p, r, lab, stats_of_run)
+            for p, r, lab in zip(prompts, responses, labels, strict=True)
+        ]
+        pairs = _run_stage(stage_names.PAIRING, shards, pair_task, record)
+    if pairs_on_dask:  # what Dask made is recorded here; what this process made, as each shard ended
+        record.add(entry for shard in [*labels, *pairs] for entry in shard.entries)
     return labels, pairs, stats_of_run
 
 

@@ -102,3 +102,6 @@ class ShardResult:
     sha256: str = ""
     resumed: bool = False
     slot: str = ""
+    # The work entries this shard made or read (its own files, a labeler's parts, a slot list): what
+    # the run's record lists so that GC keeps them. Filled by ``steps.run.stages``.
+    entries: tuple[str, ...] = ()

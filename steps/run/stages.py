@@ -125,7 +125,8 @@ def prompt_shards(
             part = StageStats(stage_names.PROMPTS, rows_in=shard.num_rows, rows_out=shard.num_rows)
             return part, {"data": shard.num_rows}, {}
 
-        shards.append(replace(area.run(stage_names.PROMPTS, key, compute).result(), slot=slot))
+        result = area.run(stage_names.PROMPTS, key, compute).result()
+        shards.append(replace(result, slot=slot, entries=(area.entry(stage_names.PROMPTS, key),)))
     if report is not None:
         report.update(filters.report(stats))
     if entries is not None:
@@ -207,7 +208,8 @@ def sample(recipe: Recipe, area: WorkArea, prompts: ShardResult) -> ShardResult:
         if not keys or keys[0] != key:
             listed = [key, *(k for k in keys if k != key)][:SLOT_MEMORY]
             write_bytes_atomic(slot_uri, json.dumps(listed).encode())
-    return done.result()
+    slot_entries = (area.entry_of(slot_uri),) if slot_uri is not None else ()
+    return replace(done.result(), entries=(area.entry(stage_names.SAMPLING, key), *slot_entries))
 
 
 def reads_a_model(config: Any) -> bool:
@@ -342,7 +344,10 @@ def label(
         total.rows_out = merged.num_rows
         return total, {"data": merged.num_rows}, {}
 
-    return area.run("labels", key, merge).result()
+    part_entries = tuple(label_entries(recipe, area, prompts, responses))
+    return replace(
+        area.run("labels", key, merge).result(), entries=(*part_entries, area.entry("labels", key))
+    )
 
 
 def pairing_settings(recipe: Recipe) -> dict[str, Any]:
@@ -403,7 +408,9 @@ def pair(
             result.stats.counts[SCORED] = tokens_through_models() - tokens
         return result.stats, {"data": result.rows}, {}
 
-    return area.run(stage_names.PAIRING, key, compute).result()
+    return replace(
+        area.run(stage_names.PAIRING, key, compute).result(), entries=(area.entry(stage_names.PAIRING, key),)
+    )
 
 
 def filter_pairs(
@@ -419,4 +426,6 @@ def filter_pairs(
         return stats, rows, {"length": report}
 
     done = area.run(stage_names.CONSISTENCY, key, compute, roles=("kept", "dropped"))
-    return done.result("kept"), done.result("dropped"), done.extra["length"]
+    entries = (area.entry(stage_names.CONSISTENCY, key),)  # kept and dropped: one entry, two roles
+    kept, dropped = (replace(done.result(role), entries=entries) for role in ("kept", "dropped"))
+    return kept, dropped, done.extra["length"]

@@ -80,6 +80,10 @@ class RunRecord:
         if time.monotonic() - self._written >= at_most_every_s:
             self._write()
 
+    def flush(self) -> None:
+        """Write what ``add`` held back (the end of a stage: nothing it made may go unrecorded)."""
+        self._write()
+
     def finish(self) -> None:
         self.status = "finished"
         self._write()
